@@ -1,0 +1,127 @@
+"""The engine and its step loop: schedule → run model → sample → process outputs."""
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+
+import torch
+
+from loraplex.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.output_processor import OutputProcessor, ParentRequest
+from loraplex.kv_cache import BlockManager
+from loraplex.models.loader import LoadedModel, load_model
+from loraplex.models.registry import resolve_model
+from loraplex.outputs import RequestOutput
+from loraplex.request import Request
+from loraplex.sampling_params import SamplingParams
+from loraplex.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU
+GPU_KV_CACHE_FRACTION = 0.8  # of the free device memory after loading weights
+
+
+def _kv_blocks(loaded: LoadedModel, dtype: torch.dtype, device: torch.device, block_size: int,
+               max_model_len: int, max_num_seqs: int, kv_cache_bytes: int | None) -> int:
+    s = loaded.spec
+    block_bytes = 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * torch.finfo(dtype).bits // 8
+    if kv_cache_bytes is None:
+        if device.type == "cuda":
+            kv_cache_bytes = int(torch.cuda.mem_get_info(device)[0] * GPU_KV_CACHE_FRACTION)
+        else:
+            kv_cache_bytes = CPU_KV_CACHE_BYTES
+    wanted = -(-max_model_len // block_size) * max_num_seqs
+    blocks = min(wanted, kv_cache_bytes // block_bytes)
+    if blocks * block_size < max_model_len:
+        raise ValueError(f"max_model_len: {max_model_len} tokens do not fit the KV cache ({blocks} blocks of "
+                         f"{block_size}); lower max_model_len or raise kv_cache_memory")
+    return blocks
+
+
+class LLMEngine:
+    """Continuous-batching engine over one base model. Feed it with :meth:`add_request`, drive it with :meth:`step`."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.source.model_id
+        self.max_model_len = config.scheduler.max_model_len
+        self.scheduler = Scheduler(config.scheduler, BlockManager(config.cache.num_blocks, config.cache.block_size))
+        self.runner = ModelRunner(loaded, config.cache, torch.device(config.model.device), config.model.dtype,
+                                  config.model.seed)
+        self.outputs = OutputProcessor(loaded.tokenizer)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(cls, model: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = None,
+                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                  block_size: int = 16, kv_cache_memory: int | None = None, seed: int = 0) -> "LLMEngine":
+        """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU)."""
+        torch_dtype = parse_dtype(dtype)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch_dtype == torch.float16 and device == "cpu":
+            warnings.warn("dtype float16 on CPU computes slowly and with poor kernels; bfloat16 is recommended",
+                          stacklevel=2)
+        source = resolve_model(model)
+        loaded = load_model(source, torch_dtype, device, max_model_len)
+        max_model_len = loaded.max_model_len
+        blocks = _kv_blocks(loaded, torch_dtype, torch.device(device), block_size, max_model_len, max_num_seqs,
+                            kv_cache_memory)
+        config = EngineConfig(
+            model=ModelConfig(source.model_id, torch_dtype, device, max_model_len, seed),
+            cache=CacheConfig(block_size, blocks),
+            scheduler=SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, 1), max_model_len),
+        )
+        return cls(config, loaded)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt: str | None = None) -> str:
+        """Validate and queue a request (``n`` children for ``params.n``); returns its id."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("prompt: the prompt is empty")
+        vocab = self.loaded.spec.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids: every id must be an int in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within "
+                             f"max_model_len {self.max_model_len}")
+        request_id = request_id or str(next(self._ids))
+        if request_id in self.outputs.parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        eos = self.loaded.eos_token_ids
+        parent = ParentRequest(request_id, prompt, list(prompt_token_ids))
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            parent.children.append(Request(child_id, parent.prompt_token_ids, params, eos, prompt,
+                                           parent_id=request_id, index=i))
+        self.outputs.add(parent)
+        for child in parent.children:
+            self.scheduler.add_request(child)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort a request (all its ``n`` children) and free its KV blocks; returns its final output."""
+        parent = self.outputs.parents.get(request_id)
+        if parent is None:
+            return None
+        self.scheduler.abort([c.request_id for c in parent.children])
+        return self.outputs.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step loop ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule → run model (and sample) → update requests → detokenize and emit outputs."""
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        touched = self.scheduler.update_from_output(sched, result)
+        return self.outputs.process(touched, self.scheduler.finish)

@@ -1,0 +1,93 @@
+"""Flattens a :class:`SchedulerOutput` into tensors, runs the decoder over the paged KV cache, samples.
+
+Layout of a step: decode rows (one token each) first, then prefill chunks, all on one token axis ``T``.
+"""
+from __future__ import annotations
+
+import torch
+
+from loraplex.config import CacheConfig
+from loraplex.layers.attention import AttentionMetadata, PrefillChunk
+from loraplex.models.loader import LoadedModel
+from loraplex.sampling import Sampler
+from loraplex.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler's per-request RNGs."""
+
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> None:
+        self.model = loaded.model
+        self.spec = loaded.spec
+        self.device = device
+        self.block_size = cache.block_size
+        shape = (cache.num_slots, self.spec.num_kv_heads, self.spec.head_dim)  # [num_slots, Hkv, D] per layer
+        # NOTE: zeros, not empty: padded decode positions read slot 0, and a NaN there would poison 0 * V.
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(self.spec.num_layers)]
+        self.sampler = Sampler(device, seed)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _context_slots(self, block_tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of positions ``0..L_i-1`` per row, padded: ``([R, Lmax] slots, [R, Lmax] valid mask)``."""
+        bs = self.block_size
+        max_len = max(lengths)
+        n_blocks = -(-max_len // bs)
+        bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables])
+        slots = (bt.unsqueeze(-1) * bs + torch.arange(bs)).view(len(block_tables), -1)[:, :max_len]
+        valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+        return slots, valid
+
+    def prepare(self, rows: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """``rows`` must list decodes first. Returns input_ids, positions, metadata and the index of each
+        sampling row's last token."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        sample_idx: list[int] = []
+        prefills: list[PrefillChunk] = []
+        decode_rows = [r for r in rows if r.num_tokens == 1]
+        for r in rows:
+            q_start = len(input_ids)
+            end = r.start_pos + r.num_tokens
+            input_ids += r.token_ids
+            positions += range(r.start_pos, end)
+            slot_mapping += self._slots(r.block_table, r.start_pos, end)
+            if r.num_tokens > 1:
+                chunk = PrefillChunk(q_start, len(input_ids), r.start_pos)
+                if r.start_pos > 0:
+                    slots, _ = self._context_slots([r.block_table], [end])
+                    q_pos = torch.arange(r.start_pos, end).unsqueeze(1)
+                    chunk.kv_slots = slots[0].to(self.device)
+                    chunk.mask = (torch.arange(end).unsqueeze(0) <= q_pos).to(self.device)  # [n, L]
+                prefills.append(chunk)
+            if r.sample:
+                sample_idx.append(len(input_ids) - 1)
+        meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), len(decode_rows), prefills=prefills)
+        if decode_rows:
+            slots, valid = self._context_slots([r.block_table for r in decode_rows],
+                                               [r.start_pos + 1 for r in decode_rows])
+            meta.decode_kv_slots = slots.to(self.device)
+            meta.decode_mask = valid[:, None, None, :].to(self.device)  # [nd, 1, 1, L]
+        ids = torch.tensor(input_ids, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        return ids, pos, meta, sample_idx
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.drop(sched.finished_req_ids)  # preempted requests keep their RNG
+        rows = sorted(sched.scheduled, key=lambda r: r.num_tokens > 1)  # stable: decodes first
+        if not rows:
+            return ModelRunnerOutput()
+        ids, pos, meta, sample_idx = self.prepare(rows)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        sampling_rows = [r for r in rows if r.sample]
+        if not sampling_rows:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[sample_idx])
+        tokens = self.sampler(logits, sampling_rows)
+        return ModelRunnerOutput({r.request_id: t for r, t in zip(sampling_rows, tokens)})

@@ -1,0 +1,20 @@
+"""RMSNorm, computed in fp32 and cast back (the reference implementations' order of operations)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``y = weight * (x / sqrt(mean(x^2) + eps))`` with the normalisation in fp32."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)

@@ -1,0 +1,123 @@
+"""Offline API with vLLM's names: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from loraplex.engine import LLMEngine
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+
+# vLLM engine arguments that have no meaning here: accepted (so vLLM scripts run) with a warning.
+IGNORED_VLLM_ARGS = frozenset({
+    "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "allowed_local_media_path", "tensor_parallel_size",
+    "pipeline_parallel_size", "quantization", "revision", "tokenizer_revision", "gpu_memory_utilization",
+    "swap_space", "cpu_offload_gb", "enforce_eager", "max_seq_len_to_capture", "disable_custom_all_reduce",
+    "disable_async_output_proc", "hf_token", "hf_overrides", "mm_processor_kwargs", "task", "override_pooler_config",
+    "compilation_config", "load_format", "download_dir", "distributed_executor_backend", "enable_prefix_caching",
+    "enable_chunked_prefill", "max_logprobs", "disable_log_stats", "served_model_name", "worker_cls",
+    "kv_cache_dtype", "calculate_kv_scales", "max_lora_rank", "max_loras", "max_cpu_loras", "lora_dtype",
+    "fully_sharded_loras", "long_lora_scaling_factors", "disable_sliding_window", "use_v2_block_manager",
+    "num_scheduler_steps", "multi_step_stream_outputs", "preemption_mode", "scheduling_policy", "runner",
+})
+
+
+class LLM:
+    """A base model (the embedded SmolLM2 by default) behind vLLM's offline interface.
+
+    ``LLM(model=path_or_alias, dtype="auto"|"bfloat16"|"float16"|"float32", max_model_len=..., enable_lora=...)``.
+    """
+
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, enable_lora: bool = False, seed: int = 0,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, device: str | None = None,
+                 block_size: int = 16, kv_cache_memory: int | None = None, **kwargs) -> None:
+        unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGS)
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
+        if kwargs:
+            warnings.warn(f"LLM(): ignoring vLLM arguments that do not apply here: {', '.join(sorted(kwargs))}",
+                          stacklevel=2)
+        if tokenizer is not None and tokenizer != model:
+            warnings.warn("LLM(tokenizer=...): the model's own tokenizer is used", stacklevel=2)
+        self.enable_lora = enable_lora
+        self.llm_engine = LLMEngine.from_args(model, dtype, device, max_model_len, max_num_seqs,
+                                              max_num_batched_tokens, block_size, kv_cache_memory, seed)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    # ---- inputs -----------------------------------------------------------------------------------------------
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.get_tokenizer().encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._encode(prompt["prompt"])
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"prompts: expected str, list of token ids or dict with 'prompt'/'prompt_token_ids', "
+                        f"got {type(prompt).__name__}")
+
+    def generate(self, prompts=None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = True,
+                 lora_request=None) -> list[RequestOutput]:
+        """Generate for every prompt (strings, token-id lists or vLLM prompt dicts); outputs keep input order."""
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("prompts: give prompts or prompt_token_ids")
+        if prompts is not None and prompt_token_ids is not None:
+            raise ValueError("prompts: give either prompts or prompt_token_ids, not both")
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported by this engine yet")
+        if prompt_token_ids is not None:
+            inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+        else:
+            inputs = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        encoded = [self._encode(p) for p in inputs]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(encoded)
+        if len(params) != len(encoded):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(encoded)} prompts")
+        return self._run([(text, ids, sp) for (text, ids), sp in zip(encoded, params)], use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.get_tokenizer()
+        prompts = [tok.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
+                                           add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                           continue_final_message=continue_final_message,
+                                           **(chat_template_kwargs or {}))
+                   for conv in conversations]
+        # NOTE: the template already holds the special tokens, so no BOS is added when encoding.
+        ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate([{"prompt": p, "prompt_token_ids": i} for p, i in zip(prompts, ids)],
+                             sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _run(self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = []
+        try:
+            for text, token_ids, sp in items:
+                ids.append(engine.add_request(token_ids, sp, prompt=text))
+        except Exception:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, leave=False) as bar:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update()
+        return [done[rid] for rid in ids]

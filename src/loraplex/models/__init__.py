@@ -1,0 +1,1 @@
+"""Model families (as data), weight loading (safetensors, GGUF) and model-id resolution."""

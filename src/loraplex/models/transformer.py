@@ -1,0 +1,155 @@
+"""The decoder shared by the Llama, Mistral, Qwen2 and Qwen3 families (switches come from :class:`ModelSpec`).
+
+Tokens of all sequences in a step are flattened to one axis ``T``; attention finds each sequence's context
+through :class:`AttentionMetadata`. q/k/v and gate/up projections are stacked into one matmul each.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.layers.attention import AttentionMetadata, paged_attention
+from loraplex.layers.norm import RMSNorm
+from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.model_config import ModelSpec
+
+
+def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device)
+    layer.requires_grad_(False)
+    return layer
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rotary = rotary
+        self.scale = spec.head_dim ** -0.5
+        self.qkv_proj = _linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias, dtype, device)
+        self.o_proj = _linear(spec.q_size, spec.hidden_size, spec.o_bias, dtype, device)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        s = self.spec
+        q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q = q.view(-1, s.num_heads, s.head_dim)  # [T, H, D]
+        k = k.view(-1, s.num_kv_heads, s.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return self.o_proj(o.reshape(-1, s.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up stacked."""
+
+    def __init__(self, spec: ModelSpec, dtype, device) -> None:
+        super().__init__()
+        self.intermediate_size = spec.intermediate_size
+        self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
+        self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(spec, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.mlp = MLP(spec, dtype, device)
+
+    def forward(self, positions, h, kv_cache, meta) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# checkpoint name fragment -> (our parameter fragment, shard index in the stacked matrix)
+STACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class DecoderLM(nn.Module):
+    """Embedding → N decoder layers → final norm → LM head (tied or not)."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: str | torch.device, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, dtype, device) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        if spec.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+        else:
+            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype, device)
+            self.lm_head_weight = self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``."""
+        h = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            h = layer(positions, h, kv, meta)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def _shard_offsets(self, stacked: str, shard: int) -> tuple[int, int]:
+        s = self.spec
+        if stacked == "qkv_proj":
+            sizes = [s.q_size, s.kv_size, s.kv_size]
+        else:
+            sizes = [s.intermediate_size, s.intermediate_size]
+        return sum(sizes[:shard]), sizes[shard]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into our (partly stacked) parameters; raise on unknown or missing ones."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            target = STACKED.get(parts[-2]) if len(parts) >= 2 else None
+            if target is not None:
+                pname = ".".join(parts[:-2] + [target[0], parts[-1]])
+                start, size = self._shard_offsets(*target)
+                dst = params[pname].data.narrow(0, start, size)
+            else:
+                pname = name
+                if pname not in params:
+                    raise ValueError(f"model: checkpoint tensor {name!r} has no place in a {self.spec.model_type} model")
+                dst = params[pname].data
+            if dst.shape != tensor.shape:
+                raise ValueError(f"model: checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(f"{pname}#{target[1] if target else 0}")
+        expected = {f"{n}#{i}" for n, p in params.items() if n != "lm_head_weight"
+                    for i in range(3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1)}
+        if self.spec.tie_word_embeddings:
+            expected.discard("lm_head.weight#0")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"model: checkpoint lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -1,0 +1,68 @@
+"""The only contract between scheduler and model runner (pure Python, no torch).
+
+The scheduler says, per request, which tokens to feed this step and where their K/V go; the runner answers with
+one sampled token per request whose prompt is fully computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    ``token_ids`` sit at positions ``start_pos .. start_pos + len(token_ids) - 1``; ``block_table`` covers them.
+    ``sample`` is True when this chunk reaches the end of the known tokens, so a next token is drawn.
+    ``prompt_token_ids``/``output_token_ids`` are read by penalties only (shared, not copied).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    seed: int | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step. ``finished_req_ids`` lets the runner drop per-request state (RNGs)."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A drawn token with its raw log-probability and, if asked, the top-k alternatives."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One ``SampledToken`` per scheduled request with ``sample=True``."""
+
+    sampled: dict[str, SampledToken] = field(default_factory=dict)

@@ -1,0 +1,142 @@
+"""FCFS continuous batching with chunked prefill and recompute preemption.
+
+Every step has a token budget (``max_num_batched_tokens``). Running requests are served first (a decode costs one
+token, an unfinished prefill continues with the next chunk), then waiting requests are admitted while sequence
+slots, budget and KV blocks last. When blocks run out for a running request, the newest running request is
+preempted: its blocks are freed and it returns to the front of the queue to recompute its tokens later.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from loraplex.config import SchedulerConfig
+from loraplex.kv_cache import BlockManager
+from loraplex.request import Request, RequestStatus
+from loraplex.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests the model runs."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.kv = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # oldest admission first; preemption takes from the end
+        self.requests: dict[str, Request] = {}
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request_id: str, status: RequestStatus) -> None:
+        """End a request (stop, length or abort): leave the queues, free its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if not req.status.finished:
+            req.status = status
+        self.kv.free(request_id)
+        self._finished_since_last_step.append(request_id)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.finish(rid, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
+        self._finished_since_last_step = []
+        chunks: dict[str, int] = {}
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_req_ids.append(victim.request_id)
+                chunks.pop(victim.request_id, None)
+                if victim is req:
+                    break
+            else:
+                chunks[req.request_id] = n
+                budget -= n
+                i += 1
+
+        if not out.preempted_req_ids:
+            while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+                req = self.waiting[0]
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                    break
+                self.waiting.popleft()
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                chunks[req.request_id] = n
+                budget -= n
+
+        for req in self.running:
+            n = chunks.get(req.request_id)
+            if n is None:
+                continue
+            start = req.num_computed_tokens
+            out.scheduled.append(ScheduledRequest(
+                request_id=req.request_id,
+                token_ids=req.all_token_ids[start:start + n],
+                start_pos=start,
+                block_table=self.kv.block_tables[req.request_id],
+                sample=start + n == req.num_tokens,
+                sampling_params=req.sampling_params,
+                seed=None if req.sampling_params.seed is None else req.sampling_params.seed + req.index,
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=req.output_token_ids,
+            ))
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[tuple[Request, SampledToken]]:
+        """Advance computed counts, append sampled tokens, finish token-level stops. Returns (request, token) pairs."""
+        touched = []
+        for s in sched.scheduled:
+            req = self.requests.get(s.request_id)
+            if req is None:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_tokens
+            tok = result.sampled.get(s.request_id)
+            if tok is None:
+                continue
+            req.output_token_ids.append(tok.token_id)
+            touched.append((req, tok))
+            if req.check_token_stop(self.config.max_model_len):
+                self.finish(req.request_id, req.status)
+        return touched
