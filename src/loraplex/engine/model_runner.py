@@ -38,7 +38,7 @@ class ModelRunner:
         max_len = max(lengths)
         n_blocks = -(-max_len // bs)
         bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables])
-        slots = (bt.unsqueeze(-1) * bs + torch.arange(bs)).view(len(block_tables), -1)[:, :max_len]
+        slots = (bt.unsqueeze(-1) * bs + torch.arange(bs)).view(len(block_tables), -1)[:, :max_len].contiguous()
         valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         return slots, valid
 

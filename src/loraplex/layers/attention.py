@@ -35,36 +35,36 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw) -> torch.Tensor:
-    """``q: [B, H, Lq, D]``, ``k, v: [B, Hkv, Lk, D]`` → ``[B, H, Lq, D]`` (grouped-query heads broadcast)."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
-
-
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """``q: [T, H, D]``, ``k, v: [T, Hkv, D]``; writes k/v into the caches and returns ``[T, H, D]``."""
+    """``q: [T, H, D]``, ``k, v: [T, Hkv, D]``; writes k/v into the caches and returns ``[T, H, D]``.
+
+    Semantics: ``out[t] = softmax(scale * q[t] @ K[ctx(t)].T) @ V[ctx(t)]`` where ``ctx(t)`` are the cache slots of
+    positions ``0 .. pos(t)`` of t's sequence, and query head h reads kv head ``h // (H // Hkv)``.
+    """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[2]
+    parts = []
     nd = meta.num_decodes
     if nd:
-        kk = k_cache[meta.decode_kv_slots].transpose(1, 2)  # [nd, Hkv, L, D]
-        vv = v_cache[meta.decode_kv_slots].transpose(1, 2)
-        o = _sdpa(q[:nd].unsqueeze(2), kk, vv, scale, attn_mask=meta.decode_mask)  # [nd, H, 1, D]
-        out[:nd] = o.squeeze(2)
+        nd_slots = meta.decode_kv_slots  # [nd, L]
+        kk = k_cache.index_select(0, nd_slots.view(-1)).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        vv = v_cache.index_select(0, nd_slots.view(-1)).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        # Grouped-query trick: a decode has one query per head, so the heads sharing a kv head become that kv
+        # head's "query rows" — no repeat of K/V needed.
+        qq = q[:nd].view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale)
+        parts.append(o.reshape(nd, num_heads, head_dim))
     for p in meta.prefills:
         qq = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if p.kv_slots is None:
             kk = k[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
             vv = v[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
-            o = _sdpa(qq, kk, vv, scale, is_causal=True)
+            o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale, is_causal=True, enable_gqa=True)
         else:
-            kk = k_cache[p.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            vv = v_cache[p.kv_slots].transpose(0, 1).unsqueeze(0)
-            o = _sdpa(qq, kk, vv, scale, attn_mask=p.mask)
-        out[p.q_start:p.q_end] = o[0].transpose(0, 1)
-    return out
+            kk = k_cache.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vv = v_cache.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, scale=scale, enable_gqa=True)
+        parts.append(o[0].transpose(0, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -28,25 +28,30 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
     raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position (NeoX/HF half-split layout)."""
+    """Precomputed cos/sin tables indexed by absolute position (NeoX/HF half-split layout).
+
+    Semantics: ``x' = x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, computed as
+    ``x * cos + roll(x, D/2) * [-sin | sin]`` (the same products, one op fewer).
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
                  dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
         super().__init__()
+        self.half = head_dim // 2
         inv_freq, attn_scale = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        sin = emb.sin() * attn_scale
+        sin[:, :self.half] *= -1
         self.register_buffer("cos", (emb.cos() * attn_scale).to(dtype=dtype, device=device), persistent=False)
-        self.register_buffer("sin", (emb.sin() * attn_scale).to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("sin_signed", sin.to(dtype=dtype, device=device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q: [T, H, D]``, ``k: [T, Hkv, D]`` rotated by their token's position."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``(cos, signed sin)``, each ``[T, 1, D]``; looked up once per step for all layers."""
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x: [T, heads, D]`` rotated by each token's position."""
+        cos, sin = tables
+        return x * cos + x.roll(self.half, dims=-1) * sin

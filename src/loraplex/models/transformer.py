@@ -35,17 +35,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         s = self.spec
-        q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = q.view(-1, s.num_heads, s.head_dim)  # [T, H, D]
-        k = k.view(-1, s.num_kv_heads, s.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        h, hkv = s.num_heads, s.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, h + 2 * hkv, s.head_dim)  # [T, H + 2 Hkv, D]
+        qk = qkv[:, :h + hkv]
         if s.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+            qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
+        qk = self.rotary.apply(qk, rope)  # q and k heads rotate together
+        o = paged_attention(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, s.q_size))
 
 
@@ -71,8 +70,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.mlp = MLP(spec, dtype, device)
 
-    def forward(self, positions, h, kv_cache, meta) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+    def forward(self, rope, h, kv_cache, meta) -> torch.Tensor:
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -104,8 +103,9 @@ class DecoderLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``."""
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv, meta)
+            h = layer(rope, h, kv, meta)
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
