@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
         return self.value in ("stop", "length", "abort")
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two requests are never "equal"
 class Request:
     """One sequence: prompt + generated tokens, how many of them are already in the KV cache, and its status.
 

