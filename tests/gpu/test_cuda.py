@@ -14,13 +14,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 def test_tiny_model_on_cuda_matches_transformers(tiny_model_dir, dtype):
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype).to("cuda").eval()
     llm = LLM(model=str(tiny_model_dir), dtype=dtype, device="cuda")
     prompts = [[5, 17, 99, 3], list(range(30, 70)), [42]]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    hf.cpu()
     hf_cpu = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, outs):
         ref_ids, ref_lp = hf_greedy(hf_cpu, prompt, 8)

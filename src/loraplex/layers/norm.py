@@ -15,4 +15,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        # NOTE: aten's rms_norm accumulates in fp32 and rounds once to x.dtype — bit-identical to the reference
+        # formula ``(x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``; the weight multiplies after.
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)

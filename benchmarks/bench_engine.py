@@ -1,0 +1,102 @@
+"""Engine-core benchmark: loraplex vs transformers `generate` on the embedded SmolLM2, same prompts, one run.
+
+    python benchmarks/bench_engine.py [--dtype bfloat16] [--new-tokens 64] [--batch 32] [--repeats 3]
+
+Prints a markdown table (tokens/s, ratio to transformers) and the memory-bandwidth floor for batch-1 decode.
+Runs alternate between the two engines and report the median, so machine noise hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from loraplex import LLM, SamplingParams
+from loraplex.models.registry import resolve_model
+
+QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short poem about autumn.",
+             "Explain photosynthesis to a child.", "List three uses of copper.", "What is 17 times 23?",
+             "Give me a recipe for pancakes.", "Why is the sky blue?"]
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large tensor copy (read + write counted once each)."""
+    src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() / best
+
+
+def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int) -> float:
+    """transformers padded batch generate (left padding); returns seconds."""
+    width = max(map(len, prompts))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=pad)
+    return time.perf_counter() - t
+
+
+def ours_generate(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    llm = LLM(dtype=args.dtype, max_model_len=1024)
+    tok = llm.get_tokenizer()
+    src = resolve_model(None)
+    hf = AutoModelForCausalLM.from_pretrained(str(src.path), gguf_file=src.gguf_file, dtype=dtype).eval()
+    chats = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}],
+                                     tokenize=False, add_generation_prompt=True) for i in range(args.batch)]
+    prompts = [tok.encode(c, add_special_tokens=False) for c in chats]
+    cases = {"batch 1": prompts[:1], f"batch {args.batch}": prompts}
+    results: dict[str, dict[str, list[float]]] = {c: {"transformers": [], "loraplex": []} for c in cases}
+    for name, ps in cases.items():  # warm-up
+        ours_generate(llm, ps, 4)
+        hf_generate(hf, tok, ps, 4)
+    for _ in range(args.repeats):
+        for name, ps in cases.items():
+            n = len(ps) * args.new_tokens
+            results[name]["transformers"].append(n / hf_generate(hf, tok, ps, args.new_tokens))
+            results[name]["loraplex"].append(n / ours_generate(llm, ps, args.new_tokens))
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.llm_engine.runner.model.parameters())
+    bw = copy_bandwidth()
+    floor = bw / 2 / weight_bytes  # a decode step reads every weight once; copy bw counts read + write
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"dtype {args.dtype}; {args.new_tokens} new tokens; median of {args.repeats}")
+    print("| case | transformers tok/s | loraplex tok/s | ratio |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        hf_tps, our_tps = statistics.median(r["transformers"]), statistics.median(r["loraplex"])
+        print(f"| {name} | {hf_tps:.1f} | {our_tps:.1f} | {our_tps / hf_tps:.2f}x |")
+    b1 = statistics.median(results["batch 1"]["loraplex"])
+    print(f"\nweights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bw / 2 / 1e9:.1f} GB/s read -> floor "
+          f"{floor:.1f} tok/s; batch-1 decode at {b1 / floor:.0%} of the floor")
+
+
+if __name__ == "__main__":
+    main()
