@@ -51,3 +51,15 @@ def test_chat_batch_matches_transformers(llm, hf_model):
     via_chat = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in via_chat] == [o.outputs[0].token_ids for o in outs]
     assert via_chat[0].outputs[0].text == tok.decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_streamed_chinese_is_intact_with_the_real_tokenizer(llm):
+    from loraplex.engine.detokenizer import IncrementalDetokenizer
+
+    tok = llm.get_tokenizer()
+    text = "我是知乎博主刘聪NLP开发的人工智能模型,我的名字叫聪聪。🌟"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, tok.encode("<|im_start|>assistant\n", add_special_tokens=False))
+    deltas = [detok.step(t) for t in ids]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    assert sum(1 for d in deltas if d == "") > 0  # some tokens carried partial characters and were held back

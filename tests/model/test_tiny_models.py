@@ -41,3 +41,15 @@ def test_chunked_prefill_and_small_blocks_match(tiny_model_dir, hf_model):
     # 5-token budget per step forces prompts through several chunks; block_size 4 spreads them over many blocks.
     llm = LLM(model=str(tiny_model_dir), dtype="float32", device="cpu", max_num_batched_tokens=5, block_size=4)
     _check_against_hf(llm, hf_model)
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((tiny_llama_dir / f).read_bytes())
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    _check_against_hf(LLM(model=str(tmp_path), dtype="float32", device="cpu"), hf, PROMPTS[:2], 6)
