@@ -2,7 +2,8 @@
 
     python benchmarks/bench_engine.py [--dtype bfloat16] [--new-tokens 64] [--batch 32] [--repeats 3]
 
-Prints a markdown table (tokens/s, ratio to transformers) and the memory-bandwidth floor for batch-1 decode.
+Prints a markdown table and the memory-bandwidth floor for batch-1 decode. "end-to-end" is generated tokens over the
+whole call (prefill included); "decode" is ``B * (N - 1) / (t(N) - t(1))``, i.e. the prefill taken out.
 Runs alternate between the two engines and report the median, so machine noise hits both alike.
 """
 from __future__ import annotations
@@ -73,27 +74,32 @@ def main() -> None:
                                      tokenize=False, add_generation_prompt=True) for i in range(args.batch)]
     prompts = [tok.encode(c, add_special_tokens=False) for c in chats]
     cases = {"batch 1": prompts[:1], f"batch {args.batch}": prompts}
-    results: dict[str, dict[str, list[float]]] = {c: {"transformers": [], "loraplex": []} for c in cases}
+    engines = {"transformers": lambda ps, n: hf_generate(hf, tok, ps, n),
+               "loraplex": lambda ps, n: ours_generate(llm, ps, n)}
+    e2e: dict[tuple[str, str], list[float]] = {(c, e): [] for c in cases for e in engines}
+    decode: dict[tuple[str, str], list[float]] = {(c, e): [] for c in cases for e in engines}
     for name, ps in cases.items():  # warm-up
-        ours_generate(llm, ps, 4)
-        hf_generate(hf, tok, ps, 4)
+        for run in engines.values():
+            run(ps, 4)
     for _ in range(args.repeats):
         for name, ps in cases.items():
-            n = len(ps) * args.new_tokens
-            results[name]["transformers"].append(n / hf_generate(hf, tok, ps, args.new_tokens))
-            results[name]["loraplex"].append(n / ours_generate(llm, ps, args.new_tokens))
+            for eng, run in engines.items():
+                t_full, t_one = run(ps, args.new_tokens), run(ps, 1)
+                e2e[name, eng].append(len(ps) * args.new_tokens / t_full)
+                decode[name, eng].append(len(ps) * (args.new_tokens - 1) / (t_full - t_one))
 
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.llm_engine.runner.model.parameters())
     bw = copy_bandwidth()
     floor = bw / 2 / weight_bytes  # a decode step reads every weight once; copy bw counts read + write
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"dtype {args.dtype}; {args.new_tokens} new tokens; median of {args.repeats}")
-    print("| case | transformers tok/s | loraplex tok/s | ratio |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        hf_tps, our_tps = statistics.median(r["transformers"]), statistics.median(r["loraplex"])
-        print(f"| {name} | {hf_tps:.1f} | {our_tps:.1f} | {our_tps / hf_tps:.2f}x |")
-    b1 = statistics.median(results["batch 1"]["loraplex"])
+    print("| case | measure | transformers tok/s | loraplex tok/s | ratio |")
+    print("|---|---|---|---|---|")
+    for name in cases:
+        for label, table in (("end-to-end", e2e), ("decode", decode)):
+            hf_tps, our_tps = (statistics.median(table[name, e]) for e in engines)
+            print(f"| {name} | {label} | {hf_tps:.1f} | {our_tps:.1f} | {our_tps / hf_tps:.2f}x |")
+    b1 = statistics.median(decode["batch 1", "loraplex"])
     print(f"\nweights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bw / 2 / 1e9:.1f} GB/s read -> floor "
           f"{floor:.1f} tok/s; batch-1 decode at {b1 / floor:.0%} of the floor")
 
