@@ -74,7 +74,7 @@ class LLMEngine:
         config = EngineConfig(
             model=ModelConfig(source.model_id, torch_dtype, device, max_model_len, seed),
             cache=CacheConfig(block_size, blocks),
-            scheduler=SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, 1), max_model_len),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
         )
         return cls(config, loaded)
 
