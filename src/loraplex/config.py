@@ -59,6 +59,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    max_loras: int = 0  # distinct adapters among running requests (0 = LoRA disabled)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -68,9 +69,25 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter capacity: ``max_loras`` device slots, ``max_cpu_loras`` host-cached adapters, rank cap."""
+
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, one section per layer."""
 
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig | None = None

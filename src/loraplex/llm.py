@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from loraplex.config import LoRAConfig
 from loraplex.engine import LLMEngine
+from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 
@@ -18,7 +20,7 @@ IGNORED_VLLM_ARGS = frozenset({
     "disable_async_output_proc", "hf_token", "hf_overrides", "mm_processor_kwargs", "task", "override_pooler_config",
     "compilation_config", "load_format", "download_dir", "distributed_executor_backend", "enable_prefix_caching",
     "enable_chunked_prefill", "max_logprobs", "disable_log_stats", "served_model_name", "worker_cls",
-    "kv_cache_dtype", "calculate_kv_scales", "max_lora_rank", "max_loras", "max_cpu_loras", "lora_dtype",
+    "kv_cache_dtype", "calculate_kv_scales", "lora_dtype",
     "fully_sharded_loras", "long_lora_scaling_factors", "disable_sliding_window", "use_v2_block_manager",
     "num_scheduler_steps", "multi_step_stream_outputs", "preemption_mode", "scheduling_policy", "runner",
 })
@@ -33,7 +35,8 @@ class LLM:
     def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, enable_lora: bool = False, seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, device: str | None = None,
-                 block_size: int = 16, kv_cache_memory: int | None = None, **kwargs) -> None:
+                 block_size: int = 16, kv_cache_memory: int | None = None, max_loras: int = 4,
+                 max_lora_rank: int = 64, max_cpu_loras: int | None = None, **kwargs) -> None:
         unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGS)
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
@@ -43,8 +46,9 @@ class LLM:
         if tokenizer is not None and tokenizer != model:
             warnings.warn("LLM(tokenizer=...): the model's own tokenizer is used", stacklevel=2)
         self.enable_lora = enable_lora
+        lora = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None
         self.llm_engine = LLMEngine.from_args(model, dtype, device, max_model_len, max_num_seqs,
-                                              max_num_batched_tokens, block_size, kv_cache_memory, seed)
+                                              max_num_batched_tokens, block_size, kv_cache_memory, seed, lora)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -71,8 +75,6 @@ class LLM:
             raise ValueError("prompts: give prompts or prompt_token_ids")
         if prompts is not None and prompt_token_ids is not None:
             raise ValueError("prompts: give either prompts or prompt_token_ids, not both")
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported by this engine yet")
         if prompt_token_ids is not None:
             inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
         else:
@@ -83,7 +85,10 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(encoded)
         if len(params) != len(encoded):
             raise ValueError(f"sampling_params: {len(params)} given for {len(encoded)} prompts")
-        return self._run([(text, ids, sp) for (text, ids), sp in zip(encoded, params)], use_tqdm)
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(encoded)
+        if len(loras) != len(encoded):
+            raise ValueError(f"lora_request: {len(loras)} given for {len(encoded)} prompts")
+        return self._run([(text, ids, sp, lr) for (text, ids), sp, lr in zip(encoded, params, loras)], use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
@@ -103,12 +108,13 @@ class LLM:
                              sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
-    def _run(self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, items: list[tuple[str | None, list[int], SamplingParams, LoRARequest | None]],
+             use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
         try:
-            for text, token_ids, sp in items:
-                ids.append(engine.add_request(token_ids, sp, prompt=text))
+            for text, token_ids, sp, lora_request in items:
+                ids.append(engine.add_request(token_ids, sp, prompt=text, lora_request=lora_request))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)

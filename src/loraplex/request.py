@@ -37,6 +37,7 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     prompt: str | None = None
+    lora_name: str | None = None  # None = the base model
     parent_id: str | None = None
     index: int = 0  # which of the parent's n completions
     arrival_time: float = field(default_factory=time.monotonic)

@@ -7,10 +7,12 @@ import warnings
 
 import torch
 
-from loraplex.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from loraplex.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, parse_dtype
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager
+from loraplex.lora.request import LoRARequest
+from loraplex.lora.store import AdapterStore
 from loraplex.models.loader import LoadedModel, load_model
 from loraplex.models.registry import resolve_model
 from loraplex.outputs import RequestOutput
@@ -55,11 +57,21 @@ class LLMEngine:
                                   config.model.seed)
         self.outputs = OutputProcessor(loaded.tokenizer)
         self._ids = itertools.count()
+        self.lora_store: AdapterStore | None = None
+        if config.lora is not None:
+            lc = config.lora
+            loaded.model.enable_lora(lc.max_loras, lc.max_lora_rank)
+            self.lora_store = AdapterStore(loaded.spec, lc.max_loras, lc.max_lora_rank,
+                                           lc.max_cpu_loras or 2 * lc.max_loras, config.model.dtype,
+                                           lambda slot, w: loaded.model.set_lora_slot(slot, w.weights))
+            self.lora_store.refcount = self.scheduler.running_loras
+            self.runner.lora_store = self.lora_store
 
     @classmethod
     def from_args(cls, model: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = None,
                   max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                  block_size: int = 16, kv_cache_memory: int | None = None, seed: int = 0) -> "LLMEngine":
+                  block_size: int = 16, kv_cache_memory: int | None = None, seed: int = 0,
+                  lora: LoRAConfig | None = None) -> "LLMEngine":
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU)."""
         torch_dtype = parse_dtype(dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,13 +86,15 @@ class LLMEngine:
         config = EngineConfig(
             model=ModelConfig(source.model_id, torch_dtype, device, max_model_len, seed),
             cache=CacheConfig(block_size, blocks),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len,
+                                      lora.max_loras if lora else 0),
+            lora=lora,
         )
         return cls(config, loaded)
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    prompt: str | None = None) -> str:
+                    prompt: str | None = None, lora_request: LoRARequest | None = None) -> str:
         """Validate and queue a request (``n`` children for ``params.n``); returns its id."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
@@ -93,6 +107,13 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within "
                              f"max_model_len {self.max_model_len}")
+        lora_name = None
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise TypeError(f"lora_request: expected LoRARequest, got {type(lora_request).__name__}")
+            if self.lora_store is None:
+                raise ValueError("lora_request: this engine was started without enable_lora=True")
+            lora_name = self.lora_store.register(lora_request).name
         request_id = request_id or str(next(self._ids))
         if request_id in self.outputs.parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
@@ -101,7 +122,7 @@ class LLMEngine:
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             parent.children.append(Request(child_id, parent.prompt_token_ids, params, eos, prompt,
-                                           parent_id=request_id, index=i))
+                                           lora_name=lora_name, parent_id=request_id, index=i))
         self.outputs.add(parent)
         for child in parent.children:
             self.scheduler.add_request(child)

@@ -10,6 +10,8 @@ import torch
 
 from loraplex.config import CacheConfig
 from loraplex.layers.attention import AttentionMetadata, PrefillChunk
+from loraplex.lora.batch import LoRABatch
+from loraplex.lora.store import AdapterStore
 from loraplex.models.loader import LoadedModel
 from loraplex.sampling import Sampler
 from loraplex.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -45,6 +47,20 @@ class ModelRunner:
                           for _ in range(self.spec.num_layers)]
         self.sampler = Sampler(device, seed)
         self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16
+        self.dtype = dtype
+        self.lora_store: AdapterStore | None = None  # set by the engine when LoRA is enabled
+
+    def lora_batch(self, rows: list[ScheduledRequest]) -> LoRABatch | None:
+        """Per-token adapter slots for the step (None when no row uses an adapter: the base pays nothing)."""
+        names = {r.lora_name for r in rows if r.lora_name is not None}
+        if not names:
+            return None
+        slot_of = self.lora_store.activate(names)
+        zero_slot = self.lora_store.max_loras
+        slots = [slot_of[r.lora_name] if r.lora_name is not None else zero_slot
+                 for r in rows for _ in range(r.num_tokens)]
+        slots_t = torch.tensor(slots, device=self.device).unsqueeze(1)  # [T, 1]
+        return LoRABatch(slots_t, torch.ones(slots_t.shape, dtype=self.dtype, device=self.device))
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -102,9 +118,10 @@ class ModelRunner:
         if not rows:
             return ModelRunnerOutput()
         ids, pos, meta, sample_idx = self.prepare(rows)
+        lora = self.lora_batch(rows)
         sampling_rows = [r for r in rows if r.sample]
         with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
-            hidden = self.model(ids, pos, self.kv_caches, meta)
+            hidden = self.model(ids, pos, self.kv_caches, meta, lora)
             if not sampling_rows:
                 return ModelRunnerOutput()
             logits = self.model.compute_logits(hidden[sample_idx])

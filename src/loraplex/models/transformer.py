@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.attention import AttentionMetadata, paged_attention
+from loraplex.lora.batch import LoRABatch
+from loraplex.lora.layers import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
@@ -36,16 +38,24 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                lora: LoRABatch | None = None) -> torch.Tensor:
         s = self.spec
         h, hkv = s.num_heads, s.num_kv_heads
-        qkv = self.qkv_proj(x).view(-1, h + 2 * hkv, s.head_dim)  # [T, H + 2 Hkv, D]
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            self.qkv_lora(qkv, x, lora.slots, lora.weights)
+        qkv = qkv.view(-1, h + 2 * hkv, s.head_dim)  # [T, H + 2 Hkv, D]
         qk = qkv[:, :h + hkv]
         if s.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
         qk = self.rotary.apply(qk, rope)  # q and k heads rotate together
         o = paged_attention(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.reshape(-1, s.q_size))
+        o = o.reshape(-1, s.q_size)
+        out = self.o_proj(o)
+        if lora is not None:
+            self.o_lora(out, o, lora.slots, lora.weights)
+        return out
 
 
 class MLP(nn.Module):
@@ -57,9 +67,16 @@ class MLP(nn.Module):
         self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
         self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            self.gate_up_lora(gate_up, x, lora.slots, lora.weights)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        act = F.silu(gate) * up
+        out = self.down_proj(act)
+        if lora is not None:
+            self.down_lora(out, act, lora.slots, lora.weights)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -70,9 +87,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.mlp = MLP(spec, dtype, device)
 
-    def forward(self, rope, h, kv_cache, meta) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope, h, kv_cache, meta, lora=None) -> torch.Tensor:
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta, lora)
+        return h + self.mlp(self.post_attention_layernorm(h), lora)
 
 
 # checkpoint name fragment -> (our parameter fragment, shard index in the stacked matrix)
@@ -100,13 +117,38 @@ class DecoderLM(nn.Module):
             self.lm_head_weight = self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                lora: LoRABatch | None = None) -> torch.Tensor:
+        """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``; ``lora`` None = base only."""
         h = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(rope, h, kv, meta)
+            h = layer(rope, h, kv, meta, lora)
         return self.norm(h)
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every q/k/v/o/gate/up/down linear."""
+        s = self.spec
+        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        for layer in self.layers:
+            layer.self_attn.qkv_lora = LoRAStack(["q_proj", "k_proj", "v_proj"], s.hidden_size,
+                                                 [s.q_size, s.kv_size, s.kv_size], max_loras, max_rank, dtype, device)
+            layer.self_attn.o_lora = LoRAStack(["o_proj"], s.q_size, [s.hidden_size], max_loras, max_rank,
+                                               dtype, device)
+            layer.mlp.gate_up_lora = LoRAStack(["gate_proj", "up_proj"], s.hidden_size,
+                                               [s.intermediate_size] * 2, max_loras, max_rank, dtype, device)
+            layer.mlp.down_lora = LoRAStack(["down_proj"], s.intermediate_size, [s.hidden_size], max_loras,
+                                            max_rank, dtype, device)
+
+    def set_lora_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy one adapter (``(layer, module) -> (A, B·scale)``) into device slot ``slot`` of every layer."""
+        per_layer: list[dict] = [{} for _ in self.layers]
+        for (i, module), ab in weights.items():
+            per_layer[i][module] = ab
+        for layer, w in zip(self.layers, per_layer):
+            for stack in (layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora,
+                          layer.mlp.down_lora):
+                stack.set_slot(slot, w)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""

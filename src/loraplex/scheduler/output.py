@@ -28,6 +28,7 @@ class ScheduledRequest:
     seed: int | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    lora_name: str | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,7 @@ preempted: its blocks are freed and it returns to the front of the queue to reco
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from loraplex.config import SchedulerConfig
 from loraplex.kv_cache import BlockManager
@@ -26,6 +26,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        # NOTE: adapters of running requests, with counts. It is the adapter store's refcount: at most
+        # max_loras distinct names, so every step's adapters fit the device slots and none is evicted under a request.
+        self.running_loras: Counter[str] = Counter()
 
     # ---- queue management -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -38,13 +41,24 @@ class Scheduler:
         if req is None:
             return
         if req in self.running:
-            self.running.remove(req)
+            self._leave_running(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         if not req.status.finished:
             req.status = status
         self.kv.free(request_id)
         self._finished_since_last_step.append(request_id)
+
+    def _leave_running(self, req: Request) -> None:
+        self.running.remove(req)
+        if req.lora_name is not None:
+            self.running_loras[req.lora_name] -= 1
+            if not self.running_loras[req.lora_name]:
+                del self.running_loras[req.lora_name]
+
+    def _lora_fits(self, req: Request) -> bool:
+        name = req.lora_name
+        return name is None or name in self.running_loras or len(self.running_loras) < self.config.max_loras
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -73,7 +87,7 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
-                victim = self.running.pop()
+                victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted_req_ids.append(victim.request_id)
                 chunks.pop(victim.request_id, None)
@@ -88,11 +102,14 @@ class Scheduler:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
                 req = self.waiting[0]
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                # FCFS across adapters: the head waits (and blocks those behind it) until its adapter fits.
+                if not self._lora_fits(req) or not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                     break
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
+                if req.lora_name is not None:
+                    self.running_loras[req.lora_name] += 1
                 chunks[req.request_id] = n
                 budget -= n
 
@@ -111,10 +128,12 @@ class Scheduler:
                 seed=None if req.sampling_params.seed is None else req.sampling_params.seed + req.index,
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=req.output_token_ids,
+                lora_name=req.lora_name,
             ))
         return out
 
     def _preempt(self, req: Request) -> None:
+        self._leave_running(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0

@@ -1,0 +1,4 @@
+"""LoRA adapters: requests, PEFT loading and validation, device slots."""
+from loraplex.lora.request import LoRARequest
+
+__all__ = ["LoRARequest"]

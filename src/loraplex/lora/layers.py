@@ -1,0 +1,41 @@
+"""Fixed-size LoRA slot buffers beside each (stacked) base linear; loading an adapter is a copy into a slot.
+
+Slot ``max_loras`` (the last) stays zero: tokens without an adapter point there when a step mixes base and adapter
+rows. Ranks below ``max_lora_rank`` are zero-padded, so rows of different ranks share one batched op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex import ops
+
+
+class LoRAStack(nn.Module):
+    """LoRA for one base linear whose output is the concatenation of ``slices`` (e.g. q|k|v).
+
+    ``lora_a: [S + 1, n_slices · R, in]`` (slice i's A in rows ``i·R .. i·R + r``), ``lora_b[i]: [S + 1, size_i, R]``.
+    """
+
+    def __init__(self, modules: list[str], in_features: int, out_sizes: list[int], max_loras: int, max_rank: int,
+                 dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.modules_ = modules
+        self.max_rank = max_rank
+        self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
+        self.lora_a = torch.zeros(max_loras + 1, len(modules) * max_rank, in_features, dtype=dtype, device=device)
+        self.lora_b = [torch.zeros(max_loras + 1, n, max_rank, dtype=dtype, device=device) for n in out_sizes]
+
+    def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write one adapter's (A, B·scale) per module name into ``slot``; absent modules stay zero."""
+        self.lora_a[slot].zero_()
+        for i, module in enumerate(self.modules_):
+            self.lora_b[i][slot].zero_()
+            if module in weights:
+                a, b = weights[module]
+                r = a.shape[0]
+                self.lora_a[slot, i * self.max_rank:i * self.max_rank + r].copy_(a)
+                self.lora_b[i][slot, :, :r].copy_(b)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, slots, weights)

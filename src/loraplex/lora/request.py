@@ -1,0 +1,28 @@
+"""``LoRARequest`` with vLLM's names and positional order (pure Python)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+_auto_ids = itertools.count(1 << 30)
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """Which adapter serves a request: ``LoRARequest(lora_name, lora_int_id, lora_path)``.
+
+    ``lora_local_path=`` (older vLLM scripts) is accepted for ``lora_path``; ``lora_int_id`` is optional.
+    """
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str = ""
+    lora_local_path: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.lora_path and self.lora_local_path:
+            object.__setattr__(self, "lora_path", self.lora_local_path)
+        if not self.lora_path:
+            raise ValueError(f"lora_path: LoRARequest {self.lora_name!r} needs the adapter's directory")
+        if not self.lora_int_id:
+            object.__setattr__(self, "lora_int_id", next(_auto_ids))

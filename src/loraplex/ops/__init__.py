@@ -1,0 +1,19 @@
+"""One dispatch point for kernels. Layers call ``add_lora``; it picks the implementation (torch for now)."""
+from __future__ import annotations
+
+import torch
+
+from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+             out_slices: list[tuple[int, int]], slots: torch.Tensor, weights: torch.Tensor) -> None:
+    """LoRA on a (possibly stacked) linear: ``y[:, slice_i] += Σ_k w · B_i[s] (A_i[s] x)`` for each output slice.
+
+    ``lora_a: [S, n_slices · r, in]`` holds the slices' A matrices stacked (one shrink for all of them);
+    ``lora_bs[i]: [S, size_i, r]``. See ``ops.lora_torch`` for the exact semantics and shapes.
+    """
+    h = bgmv_shrink(x, lora_a, slots, weights)  # [T, K, n_slices · r]
+    r = lora_bs[0].shape[-1]
+    for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+        bgmv_expand(y.narrow(-1, start, size), h[..., i * r:(i + 1) * r], lora_b, slots)
