@@ -92,3 +92,23 @@ def test_abort_frees_every_block():
 def test_sampling_params_name_the_bad_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_max_loras_distinct_per_step_and_fcfs_across_adapters():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64, max_loras=2),
+                      BlockManager(128, 4))
+    order = ["a", "b", "c", "a", None, "d", "b"]
+    reqs = []
+    for i, name in enumerate(order):
+        r = make_request(f"r{i}", 4, 3 + i)
+        r.lora_name = name
+        reqs.append(r)
+        sched.add_request(r)
+    admitted: list[str] = []
+    while sched.has_unfinished():
+        out = fake_step(sched)
+        names = {s.lora_name for s in out.scheduled if s.lora_name}
+        assert len(names) <= 2 and len(sched.running_loras) <= 2
+        admitted += [s.request_id for s in out.scheduled if s.start_pos == 0]
+    assert admitted == [f"r{i}" for i in range(len(order))]  # nobody overtakes: FCFS across adapters
+    assert not sched.running_loras

@@ -1,0 +1,117 @@
+"""Adapter validation (each refusal names the adapter and the reason) and the adapter store's tiers."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.lora.peft_format import load_peft_lora
+from loraplex.lora.store import AdapterStore
+from loraplex.models.model_config import ModelSpec
+from tests.conftest import save_tiny_adapter, tiny_config
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return ModelSpec.from_hf_config(tiny_config("llama"))
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tiny_llama_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good")
+    save_tiny_adapter(tiny_llama_dir, path, 0, r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"])
+    return path
+
+
+def _edit_config(src, dst, **changes):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(use_dora=True), "DoRA"), (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(bias="all"), "biases"), (dict(peft_type="IA3"), "not LoRA"),
+])
+def test_refused_configs_name_adapter_and_reason(good_adapter, tmp_path, spec, changes, reason):
+    path = _edit_config(good_adapter, tmp_path / "bad", **changes)
+    with pytest.raises(ValueError, match=rf"adapter 'bad'.*{reason}"):
+        load_peft_lora("bad", path, spec, max_lora_rank=64)
+
+
+def test_refused_weights(good_adapter, tmp_path, spec):
+    pickled = _edit_config(good_adapter, tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        load_peft_lora("pickled", pickled, spec, 64)
+    with pytest.raises(ValueError, match="rank 8 > max_lora_rank 4"):
+        load_peft_lora("big", good_adapter, spec, 4)
+    other = ModelSpec.from_hf_config(tiny_config("qwen3"))  # head_dim 32: q_proj is 64 -> 128
+    with pytest.raises(ValueError, match="do not fit the base"):
+        load_peft_lora("mismatch", good_adapter, other, 64)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_peft_lora("empty", tmp_path, spec, 64)
+
+
+def test_embedding_targets_refused(tiny_llama_dir, tmp_path, spec):
+    save_tiny_adapter(tiny_llama_dir, tmp_path, 1, r=4, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ValueError, match="embedding"):
+        load_peft_lora("emb", tmp_path, spec, 64)
+
+
+def test_scale_folded_into_b(good_adapter, spec):
+    w = load_peft_lora("good", good_adapter, spec, 64)
+    from safetensors.torch import load_file
+    raw = load_file(str(good_adapter / "adapter_model.safetensors"))
+    b = next(v for k, v in raw.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+    torch.testing.assert_close(w.weights[0, "q_proj"][1], b * (16 / 8))
+    assert w.rank == 8 and set(m for _, m in w.weights) == {"q_proj", "down_proj"}
+
+
+def test_store_lru_refcount_and_slots(good_adapter, spec):
+    writes = []
+    store = AdapterStore(spec, max_loras=2, max_lora_rank=64, max_cpu_loras=2, dtype=torch.float32,
+                         write_slot=lambda slot, w: writes.append((slot, w.name)))
+    store.refcount = Counter()
+    for n in "abc":
+        store.register(LoRARequest(n, 0, str(good_adapter)))
+    assert len(store.registry) == 3 and len(store.host) == 2  # host LRU keeps 2
+    assert store.activate({"a"}) == {"a": 0} and store.activate({"b"}) == {"b": 1}
+    store.refcount["b"] = 1  # b is used by a running request
+    store.activate({"a"})  # touch a: b is now least recently used, but pinned by its refcount
+    assert store.activate({"c"}) == {"c": 0} and "a" not in store.slots  # a evicted, b kept
+    assert writes == [(0, "a"), (1, "b"), (0, "c")] and store.num_evictions == 1
+    with pytest.raises(RuntimeError, match="in flight"):
+        store.unload("b")
+    store.refcount["b"] = 0
+    store.unload("b")
+    assert "b" not in store.registry and "b" not in store.slots
+    with pytest.raises(ValueError, match="already loaded from"):
+        store.register(LoRARequest("c", 0, "/elsewhere"))
+
+
+def test_bad_lora_request_fails_alone(tiny_llama_dir, good_adapter, tmp_path):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", enable_lora=True, max_loras=2)
+    engine = llm.llm_engine
+    ok = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True),
+                            lora_request=LoRARequest("good", 1, str(good_adapter)))
+    with pytest.raises(ValueError, match="adapter 'missing'"):
+        engine.add_request([5, 6, 7], SamplingParams(), lora_request=LoRARequest("missing", 2, str(tmp_path)))
+    done = [o for _ in range(10) for o in engine.step() if o.finished]
+    assert [o.request_id for o in done] == [ok] and len(done[0].outputs[0].token_ids) == 3
+    base_only = LLM(model=str(tiny_llama_dir), dtype="float32")
+    with pytest.raises(ValueError, match="enable_lora"):
+        base_only.generate(prompt_token_ids=[[1, 2]], lora_request=LoRARequest("good", 1, str(good_adapter)))
+
+
+def test_lora_request_vllm_forms():
+    r = LoRARequest("self_adapter_v1", 1, lora_local_path="out_v1/")
+    assert (r.lora_name, r.lora_int_id, r.lora_path) == ("self_adapter_v1", 1, "out_v1/")
+    assert LoRARequest("x", lora_path="p").lora_int_id > 0
