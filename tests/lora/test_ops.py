@@ -36,7 +36,7 @@ def test_add_lora_matches_reference(kind, dtype, rank):
     expected = y.clone()
     add_lora_reference(expected[:, :40], x, a[:, :rank], bs[0], slots, w)
     add_lora_reference(expected[:, 40:], x, a[:, rank:], bs[1], slots, w)
-    ops.add_lora(y, x, a, bs, [(0, 40), (40, 24)], slots, w)
+    ops.add_lora_bgmv(y, x, a, bs, [(0, 40), (40, 24)], slots, w)
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(y, expected, atol=tol * rank, rtol=tol)
 
@@ -48,7 +48,25 @@ def test_weighted_mixture_per_row():
     slots = torch.tensor([[0, 1], [2, 3], [1, 1], [3, 0], [2, 2], [0, 3]])
     w = torch.rand(6, 2)
     y = torch.zeros(6, 12)
-    ops.add_lora(y, x, a, [b], [(0, 12)], slots, w)
+    ops.add_lora_bgmv(y, x, a, [b], [(0, 12)], slots, w)
     expected = torch.zeros(6, 12)
     add_lora_reference(expected, x, a, b, slots, w)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_step_dispatch_bgmv_decodes_and_sgmv_segments():
+    from loraplex.lora.batch import LoRABatch
+
+    torch.manual_seed(3)
+    s, r, n_in, n_out = 4, 8, 32, 20
+    a, b = torch.randn(s, r, n_in), torch.randn(s, n_out, r)
+    a[-1], b[-1] = 0, 0
+    x = torch.randn(12, n_in)
+    # 3 decodes (slots 1, zero, 0), then prefill chunks: tokens 3-6 slot 2, 7-8 base (absent), 9-11 slot 1
+    batch = LoRABatch(3, torch.tensor([[1], [3], [0]]), torch.ones(3, 1), [(3, 7, 2), (9, 12, 1)])
+    per_token = torch.tensor([1, 3, 0, 2, 2, 2, 2, 3, 3, 1, 1, 1]).unsqueeze(1)
+    y = torch.zeros(12, n_out)
+    ops.add_lora(y, x, a, [b], [(0, n_out)], batch)
+    expected = torch.zeros(12, n_out)
+    add_lora_reference(expected, x, a, b, per_token, torch.ones(12, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -51,16 +51,27 @@ class ModelRunner:
         self.lora_store: AdapterStore | None = None  # set by the engine when LoRA is enabled
 
     def lora_batch(self, rows: list[ScheduledRequest]) -> LoRABatch | None:
-        """Per-token adapter slots for the step (None when no row uses an adapter: the base pays nothing)."""
+        """Adapter per token for the step (None when no row uses an adapter: the base pays nothing).
+
+        ``rows`` are in step order (decodes first); decodes get BGMV slots, prefill chunks SGMV segments.
+        """
         names = {r.lora_name for r in rows if r.lora_name is not None}
         if not names:
             return None
         slot_of = self.lora_store.activate(names)
-        zero_slot = self.lora_store.max_loras
-        slots = [slot_of[r.lora_name] if r.lora_name is not None else zero_slot
-                 for r in rows for _ in range(r.num_tokens)]
-        slots_t = torch.tensor(slots, device=self.device).unsqueeze(1)  # [T, 1]
-        return LoRABatch(slots_t, torch.ones(slots_t.shape, dtype=self.dtype, device=self.device))
+        decodes = [r for r in rows if r.num_tokens == 1]
+        batch = LoRABatch(len(decodes))
+        if any(r.lora_name is not None for r in decodes):
+            zero_slot = self.lora_store.max_loras
+            slots = torch.tensor([slot_of.get(r.lora_name, zero_slot) for r in decodes], device=self.device)
+            batch.slots = slots.unsqueeze(1)  # [num_decodes, 1]
+            batch.weights = torch.ones(batch.slots.shape, dtype=self.dtype, device=self.device)
+        start = len(decodes)
+        for r in rows[len(decodes):]:
+            if r.lora_name is not None:
+                batch.segments.append((start, start + r.num_tokens, slot_of[r.lora_name]))
+            start += r.num_tokens
+        return batch
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size

@@ -1,17 +1,22 @@
 """Per-step LoRA metadata handed to the model (built by the model runner)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class LoRABatch:
-    """``slots: [T, K]`` device slot per token (the zero slot for base rows); ``weights: [T, K]`` mixing weights.
+    """Which adapter each token uses this step.
 
-    K = 1 today (one adapter per row, weight 1); a weighted mixture is K > 1 pairs per row.
+    Decode tokens (the first ``num_decodes`` of the step) go through BGMV: ``slots: [num_decodes, K]`` device slot
+    per token (the zero slot for base rows) and ``weights: [num_decodes, K]`` (K = 1 today; a weighted mixture is
+    K > 1). Prefill chunks go through SGMV: ``segments`` lists ``(start, end, slot)`` token ranges that share one
+    adapter; base-model chunks are simply absent.
     """
 
-    slots: torch.Tensor
-    weights: torch.Tensor
+    num_decodes: int
+    slots: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    segments: list[tuple[int, int, int]] = field(default_factory=list)

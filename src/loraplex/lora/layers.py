@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from loraplex import ops
+from loraplex.lora.batch import LoRABatch
 
 
 class LoRAStack(nn.Module):
@@ -37,5 +38,5 @@ class LoRAStack(nn.Module):
                 self.lora_a[slot, i * self.max_rank:i * self.max_rank + r].copy_(a)
                 self.lora_b[i][slot, :, :r].copy_(b)
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
-        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, slots, weights)
+    def forward(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> None:
+        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch)

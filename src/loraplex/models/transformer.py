@@ -44,7 +44,7 @@ class Attention(nn.Module):
         h, hkv = s.num_heads, s.num_kv_heads
         qkv = self.qkv_proj(x)
         if lora is not None:
-            self.qkv_lora(qkv, x, lora.slots, lora.weights)
+            self.qkv_lora(qkv, x, lora)
         qkv = qkv.view(-1, h + 2 * hkv, s.head_dim)  # [T, H + 2 Hkv, D]
         qk = qkv[:, :h + hkv]
         if s.qk_norm:
@@ -54,7 +54,7 @@ class Attention(nn.Module):
         o = o.reshape(-1, s.q_size)
         out = self.o_proj(o)
         if lora is not None:
-            self.o_lora(out, o, lora.slots, lora.weights)
+            self.o_lora(out, o, lora)
         return out
 
 
@@ -70,12 +70,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if lora is not None:
-            self.gate_up_lora(gate_up, x, lora.slots, lora.weights)
+            self.gate_up_lora(gate_up, x, lora)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         act = F.silu(gate) * up
         out = self.down_proj(act)
         if lora is not None:
-            self.down_lora(out, act, lora.slots, lora.weights)
+            self.down_lora(out, act, lora)
         return out
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from loraplex.lora.batch import LoRABatch
 from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-             out_slices: list[tuple[int, int]], slots: torch.Tensor, weights: torch.Tensor) -> None:
+def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+                  out_slices: list[tuple[int, int]], slots: torch.Tensor, weights: torch.Tensor) -> None:
     """LoRA on a (possibly stacked) linear: ``y[:, slice_i] += Σ_k w · B_i[s] (A_i[s] x)`` for each output slice.
 
     ``lora_a: [S, n_slices · r, in]`` holds the slices' A matrices stacked (one shrink for all of them);
@@ -17,3 +18,16 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     r = lora_bs[0].shape[-1]
     for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
         bgmv_expand(y.narrow(-1, start, size), h[..., i * r:(i + 1) * r], lora_b, slots)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+             out_slices: list[tuple[int, int]], batch: LoRABatch) -> None:
+    """Apply a step's LoRA: BGMV over the decode tokens, one SGMV matmul pair per prefill segment."""
+    nd = batch.num_decodes
+    if nd and batch.slots is not None:
+        add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.slots, batch.weights)
+    r = lora_bs[0].shape[-1]
+    for start, end, slot in batch.segments:
+        h = x[start:end] @ lora_a[slot].T  # [n, n_slices · r]
+        for i, ((o_start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+            y[start:end, o_start:o_start + size] += h[:, i * r:(i + 1) * r] @ lora_b[slot].T

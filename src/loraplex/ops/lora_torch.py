@@ -18,6 +18,11 @@ def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
             y[t] += (weights[t, k] * ((x[t].float() @ lora_a[s].float().T) @ lora_b[s].float().T)).to(y.dtype)
 
 
+def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int) -> None:
+    """One segment of tokens sharing adapter ``slot``: ``y += (x @ lora_a[slot].T) @ lora_b[slot].T``."""
+    y += (x @ lora_a[slot].T) @ lora_b[slot].T
+
+
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]``."""
     t, k = slots.shape
