@@ -1,0 +1,120 @@
+"""Multi-LoRA benchmark: 32 prompts × 64 tokens, each prompt on its own rank-16 all-linear adapter.
+
+    python benchmarks/bench_lora.py [--adapters 32] [--rank 16] [--new-tokens 64] [--skip-peft]
+
+Side by side in one run: transformers (base), transformers+PEFT mixed batch ``generate(adapter_names=...)``,
+loraplex base-only and loraplex with one adapter per prompt. Random adapters are written in PEFT's format.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.lora.peft_format import MODULES, module_shapes
+from loraplex.models.registry import resolve_model
+
+QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short poem about autumn.",
+             "Explain photosynthesis to a child.", "List three uses of copper.", "What is 17 times 23?",
+             "Give me a recipe for pancakes.", "Why is the sky blue?"]
+
+
+def write_random_adapter(path: Path, spec, rank: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for module, (n_in, n_out) in module_shapes(spec).items():
+            part = "self_attn" if module[0] in "qkvo" else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.01
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": list(MODULES), "bias": "none", "lora_dropout": 0.0}))
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    n_prompts = 32
+    llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=args.adapters,
+              max_lora_rank=args.rank, max_cpu_loras=args.adapters)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8] + " " * (i // 8)}],
+                                                  tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False) for i in range(n_prompts)]
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    spec = llm.llm_engine.loaded.spec
+    names = [f"a{i}" for i in range(args.adapters)]
+    for i, n in enumerate(names):
+        write_random_adapter(tmp / n, spec, args.rank, i)
+    reqs = [LoRARequest(names[i % args.adapters], i % args.adapters + 1, str(tmp / names[i % args.adapters]))
+            for i in range(n_prompts)]
+    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    total = n_prompts * args.new_tokens
+    run_base = lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)  # noqa: E731
+    run_lora = lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=reqs,  # noqa: E731
+                                    use_tqdm=False)
+    t = time.perf_counter()
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=1),
+                 lora_request=reqs[0], use_tqdm=False)
+    cold = time.perf_counter() - t
+    run_base(), run_lora()  # warm-up (loads every adapter into host cache and slots)
+    results = {"loraplex base-only": total / timed(run_base),
+               f"loraplex {args.adapters} adapters": total / timed(run_lora)}
+
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model(None)
+    hf = AutoModelForCausalLM.from_pretrained(str(src.path), gguf_file=src.gguf_file, dtype=torch.bfloat16).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    gen = dict(attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+               min_new_tokens=args.new_tokens, pad_token_id=0)
+    with torch.inference_mode():
+        results["transformers base"] = total / timed(lambda: hf.generate(ids, **gen))
+        if not args.skip_peft:
+            from peft import PeftModel
+
+            peft = PeftModel.from_pretrained(hf, str(tmp / names[0]), adapter_name=names[0])
+            for n in names[1:]:
+                peft.load_adapter(str(tmp / n), adapter_name=n)
+            peft = peft.to(torch.bfloat16).eval()
+            adapter_names = [r.lora_name for r in reqs]
+            results[f"transformers+PEFT {args.adapters} adapters"] = total / timed(
+                lambda: peft.generate(input_ids=ids, adapter_names=adapter_names, **gen))
+
+    print(f"32 prompts x {args.new_tokens} tokens, {args.adapters} distinct rank-{args.rank} all-linear adapters, "
+          f"bf16, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| engine | tok/s |")
+    print("|---|---|")
+    for k, v in results.items():
+        print(f"| {k} | {v:.1f} |")
+    ours = results[f"loraplex {args.adapters} adapters"]
+    print(f"\nloraplex adapters / own base-only: {ours / results['loraplex base-only']:.0%}")
+    if not args.skip_peft:
+        print(f"loraplex adapters / transformers+PEFT: {ours / results[f'transformers+PEFT {args.adapters} adapters']:.1f}x")
+    print(f"first adapter request (cold load from disk + 1 token): {cold * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
