@@ -64,8 +64,7 @@ class ModelRunner:
         if any(r.lora_name is not None for r in decodes):
             zero_slot = self.lora_store.max_loras
             slots = torch.tensor([slot_of.get(r.lora_name, zero_slot) for r in decodes], device=self.device)
-            batch.slots = slots.unsqueeze(1)  # [num_decodes, 1]
-            batch.weights = torch.ones(batch.slots.shape, dtype=self.dtype, device=self.device)
+            batch.slots = slots.unsqueeze(1)  # [num_decodes, 1]; weights None = 1 (no mixture)
         start = len(decodes)
         for r in rows[len(decodes):]:
             if r.lora_name is not None:

@@ -11,8 +11,8 @@ class LoRABatch:
     """Which adapter each token uses this step.
 
     Decode tokens (the first ``num_decodes`` of the step) go through BGMV: ``slots: [num_decodes, K]`` device slot
-    per token (the zero slot for base rows) and ``weights: [num_decodes, K]`` (K = 1 today; a weighted mixture is
-    K > 1). Prefill chunks go through SGMV: ``segments`` lists ``(start, end, slot)`` token ranges that share one
+    per token (the zero slot for base rows) and ``weights: [num_decodes, K]`` (None = all ones; K = 1 today, a
+    weighted mixture is K > 1). Prefill chunks go through SGMV: ``segments`` lists ``(start, end, slot)`` token ranges that share one
     adapter; base-model chunks are simply absent.
     """
 

@@ -8,7 +8,7 @@ from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-                  out_slices: list[tuple[int, int]], slots: torch.Tensor, weights: torch.Tensor) -> None:
+                  out_slices: list[tuple[int, int]], slots: torch.Tensor, weights: torch.Tensor | None) -> None:
     """LoRA on a (possibly stacked) linear: ``y[:, slice_i] += Σ_k w · B_i[s] (A_i[s] x)`` for each output slice.
 
     ``lora_a: [S, n_slices · r, in]`` holds the slices' A matrices stacked (one shrink for all of them);

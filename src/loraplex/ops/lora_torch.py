@@ -23,16 +23,21 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     y += (x @ lora_a[slot].T) @ lora_b[slot].T
 
 
-def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]``."""
+def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
+                weights: torch.Tensor | None) -> torch.Tensor:
+    """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]`` (``weights`` None = all ones)."""
     t, k = slots.shape
-    a = lora_a.index_select(0, slots.reshape(-1)).view(t, k, lora_a.shape[1], lora_a.shape[2])  # [T, K, r, in]
-    h = torch.matmul(a, x.view(t, 1, -1, 1)).squeeze(-1)  # [T, K, r]
-    return h * weights.unsqueeze(-1).to(h.dtype)
+    r, n_in = lora_a.shape[1], lora_a.shape[2]
+    a = lora_a.index_select(0, slots.reshape(-1)).view(t * k, r, n_in)  # [T·K, r, in]
+    xs = x.unsqueeze(-1) if k == 1 else x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T·K, in, 1]
+    h = torch.bmm(a, xs).view(t, k, r)
+    return h if weights is None else h * weights.unsqueeze(-1).to(h.dtype)
 
 
 def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor) -> None:
     """``y[t] += Σ_k lora_b[slots[t, k]] @ h[t, k]`` for ``h: [T, K, r]``, in place."""
     t, k = slots.shape
-    b = lora_b.index_select(0, slots.reshape(-1)).view(t, k, lora_b.shape[1], lora_b.shape[2])  # [T, K, out, r]
-    y += torch.matmul(b, h.unsqueeze(-1)).squeeze(-1).sum(dim=1)
+    n_out, r = lora_b.shape[1], lora_b.shape[2]
+    b = lora_b.index_select(0, slots.reshape(-1)).view(t * k, n_out, r)  # [T·K, out, r]
+    out = torch.bmm(b, h.reshape(t * k, r, 1))  # [T·K, out, 1]
+    y += out.view(t, n_out) if k == 1 else out.view(t, k, n_out).sum(dim=1)
