@@ -115,3 +115,23 @@ def test_lora_request_vllm_forms():
     r = LoRARequest("self_adapter_v1", 1, lora_local_path="out_v1/")
     assert (r.lora_name, r.lora_int_id, r.lora_path) == ("self_adapter_v1", 1, "out_v1/")
     assert LoRARequest("x", lora_path="p").lora_int_id > 0
+
+
+def test_engine_load_list_unload_at_run_time(tiny_llama_dir, good_adapter):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", enable_lora=True, max_loras=2)
+    engine = llm.llm_engine
+    assert engine.add_lora(LoRARequest("g", 7, str(good_adapter)))
+    [row] = engine.list_loras()
+    assert (row["name"], row["lora_int_id"], row["rank"], row["tier"], row["in_flight"]) == ("g", 7, 8, "host", 0)
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True),
+                             lora_request=LoRARequest("g", 7, str(good_adapter)))
+    engine.step()
+    assert engine.list_loras()[0]["tier"] == "device" and engine.list_loras()[0]["in_flight"] == 1
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.remove_lora("g")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.remove_lora("g") and engine.list_loras() == []
+    with pytest.raises(KeyError):
+        engine.remove_lora("g")
+    assert rid

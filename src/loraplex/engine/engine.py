@@ -76,8 +76,9 @@ class LLMEngine:
         torch_dtype = parse_dtype(dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch_dtype == torch.float16 and device == "cpu":
-            warnings.warn("dtype float16 on CPU computes slowly and with poor kernels; bfloat16 is recommended",
+            warnings.warn("dtype float16 on CPU: computing in bfloat16 instead (CPU float16 kernels are slow)",
                           stacklevel=2)
+            torch_dtype = torch.bfloat16
         source = resolve_model(model)
         loaded = load_model(source, torch_dtype, device, max_model_len)
         max_model_len = loaded.max_model_len
@@ -135,6 +136,25 @@ class LLMEngine:
             return None
         self.scheduler.abort([c.request_id for c in parent.children])
         return self.outputs.abort(request_id)
+
+    # ---- adapters at run time ---------------------------------------------------------------------------------
+    def _store(self) -> AdapterStore:
+        if self.lora_store is None:
+            raise ValueError("lora_request: this engine was started without enable_lora=True")
+        return self.lora_store
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Register and validate an adapter now (it is read into the host cache); True when it is usable."""
+        self._store().register(lora_request)
+        return True
+
+    def remove_lora(self, name: str) -> bool:
+        """Forget an adapter; raises ``RuntimeError`` while requests still use it, ``KeyError`` if unknown."""
+        self._store().unload(name)
+        return True
+
+    def list_loras(self) -> list[dict]:
+        return self._store().describe()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.lora.demo import resolve_adapter_path
 from loraplex.lora.peft_format import LoRAWeights, load_peft_lora
 from loraplex.lora.request import LoRARequest
 from loraplex.models.model_config import ModelSpec
@@ -44,12 +45,13 @@ class AdapterStore:
     # ---- registry -----------------------------------------------------------------------------------------
     def register(self, req: LoRARequest) -> AdapterEntry:
         """Know an adapter by name (idempotent for the same path; a name cannot change its path while known)."""
+        path = resolve_adapter_path(req.lora_path)
         entry = self.registry.get(req.lora_name)
         if entry is not None:
-            if entry.path != req.lora_path:
+            if entry.path != path:
                 raise ValueError(f"lora_request: adapter {req.lora_name!r} is already loaded from {entry.path}")
             return entry
-        entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, req.lora_path, req.lora_int_id)
+        entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id)
         try:
             self.host_weights(req.lora_name)  # validate now: a bad adapter fails its own request only
         except Exception:
@@ -57,7 +59,18 @@ class AdapterStore:
             raise
         return entry
 
+    def tier(self, name: str) -> str:
+        return "device" if name in self.slots else "host" if name in self.host else "disk"
+
+    def describe(self) -> list[dict]:
+        """One row per known adapter: name, path, id, rank (when read), tier, pinned, in-flight requests."""
+        return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
+                 "rank": self.host[e.name].rank if e.name in self.host else None, "tier": self.tier(e.name),
+                 "pinned": e.pinned, "in_flight": self.refcount[e.name]} for e in self.registry.values()]
+
     def unload(self, name: str) -> None:
+        if name not in self.registry:
+            raise KeyError(f"adapter {name!r} is not loaded")
         if self.refcount[name] > 0:
             raise RuntimeError(f"adapter {name!r} has {self.refcount[name]} requests in flight")
         self.registry.pop(name, None)

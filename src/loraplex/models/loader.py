@@ -102,6 +102,14 @@ def convert_gguf(source: ModelSource) -> ModelSource:
     return ModelSource(source.model_id, out)
 
 
+def local_hf_dir(model: str | None = None) -> str:
+    """An HF directory for ``model`` (alias, path or .gguf) that transformers can load offline; GGUF is converted once."""
+    from loraplex.models.registry import resolve_model
+
+    source = resolve_model(model)
+    return str(convert_gguf(source).path if source.is_gguf else source.path)
+
+
 def _eos_ids(source: ModelSource, hf_config, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     for value in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
