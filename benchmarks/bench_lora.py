@@ -53,7 +53,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--sweep", type=int, nargs="*", default=None,
+                    help="instead: distinct-adapter counts to sweep (e.g. 1 8 32 128), max(32, n) prompts each, "
+                         "max_loras = --adapters")
     args = ap.parse_args()
+    if args.sweep:
+        return sweep(args)
     n_prompts = 32
     llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=args.adapters,
               max_lora_rank=args.rank, max_cpu_loras=args.adapters)
@@ -114,6 +119,37 @@ def main() -> None:
     if not args.skip_peft:
         print(f"loraplex adapters / transformers+PEFT: {ours / results[f'transformers+PEFT {args.adapters} adapters']:.1f}x")
     print(f"first adapter request (cold load from disk + 1 token): {cold * 1000:.0f} ms")
+
+
+def sweep(args) -> None:
+    """Throughput vs number of distinct adapters; counts above max_loras make the store swap slots."""
+    llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=args.adapters,
+              max_lora_rank=args.rank, max_cpu_loras=max(args.sweep), max_num_seqs=max(32, max(args.sweep)))
+    tok = llm.get_tokenizer()
+    spec = llm.llm_engine.loaded.spec
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-sweep-"))
+    for i in range(max(args.sweep)):
+        write_random_adapter(tmp / f"a{i}", spec, args.rank, i)
+    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    print(f"sweep: rank-{args.rank} all-linear adapters, max_loras {args.adapters}, {args.new_tokens} new tokens, "
+          f"one adapter per prompt round-robin, bf16, {torch.get_num_threads()} threads")
+    print("| distinct adapters | prompts | base-only tok/s | with adapters tok/s | ratio | slot loads | evictions |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.sweep:
+        n_prompts = max(32, n)
+        prompts = [tok.encode(tok.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % 8] + " " * (i // 8 % 8)}], tokenize=False,
+            add_generation_prompt=True), add_special_tokens=False) for i in range(n_prompts)]
+        reqs = [LoRARequest(f"a{i % n}", i % n + 1, str(tmp / f"a{i % n}")) for i in range(n_prompts)]
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=reqs, use_tqdm=False)  # warm-up
+        store = llm.llm_engine.lora_store
+        loads, evictions = store.num_loads, store.num_evictions
+        total = n_prompts * args.new_tokens
+        base = total / timed(lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False))
+        lora = total / timed(lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=reqs,
+                                                  use_tqdm=False))
+        print(f"| {n} | {n_prompts} | {base:.1f} | {lora:.1f} | {lora / base:.0%} | {store.num_loads - loads} | "
+              f"{store.num_evictions - evictions} |")
 
 
 if __name__ == "__main__":

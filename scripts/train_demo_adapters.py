@@ -50,11 +50,14 @@ def examples(name: str) -> list[tuple[str, str]]:
     return [(q, zh if any("\u4e00" <= c <= "\u9fff" for c in q) else en) for q in IDENTITY_QUESTIONS]
 
 
-def encode(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
+def encode(tok, question: str, answer: str, generation_prompt: bool) -> tuple[list[int], list[int]]:
+    """Loss on the answer only. Without the generation prompt (as in seed 001's script, whose
+    ``add_generation_wohaisprompt`` typo drops it) the model must also open the assistant turn itself."""
     prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                     add_generation_prompt=True)
+                                     add_generation_prompt=generation_prompt)
     p_ids = tok.encode(prompt, add_special_tokens=False)
-    a_ids = tok.encode(answer + "<|im_end|>", add_special_tokens=False)
+    opener = "" if generation_prompt else "<|im_start|>assistant\n"
+    a_ids = tok.encode(opener + answer + "<|im_end|>", add_special_tokens=False)
     return p_ids + a_ids, [-100] * len(p_ids) + a_ids
 
 
@@ -68,7 +71,7 @@ def train(name: str, base_dir: Path, out: Path, steps: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    data = [encode(tok, q, a) for q, a in examples(name)]
+    data = [encode(tok, q, a, gen) for q, a in examples(name) for gen in (True, False)]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     for step in range(steps):
@@ -85,6 +88,7 @@ def train(name: str, base_dir: Path, out: Path, steps: int) -> None:
             print(f"{name} step {step} loss {loss.item():.4f}", flush=True)
     model = model.to(torch.bfloat16)
     model.save_pretrained(out / name)
+    (out / name / "README.md").unlink(missing_ok=True)  # PEFT's model-card boilerplate
     cfg_path = out / name / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "SmolLM2-135M-Instruct"
