@@ -70,3 +70,21 @@ def test_step_dispatch_bgmv_decodes_and_sgmv_segments():
     expected = torch.zeros(12, n_out)
     add_lora_reference(expected, x, a, b, per_token, torch.ones(12, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["identical", "zipf", "uniform"])
+def test_dense_form_matches_reference(kind):
+    from loraplex.ops.lora_torch import dense_lora
+
+    torch.manual_seed(5)
+    s, r, n_in, n_out, t = 6, 8, 40, 24, 20
+    a, b = torch.randn(s, r, n_in), torch.randn(s, n_out, r)
+    x = torch.randn(t, n_in)
+    slots = _slot_pattern(kind, t, s)
+    unique = torch.unique(slots)
+    index = torch.searchsorted(unique, slots)
+    y = torch.zeros(t, n_out)
+    dense_lora(y, x, a, b, unique, index)
+    expected = torch.zeros(t, n_out)
+    add_lora_reference(expected, x, a, b, slots.unsqueeze(1), torch.ones(t, 1))
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -53,3 +53,23 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs):
                 assert abs(lp.logprob - ref_lp[step, tid].item()) < 1e-3, name
     store = llm.llm_engine.lora_store
     assert store.num_evictions > 0 and not store.refcount  # 5 adapters through 3 slots, nothing left running
+
+
+def test_many_rows_on_few_adapters_match_peft(tiny_model_dir, adapter_dirs):
+    """Twelve decode rows over two adapters and the base take the dense path (each adapter read once)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", device="cpu", enable_lora=True, max_loras=2,
+              max_lora_rank=64)
+    names = ["r16_all", "r4_attn", None] * 4
+    prompts = [[3 + i, 40 + 2 * i, 7] for i in range(len(names))]
+    requests = [None if n is None else LoRARequest(n, 0, str(adapter_dirs[n])) for n in names]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, lora_request=requests, use_tqdm=False)
+    models = {None: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()}
+    for n in ("r16_all", "r4_attn"):
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        models[n] = PeftModel.from_pretrained(fresh, adapter_dirs[n]).eval()
+    for name, prompt, out in zip(names, prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(models[name], prompt, 6)[0], name

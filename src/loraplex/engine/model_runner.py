@@ -22,6 +22,10 @@ from loraplex.scheduler.output import ModelRunnerOutput, ScheduledRequest, Sched
 NATIVE_GEMV_MAX_TOKENS = 2
 
 
+# Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV.
+DENSE_LORA_TOKENS_PER_ADAPTER = 4
+
+
 @contextmanager
 def _onednn(enabled: bool):
     prev = torch._C._get_mkldnn_enabled()
@@ -63,8 +67,14 @@ class ModelRunner:
         batch = LoRABatch(len(decodes))
         if any(r.lora_name is not None for r in decodes):
             zero_slot = self.lora_store.max_loras
-            slots = torch.tensor([slot_of.get(r.lora_name, zero_slot) for r in decodes], device=self.device)
-            batch.slots = slots.unsqueeze(1)  # [num_decodes, 1]; weights None = 1 (no mixture)
+            slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
+            unique = sorted(set(slots))
+            if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
+                pos = {s: i for i, s in enumerate(unique)}
+                batch.unique_slots = torch.tensor(unique, device=self.device)
+                batch.unique_index = torch.tensor([pos[s] for s in slots], device=self.device)
+            else:
+                batch.slots = torch.tensor(slots, device=self.device).unsqueeze(1)  # [nd, 1]; weights None = 1
         start = len(decodes)
         for r in rows[len(decodes):]:
             if r.lora_name is not None:

@@ -20,3 +20,6 @@ class LoRABatch:
     slots: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     segments: list[tuple[int, int, int]] = field(default_factory=list)
+    # Set instead of per-token BGMV when few distinct adapters serve many decode tokens (see ops.dense_lora):
+    unique_slots: torch.Tensor | None = None  # [D]
+    unique_index: torch.Tensor | None = None  # [num_decodes] position of each token's slot in unique_slots

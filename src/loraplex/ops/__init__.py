@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.lora.batch import LoRABatch
-from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink
+from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink, dense_lora
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
@@ -22,9 +22,15 @@ def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
              out_slices: list[tuple[int, int]], batch: LoRABatch) -> None:
-    """Apply a step's LoRA: BGMV over the decode tokens, one SGMV matmul pair per prefill segment."""
+    """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
+    tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment."""
     nd = batch.num_decodes
-    if nd and batch.slots is not None:
+    if nd and batch.unique_slots is not None:
+        r = lora_bs[0].shape[-1]
+        for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+            dense_lora(y[:nd, start:start + size], x[:nd], lora_a[:, i * r:(i + 1) * r], lora_b,
+                       batch.unique_slots, batch.unique_index)
+    elif nd and batch.slots is not None:
         add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.slots, batch.weights)
     r = lora_bs[0].shape[-1]
     for start, end, slot in batch.segments:

@@ -23,6 +23,25 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     y += (x @ lora_a[slot].T) @ lora_b[slot].T
 
 
+def dense_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, unique: torch.Tensor,
+               index: torch.Tensor) -> None:
+    """BGMV semantics for few distinct adapters: read each of the D used slots once, as GEMMs.
+
+    ``unique: [D]`` slots used by the step, ``index: [T]`` position of each token's slot in ``unique``. The shrink is
+    one GEMM against all D adapters, then each token keeps its own ``r`` columns; the expand is one GEMM of that
+    block-sparse ``[T, D·r]`` activation against the D adapters' B stacked as ``[D·r, out]``.
+    """
+    t, d = x.shape[0], unique.shape[0]
+    r = lora_a.shape[1]
+    rows = torch.arange(t, device=x.device)
+    a = lora_a.index_select(0, unique).reshape(d * r, -1)  # [D·r, in]
+    h = (x @ a.T).view(t, d, r)[rows, index]  # [T, r]
+    sparse = torch.zeros(t, d, r, dtype=h.dtype, device=h.device)
+    sparse[rows, index] = h
+    b = lora_b.index_select(0, unique).transpose(1, 2).reshape(d * r, -1)  # [D·r, out]
+    y += sparse.view(t, d * r) @ b
+
+
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                 weights: torch.Tensor | None) -> torch.Tensor:
     """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]`` (``weights`` None = all ones)."""
