@@ -82,12 +82,13 @@ def test_store_lru_refcount_and_slots(good_adapter, spec):
     store.refcount = Counter()
     for n in "abc":
         store.register(LoRARequest(n, 0, str(good_adapter)))
-    assert len(store.registry) == 3 and len(store.host) == 2  # host LRU keeps 2
+    assert len(store.registry) == 3 and not store.host  # the registry holds metadata only
     assert store.activate({"a"}) == {"a": 0} and store.activate({"b"}) == {"b": 1}
     store.refcount["b"] = 1  # b is used by a running request
     store.activate({"a"})  # touch a: b is now least recently used, but pinned by its refcount
     assert store.activate({"c"}) == {"c": 0} and "a" not in store.slots  # a evicted, b kept
     assert writes == [(0, "a"), (1, "b"), (0, "c")] and store.num_evictions == 1
+    assert list(store.host) == ["b", "c"]  # host LRU (max_cpu_loras 2) dropped a, which left the slots
     with pytest.raises(RuntimeError, match="in flight"):
         store.unload("b")
     store.refcount["b"] = 0
@@ -122,7 +123,7 @@ def test_engine_load_list_unload_at_run_time(tiny_llama_dir, good_adapter):
     engine = llm.llm_engine
     assert engine.add_lora(LoRARequest("g", 7, str(good_adapter)))
     [row] = engine.list_loras()
-    assert (row["name"], row["lora_int_id"], row["rank"], row["tier"], row["in_flight"]) == ("g", 7, 8, "host", 0)
+    assert (row["name"], row["lora_int_id"], row["rank"], row["tier"], row["in_flight"]) == ("g", 7, 8, "disk", 0)
     rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True),
                              lora_request=LoRARequest("g", 7, str(good_adapter)))
     engine.step()

@@ -50,9 +50,22 @@ def _pattern_value(patterns: dict, module_path: str, default):
     return default
 
 
-def load_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: int,
-                   dtype: torch.dtype = torch.float32) -> LoRAWeights:
-    """Load and validate; raise ``ValueError("adapter 'name': …")`` on anything not served exactly."""
+@dataclass(frozen=True)
+class LoRAPlan:
+    """A validated adapter before its tensors are read: per (layer, module) the tensor names, rank and scale."""
+
+    name: str
+    path: str
+    file: str
+    entries: tuple[tuple[int, str, str, str, int, float], ...]  # (layer, module, key_A, key_B, r, scale)
+
+    @property
+    def rank(self) -> int:
+        return max(e[4] for e in self.entries)
+
+
+def inspect_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: int) -> LoRAPlan:
+    """Validate config and tensor shapes (read from the safetensors header only); raise ``ValueError("adapter …")``."""
     path = Path(path)
 
     def refuse(why: str) -> ValueError:
@@ -78,14 +91,15 @@ def load_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: 
             raise refuse("adapter_model.bin is a pickle and is refused; save it with safetensors")
         raise refuse("no adapter_model.safetensors")
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    tensors = load_file(str(weights_file))
+    with safe_open(str(weights_file), framework="pt") as f:
+        key_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     shapes = module_shapes(spec)
     layers = cfg.get("layers_to_transform")
     layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in key_shapes:
         if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
             raise refuse(f"embedding / lm_head targets are not supported ({key})")
         if "lora_magnitude_vector" in key:
@@ -98,26 +112,41 @@ def load_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: 
             raise refuse(f"tensor {key!r} is for layer {layer}, the base has {spec.num_layers} layers")
         if layers is not None and layer not in layers:
             continue
-        pairs.setdefault((layer, module), {})[ab] = t
+        pairs.setdefault((layer, module), {})[ab] = key
 
-    weights = {}
-    max_rank = 0
+    entries = []
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise refuse(f"layer {layer} {module} has lora_{''.join(ab)} without its partner")
-        a, b = ab["A"], ab["B"]
+        a, b = key_shapes[ab["A"]], key_shapes[ab["B"]]
         n_in, n_out = shapes[module]
-        r = a.shape[0]
-        if a.shape != (r, n_in) or b.shape != (n_out, r):
-            raise refuse(f"layer {layer} {module}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base "
-                         f"linear {n_in}->{n_out} (wrong base model?)")
+        r = a[0]
+        if a != (r, n_in) or b != (n_out, r):
+            raise refuse(f"layer {layer} {module}: A {a} / B {b} do not fit the base linear {n_in}->{n_out} "
+                         f"(wrong base model?)")
         if r > max_lora_rank:
             raise refuse(f"rank {r} > max_lora_rank {max_lora_rank}; restart with max_lora_rank={r}")
         module_path = f"model.layers.{layer}.{'self_attn' if module[0] in 'qkvo' else 'mlp'}.{module}"
         alpha = _pattern_value(cfg.get("alpha_pattern"), module_path, cfg.get("lora_alpha", r))
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        weights[layer, module] = (a.to(dtype), (b.float() * scale).to(dtype))
-        max_rank = max(max_rank, r)
-    if not weights:
+        entries.append((layer, module, ab["A"], ab["B"], r, scale))
+    if not entries:
         raise refuse("no LoRA weights for any layer loraplex serves")
-    return LoRAWeights(name, str(path), max_rank, weights)
+    return LoRAPlan(name, str(path), str(weights_file), tuple(entries))
+
+
+def read_lora(plan: LoRAPlan, dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Read a validated adapter's tensors: ``(A, B·scale)`` per (layer, module), in ``dtype``."""
+    from safetensors import safe_open
+
+    weights = {}
+    with safe_open(plan.file, framework="pt") as f:
+        for layer, module, key_a, key_b, _, scale in plan.entries:
+            weights[layer, module] = (f.get_tensor(key_a).to(dtype), (f.get_tensor(key_b).float() * scale).to(dtype))
+    return LoRAWeights(plan.name, plan.path, plan.rank, weights)
+
+
+def load_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: int,
+                   dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Validate and read in one go."""
+    return read_lora(inspect_peft_lora(name, path, spec, max_lora_rank), dtype)

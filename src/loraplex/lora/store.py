@@ -13,16 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.lora.demo import resolve_adapter_path
-from loraplex.lora.peft_format import LoRAWeights, load_peft_lora
+from loraplex.lora.peft_format import LoRAPlan, LoRAWeights, inspect_peft_lora, read_lora
 from loraplex.lora.request import LoRARequest
 from loraplex.models.model_config import ModelSpec
 
 
 @dataclass
 class AdapterEntry:
+    """Registry row: metadata and the validated plan (tensor names, ranks, scales) — no weights."""
+
     name: str
     path: str
     lora_int_id: int
+    plan: LoRAPlan
     pinned: bool = False
 
 
@@ -51,12 +54,10 @@ class AdapterStore:
             if entry.path != path:
                 raise ValueError(f"lora_request: adapter {req.lora_name!r} is already loaded from {entry.path}")
             return entry
-        entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id)
-        try:
-            self.host_weights(req.lora_name)  # validate now: a bad adapter fails its own request only
-        except Exception:
-            del self.registry[req.lora_name]
-            raise
+        # Validate now from the config and the safetensors header (a bad adapter fails its own request only);
+        # the weights are read when a request first needs them.
+        plan = inspect_peft_lora(req.lora_name, path, self.spec, self.max_lora_rank)
+        entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id, plan)
         return entry
 
     def tier(self, name: str) -> str:
@@ -65,7 +66,7 @@ class AdapterStore:
     def describe(self) -> list[dict]:
         """One row per known adapter: name, path, id, rank (when read), tier, pinned, in-flight requests."""
         return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
-                 "rank": self.host[e.name].rank if e.name in self.host else None, "tier": self.tier(e.name),
+                 "rank": e.plan.rank, "tier": self.tier(e.name),
                  "pinned": e.pinned, "in_flight": self.refcount[e.name]} for e in self.registry.values()]
 
     def unload(self, name: str) -> None:
@@ -81,8 +82,7 @@ class AdapterStore:
     def host_weights(self, name: str) -> LoRAWeights:
         w = self.host.get(name)
         if w is None:
-            entry = self.registry[name]
-            w = load_peft_lora(name, entry.path, self.spec, self.max_lora_rank, self.dtype)
+            w = read_lora(self.registry[name].plan, self.dtype)
             self.host[name] = w
             while len(self.host) > self.max_cpu_loras:
                 victim = next((n for n in self.host if n not in self.slots), None)
