@@ -77,14 +77,16 @@ def test_dense_form_matches_reference(kind):
     from loraplex.ops.lora_torch import dense_lora
 
     torch.manual_seed(5)
-    s, r, n_in, n_out, t = 6, 8, 40, 24, 20
-    a, b = torch.randn(s, r, n_in), torch.randn(s, n_out, r)
+    s, r, n_in, sizes, t = 6, 8, 40, [24, 10], 20
+    a = torch.randn(s, 2 * r, n_in)
+    bs = [torch.randn(s, n, r) for n in sizes]
     x = torch.randn(t, n_in)
     slots = _slot_pattern(kind, t, s)
     unique = torch.unique(slots)
     index = torch.searchsorted(unique, slots)
-    y = torch.zeros(t, n_out)
-    dense_lora(y, x, a, b, unique, index)
-    expected = torch.zeros(t, n_out)
-    add_lora_reference(expected, x, a, b, slots.unsqueeze(1), torch.ones(t, 1))
+    y = torch.zeros(t, sum(sizes))
+    dense_lora(y, x, a, bs, [(0, 24), (24, 10)], unique, index)
+    expected = torch.zeros(t, sum(sizes))
+    add_lora_reference(expected[:, :24], x, a[:, :r], bs[0], slots.unsqueeze(1), torch.ones(t, 1))
+    add_lora_reference(expected[:, 24:], x, a[:, r:], bs[1], slots.unsqueeze(1), torch.ones(t, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

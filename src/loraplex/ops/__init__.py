@@ -26,10 +26,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment."""
     nd = batch.num_decodes
     if nd and batch.unique_slots is not None:
-        r = lora_bs[0].shape[-1]
-        for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
-            dense_lora(y[:nd, start:start + size], x[:nd], lora_a[:, i * r:(i + 1) * r], lora_b,
-                       batch.unique_slots, batch.unique_index)
+        dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_index)
     elif nd and batch.slots is not None:
         add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.slots, batch.weights)
     r = lora_bs[0].shape[-1]

@@ -23,23 +23,31 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     y += (x @ lora_a[slot].T) @ lora_b[slot].T
 
 
-def dense_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, unique: torch.Tensor,
-               index: torch.Tensor) -> None:
+def dense_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+               out_slices: list[tuple[int, int]], unique: torch.Tensor, index: torch.Tensor) -> None:
     """BGMV semantics for few distinct adapters: read each of the D used slots once, as GEMMs.
 
-    ``unique: [D]`` slots used by the step, ``index: [T]`` position of each token's slot in ``unique``. The shrink is
-    one GEMM against all D adapters, then each token keeps its own ``r`` columns; the expand is one GEMM of that
-    block-sparse ``[T, D·r]`` activation against the D adapters' B stacked as ``[D·r, out]``.
+    ``unique: [D]`` slots used by the step, ``index: [T]`` position of each token's slot in ``unique``;
+    ``lora_a: [S, n · r, in]`` (n stacked slices), ``lora_bs[i]: [S, size_i, r]``. The shrink is one GEMM against
+    all D adapters, after which each token keeps its own columns; each expand is one GEMM of that block-sparse
+    ``[T, D·r]`` activation against the D adapters' B stacked as ``[D·r, out]`` (D = 1: plain GEMMs).
     """
     t, d = x.shape[0], unique.shape[0]
-    r = lora_a.shape[1]
+    r = lora_bs[0].shape[-1]
+    a = lora_a.index_select(0, unique)  # [D, n·r, in]
+    h = x @ a.reshape(-1, a.shape[-1]).T  # [T, D·n·r]
     rows = torch.arange(t, device=x.device)
-    a = lora_a.index_select(0, unique).reshape(d * r, -1)  # [D·r, in]
-    h = (x @ a.T).view(t, d, r)[rows, index]  # [T, r]
-    sparse = torch.zeros(t, d, r, dtype=h.dtype, device=h.device)
-    sparse[rows, index] = h
-    b = lora_b.index_select(0, unique).transpose(1, 2).reshape(d * r, -1)  # [D·r, out]
-    y += sparse.view(t, d * r) @ b
+    if d > 1:
+        h = h.view(t, d, -1)[rows, index]  # [T, n·r]: each token's own adapter
+    for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+        hi = h[:, i * r:(i + 1) * r]
+        b = lora_b.index_select(0, unique)  # [D, out, r]
+        if d == 1:
+            y[:, start:start + size] += hi @ b[0].T
+            continue
+        sparse = torch.zeros(t, d, r, dtype=h.dtype, device=h.device)
+        sparse[rows, index] = hi
+        y[:, start:start + size] += sparse.view(t, d * r) @ b.transpose(1, 2).reshape(d * r, -1)
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
