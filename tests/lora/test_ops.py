@@ -90,3 +90,16 @@ def test_dense_form_matches_reference(kind):
     add_lora_reference(expected[:, :24], x, a[:, :r], bs[0], slots.unsqueeze(1), torch.ones(t, 1))
     add_lora_reference(expected[:, 24:], x, a[:, r:], bs[1], slots.unsqueeze(1), torch.ones(t, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_single_slot_decodes_match_reference():
+    from loraplex.lora.batch import LoRABatch
+
+    torch.manual_seed(4)
+    a, b = torch.randn(4, 8, 16), torch.randn(4, 12, 8)
+    x = torch.randn(5, 16)
+    y = torch.zeros(5, 12)
+    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, single_slot=2, segments=[(3, 5, 1)]))
+    expected = torch.zeros(5, 12)
+    add_lora_reference(expected, x, a, b, torch.tensor([[2], [2], [2], [1], [1]]), torch.ones(5, 1))
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -64,12 +64,14 @@ class ModelRunner:
             return None
         slot_of = self.lora_store.activate(names)
         decodes = [r for r in rows if r.num_tokens == 1]
-        batch = LoRABatch(len(decodes))
+        batch = LoRABatch(len(decodes), used_slots=frozenset(slot_of.values()))
         if any(r.lora_name is not None for r in decodes):
             zero_slot = self.lora_store.max_loras
             slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
             unique = sorted(set(slots))
-            if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
+            if len(unique) == 1:
+                batch.single_slot = unique[0]
+            elif len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
                 pos = {s: i for i, s in enumerate(unique)}
                 batch.unique_slots = torch.tensor(unique, device=self.device)
                 batch.unique_index = torch.tensor([pos[s] for s in slots], device=self.device)

@@ -23,3 +23,5 @@ class LoRABatch:
     # Set instead of per-token BGMV when few distinct adapters serve many decode tokens (see ops.dense_lora):
     unique_slots: torch.Tensor | None = None  # [D]
     unique_index: torch.Tensor | None = None  # [num_decodes] position of each token's slot in unique_slots
+    single_slot: int | None = None  # every decode token uses this one slot (no base rows among the decodes)
+    used_slots: frozenset[int] = frozenset()  # adapter slots anywhere in the step

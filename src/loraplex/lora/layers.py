@@ -26,10 +26,12 @@ class LoRAStack(nn.Module):
         self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
         self.lora_a = torch.zeros(max_loras + 1, len(modules) * max_rank, in_features, dtype=dtype, device=device)
         self.lora_b = [torch.zeros(max_loras + 1, n, max_rank, dtype=dtype, device=device) for n in out_sizes]
+        self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one adapter's (A, B·scale) per module name into ``slot``; absent modules stay zero."""
         self.lora_a[slot].zero_()
+        self.occupied.discard(slot)
         for i, module in enumerate(self.modules_):
             self.lora_b[i][slot].zero_()
             if module in weights:
@@ -37,6 +39,9 @@ class LoRAStack(nn.Module):
                 r = a.shape[0]
                 self.lora_a[slot, i * self.max_rank:i * self.max_rank + r].copy_(a)
                 self.lora_b[i][slot, :, :r].copy_(b)
+                self.occupied.add(slot)
 
     def forward(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> None:
+        if self.occupied.isdisjoint(batch.used_slots):  # e.g. attention-only adapters skip the MLP stacks
+            return
         ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch)

@@ -25,12 +25,20 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment."""
     nd = batch.num_decodes
-    if nd and batch.unique_slots is not None:
+    if nd and batch.single_slot is not None:  # one adapter for every decode token: plain GEMMs on slot views
+        add_lora_segment(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.single_slot)
+    elif nd and batch.unique_slots is not None:
         dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_index)
     elif nd and batch.slots is not None:
         add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.slots, batch.weights)
-    r = lora_bs[0].shape[-1]
     for start, end, slot in batch.segments:
-        h = x[start:end] @ lora_a[slot].T  # [n, n_slices · r]
-        for i, ((o_start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
-            y[start:end, o_start:o_start + size] += h[:, i * r:(i + 1) * r] @ lora_b[slot].T
+        add_lora_segment(y[start:end], x[start:end], lora_a, lora_bs, out_slices, slot)
+
+
+def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+                     out_slices: list[tuple[int, int]], slot: int) -> None:
+    """SGMV for one segment of tokens sharing ``slot``: ``y[:, slice_i] += (x @ A[slot].T)_i @ B_i[slot].T``."""
+    r = lora_bs[0].shape[-1]
+    h = x @ lora_a[slot].T  # [n, n_slices · r]
+    for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+        y[:, start:start + size] += h[:, i * r:(i + 1) * r] @ lora_b[slot].T
