@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import warnings
 
 import torch
@@ -19,8 +18,6 @@ from loraplex.outputs import RequestOutput
 from loraplex.request import Request
 from loraplex.sampling_params import SamplingParams
 from loraplex.scheduler import Scheduler
-
-log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU
 GPU_KV_CACHE_FRACTION = 0.8  # of the free device memory after loading weights

@@ -37,10 +37,6 @@ class LoRAWeights:
     rank: int  # the largest rank of any module
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-
 
 def _pattern_value(patterns: dict, module_path: str, default):
     """PEFT's rule: a pattern key applies when the module's dotted name ends with it (regex allowed)."""

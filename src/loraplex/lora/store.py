@@ -3,7 +3,7 @@
 - registry: every known adapter by name (metadata only: path and id) — thousands cost nothing;
 - host cache: validated weights in RAM, LRU, at most ``max_cpu_loras``;
 - device slots: ``max_loras`` slots in the model's LoRA buffers, LRU; a slot whose adapter is used by a running
-  request (``refcount > 0``) or pinned is never evicted, and such an adapter is never unloaded.
+  request (``refcount > 0``) is never evicted, and such an adapter is never unloaded.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ class AdapterEntry:
     path: str
     lora_int_id: int
     plan: LoRAPlan
-    pinned: bool = False
 
 
 class AdapterStore:
@@ -64,10 +63,10 @@ class AdapterStore:
         return "device" if name in self.slots else "host" if name in self.host else "disk"
 
     def describe(self) -> list[dict]:
-        """One row per known adapter: name, path, id, rank (when read), tier, pinned, in-flight requests."""
+        """One row per known adapter: name, path, id, rank, tier (device/host/disk), in-flight requests."""
         return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
                  "rank": e.plan.rank, "tier": self.tier(e.name),
-                 "pinned": e.pinned, "in_flight": self.refcount[e.name]} for e in self.registry.values()]
+                 "in_flight": self.refcount[e.name]} for e in self.registry.values()]
 
     def unload(self, name: str) -> None:
         if name not in self.registry:
@@ -102,8 +101,7 @@ class AdapterStore:
             used = set(self.slots.values())
             free = next((s for s in range(self.max_loras) if s not in used), None)
             if free is None:
-                victim = next(n for n in self.slots
-                              if n not in names and self.refcount[n] == 0 and not self.registry[n].pinned)
+                victim = next(n for n in self.slots if n not in names and self.refcount[n] == 0)
                 free = self.slots.pop(victim)
                 self.num_evictions += 1
             self._write_slot(free, self.host_weights(name))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -16,8 +15,6 @@ from tqdm.auto import tqdm
 from loraplex.models.model_config import ModelSpec
 from loraplex.models.registry import ModelSource
 from loraplex.models.transformer import DecoderLM
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
