@@ -98,6 +98,47 @@ def test_store_lru_refcount_and_slots(good_adapter, spec):
         store.register(LoRARequest("c", 0, "/elsewhere"))
 
 
+def test_store_pinning(good_adapter, spec):
+    writes = []
+    store = AdapterStore(spec, max_loras=3, max_lora_rank=64, max_cpu_loras=3, dtype=torch.float32,
+                         write_slot=lambda slot, w: writes.append((slot, w.name)))
+    for n in "abcde":
+        store.register(LoRARequest(n, 0, str(good_adapter)))
+    store.pin("a")
+    assert store.slots == {"a": 0} and store.describe()[0]["pinned"]
+    store.pin("b")
+    with pytest.raises(ValueError, match="max_loras"):  # a third pin would leave no slot for other adapters
+        store.pin("c")
+    for n in "cde":  # c, d, e take turns in the one unpinned slot; a and b are never evicted
+        store.activate({n})
+        assert set(store.slots) == {"a", "b", n}
+    store.unpin("b")
+    store.activate({"c"})
+    assert set(store.slots) == {"a", "c", "e"}  # unpinned, b was the least recently used
+    store.unload("a")
+    assert "a" not in store.pinned and "a" not in store.slots
+    with pytest.raises(KeyError):
+        store.pin("a")
+
+
+def test_prefetch_reads_queued_adapters_into_free_slots(tiny_llama_dir, good_adapter):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", enable_lora=True, max_loras=2, max_cpu_loras=4)
+    engine, store = llm.llm_engine, llm.llm_engine.lora_store
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for n in "abcd":
+        engine.add_request([1, 2, 3], params, lora_request=LoRARequest(n, 0, str(good_adapter)))
+    engine.step()  # a and b run; c and d wait, and their weights are read in the background
+    store._io.shutdown(wait=True)
+    store._io = None
+    engine.step()
+    assert {r["name"]: r["tier"] for r in engine.list_loras()} == {"a": "device", "b": "device",
+                                                                  "c": "host", "d": "host"}
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.pin_lora("c")
+    assert store.slots["c"] in (0, 1) and engine.list_loras()[2]["pinned"]
+
+
 def test_bad_lora_request_fails_alone(tiny_llama_dir, good_adapter, tmp_path):
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", enable_lora=True, max_loras=2)
     engine = llm.llm_engine
@@ -123,7 +164,8 @@ def test_engine_load_list_unload_at_run_time(tiny_llama_dir, good_adapter):
     engine = llm.llm_engine
     assert engine.add_lora(LoRARequest("g", 7, str(good_adapter)))
     [row] = engine.list_loras()
-    assert (row["name"], row["lora_int_id"], row["rank"], row["tier"], row["in_flight"]) == ("g", 7, 8, "disk", 0)
+    assert (row["name"], row["lora_int_id"], row["rank"], row["in_flight"], row["pinned"]) == ("g", 7, 8, 0, False)
+    assert row["tier"] in ("disk", "host")  # add_lora starts reading it in the background
     rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True),
                              lora_request=LoRARequest("g", 7, str(good_adapter)))
     engine.step()

@@ -112,3 +112,20 @@ def test_max_loras_distinct_per_step_and_fcfs_across_adapters():
         admitted += [s.request_id for s in out.scheduled if s.start_pos == 0]
     assert admitted == [f"r{i}" for i in range(len(order))]  # nobody overtakes: FCFS across adapters
     assert not sched.running_loras
+
+
+def test_pinned_adapters_count_against_max_loras():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64, max_loras=3),
+                      BlockManager(128, 4))
+    sched.pinned_loras = {"p"}
+    for i, name in enumerate(["a", "b", "c", "p"]):
+        r = make_request(f"r{i}", 4, 3)
+        r.lora_name = name
+        sched.add_request(r)
+    out = sched.schedule()
+    # the pinned adapter holds a slot of its own: only a and b fit beside it; c waits (and p behind it, FCFS)
+    assert [s.lora_name for s in out.scheduled] == ["a", "b"]
+    assert sched.waiting_loras(8) == ["c", "p"] and sched.waiting_loras(1) == ["c"]
+    while sched.has_unfinished():
+        out = fake_step(sched)
+        assert len({s.lora_name for s in out.scheduled} | sched.pinned_loras) <= 3

@@ -62,6 +62,7 @@ class LLMEngine:
                                            lc.max_cpu_loras or 2 * lc.max_loras, config.model.dtype,
                                            lambda slot, w: loaded.model.set_lora_slot(slot, w.weights))
             self.lora_store.refcount = self.scheduler.running_loras
+            self.scheduler.pinned_loras = self.lora_store.pinned
             self.runner.lora_store = self.lora_store
 
     @classmethod
@@ -141,8 +142,18 @@ class LLMEngine:
         return self.lora_store
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Register and validate an adapter now (it is read into the host cache); True when it is usable."""
-        self._store().register(lora_request)
+        """Register and validate an adapter now and start reading it in the background; True when it is usable."""
+        store = self._store()
+        store.prefetch([store.register(lora_request).name])
+        return True
+
+    def pin_lora(self, name: str) -> bool:
+        """Keep an adapter in a device slot (never evicted) until :meth:`unpin_lora` or :meth:`remove_lora`."""
+        self._store().pin(name)
+        return True
+
+    def unpin_lora(self, name: str) -> bool:
+        self._store().unpin(name)
         return True
 
     def remove_lora(self, name: str) -> bool:
@@ -161,5 +172,8 @@ class LLMEngine:
         """One iteration: schedule → run model (and sample) → update requests → detokenize and emit outputs."""
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
+        if self.lora_store is not None:  # adapters the next steps will want: pinned, then those of the queue
+            store = self.lora_store
+            store.prefetch([*store.pinned, *self.scheduler.waiting_loras(store.max_cpu_loras)])
         touched = self.scheduler.update_from_output(sched, result)
         return self.outputs.process(touched, self.scheduler.finish)

@@ -3,11 +3,16 @@
 - registry: every known adapter by name (metadata only: path and id) — thousands cost nothing;
 - host cache: validated weights in RAM, LRU, at most ``max_cpu_loras``;
 - device slots: ``max_loras`` slots in the model's LoRA buffers, LRU; a slot whose adapter is used by a running
-  request (``refcount > 0``) is never evicted, and such an adapter is never unloaded.
+  request (``refcount > 0``) or is pinned is never evicted, and an adapter in use is never unloaded.
+
+Pinned adapters keep their slot between requests; the scheduler counts them against ``max_loras``. Prefetch reads
+the adapters of queued requests from disk on a background thread and puts them in free device slots, so a request
+rarely waits for its adapter's I/O.
 """
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +46,9 @@ class AdapterStore:
         self.host: OrderedDict[str, LoRAWeights] = OrderedDict()
         self.slots: OrderedDict[str, int] = OrderedDict()  # name -> device slot, least recently used first
         self.refcount: Counter[str] = Counter()
+        self.pinned: set[str] = set()  # shared with the scheduler, which counts these against max_loras
+        self._pending: dict[str, Future] = {}  # prefetches: name -> future LoRAWeights
+        self._io: ThreadPoolExecutor | None = None
         self.num_loads = 0
         self.num_evictions = 0
 
@@ -65,23 +73,46 @@ class AdapterStore:
     def describe(self) -> list[dict]:
         """One row per known adapter: name, path, id, rank, tier (device/host/disk), in-flight requests."""
         return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
-                 "rank": e.plan.rank, "tier": self.tier(e.name),
+                 "rank": e.plan.rank, "tier": self.tier(e.name), "pinned": e.name in self.pinned,
                  "in_flight": self.refcount[e.name]} for e in self.registry.values()]
 
-    def unload(self, name: str) -> None:
-        if name not in self.registry:
+    def _known(self, name: str) -> AdapterEntry:
+        entry = self.registry.get(name)
+        if entry is None:
             raise KeyError(f"adapter {name!r} is not loaded")
+        return entry
+
+    def unload(self, name: str) -> None:
+        self._known(name)
         if self.refcount[name] > 0:
             raise RuntimeError(f"adapter {name!r} has {self.refcount[name]} requests in flight")
         self.registry.pop(name, None)
         self.host.pop(name, None)
         self.slots.pop(name, None)
+        self.pinned.discard(name)
+        self._pending.pop(name, None)
+
+    def pin(self, name: str) -> None:
+        """Keep ``name`` in a device slot until :meth:`unpin`; at most ``max_loras - 1`` pins, so other adapters
+        still get a slot. The slot is taken now when one is free or evictable, else as soon as one is."""
+        self._known(name)
+        if name not in self.pinned and len(self.pinned) >= self.max_loras - 1:
+            raise ValueError(f"max_loras: {len(self.pinned)} of {self.max_loras} slots are pinned already; "
+                             "pinning another would leave no slot for the other adapters")
+        self.pinned.add(name)
+        if name not in self.slots and (self._free_slot() is not None or self._victim(exclude=set()) is not None):
+            self.activate({name})
+
+    def unpin(self, name: str) -> None:
+        self._known(name)
+        self.pinned.discard(name)
 
     # ---- tiers --------------------------------------------------------------------------------------------
     def host_weights(self, name: str) -> LoRAWeights:
         w = self.host.get(name)
         if w is None:
-            w = read_lora(self.registry[name].plan, self.dtype)
+            pending = self._pending.pop(name, None)
+            w = pending.result() if pending is not None else read_lora(self.registry[name].plan, self.dtype)
             self.host[name] = w
             while len(self.host) > self.max_cpu_loras:
                 victim = next((n for n in self.host if n not in self.slots), None)
@@ -98,13 +129,46 @@ class AdapterStore:
             if name in self.slots:
                 self.slots.move_to_end(name)
                 continue
-            used = set(self.slots.values())
-            free = next((s for s in range(self.max_loras) if s not in used), None)
+            free = self._free_slot()
             if free is None:
-                victim = next(n for n in self.slots if n not in names and self.refcount[n] == 0)
+                victim = self._victim(exclude=names)
+                assert victim is not None, "the scheduler keeps running ∪ pinned adapters within max_loras"
                 free = self.slots.pop(victim)
                 self.num_evictions += 1
-            self._write_slot(free, self.host_weights(name))
-            self.slots[name] = free
-            self.num_loads += 1
+            self._load(name, free)
         return {n: self.slots[n] for n in names}
+
+    def _free_slot(self) -> int | None:
+        used = set(self.slots.values())
+        return next((s for s in range(self.max_loras) if s not in used), None)
+
+    def _victim(self, exclude: set[str]) -> str | None:
+        """The least recently used resident adapter that no running request uses and nobody pinned."""
+        return next((n for n in self.slots if n not in exclude and n not in self.pinned and self.refcount[n] == 0),
+                    None)
+
+    def _load(self, name: str, slot: int) -> None:
+        self._write_slot(slot, self.host_weights(name))
+        self.slots[name] = slot
+        self.num_loads += 1
+
+    def prefetch(self, names: list[str]) -> None:
+        """Called every step with the adapters of queued requests (and the pinned ones): start reading those on disk
+        in the background; put those already read into free device slots (never evicting anything)."""
+        for name in names:
+            if name in self.slots or name in self.host or name in self._pending or name not in self.registry:
+                continue
+            if self._io is None:
+                self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
+            self._pending[name] = self._io.submit(read_lora, self.registry[name].plan, self.dtype)
+        for name in [n for n, f in self._pending.items() if f.done()]:
+            if self._pending[name].exception() is not None:  # read again (and fail) when a request needs it
+                del self._pending[name]
+                continue
+            self.host_weights(name)  # into the host LRU (which bounds what prefetching can hold)
+        for name in names:
+            free = self._free_slot()
+            if free is None:
+                break
+            if name in self.host and name not in self.slots:
+                self._load(name, free)

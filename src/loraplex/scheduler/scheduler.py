@@ -29,6 +29,8 @@ class Scheduler:
         # NOTE: adapters of running requests, with counts. It is the adapter store's refcount: at most
         # max_loras distinct names, so every step's adapters fit the device slots and none is evicted under a request.
         self.running_loras: Counter[str] = Counter()
+        self.pinned_loras: set[str] = set()  # the store's pinned adapters: they hold device slots of their own
+
 
     # ---- queue management -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -57,8 +59,21 @@ class Scheduler:
                 del self.running_loras[req.lora_name]
 
     def _lora_fits(self, req: Request) -> bool:
+        """A step's adapters (running ∪ pinned) must fit the ``max_loras`` device slots."""
         name = req.lora_name
-        return name is None or name in self.running_loras or len(self.running_loras) < self.config.max_loras
+        if name is None or name in self.running_loras:
+            return True
+        return len(self.running_loras.keys() | self.pinned_loras | {name}) <= self.config.max_loras
+
+    def waiting_loras(self, limit: int) -> list[str]:
+        """The adapters of queued requests, in queue order, at most ``limit`` distinct."""
+        names: dict[str, None] = {}
+        for req in self.waiting:
+            if req.lora_name is not None:
+                names[req.lora_name] = None
+                if len(names) >= limit:
+                    break
+        return list(names)
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
