@@ -156,13 +156,21 @@ class LLMEngine:
         self._store().unpin(name)
         return True
 
+    def _lora_users(self, name: str) -> int:
+        return sum(r.lora_name == name for r in self.scheduler.requests.values())
+
     def remove_lora(self, name: str) -> bool:
-        """Forget an adapter; raises ``RuntimeError`` while requests still use it, ``KeyError`` if unknown."""
-        self._store().unload(name)
+        """Forget an adapter; raises ``RuntimeError`` while requests (running or queued) use it, ``KeyError`` if
+        unknown."""
+        store = self._store()
+        if name in store.registry and (users := self._lora_users(name)):
+            raise RuntimeError(f"adapter {name!r} has {users} requests in flight")
+        store.unload(name)
         return True
 
     def list_loras(self) -> list[dict]:
-        return self._store().describe()
+        """One row per known adapter: name, path, id, rank, tier, pinned, in-flight requests (running + queued)."""
+        return [{**row, "in_flight": self._lora_users(row["name"])} for row in self._store().describe()]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -49,8 +49,8 @@ class AdapterStore:
         self.pinned: set[str] = set()  # shared with the scheduler, which counts these against max_loras
         self._pending: dict[str, Future] = {}  # prefetches: name -> future LoRAWeights
         self._io: ThreadPoolExecutor | None = None
-        self.num_loads = 0
-        self.num_evictions = 0
+        self.loads: Counter[str] = Counter()  # per adapter: disk/host -> device slot
+        self.evictions: Counter[str] = Counter()
 
     # ---- registry -----------------------------------------------------------------------------------------
     def register(self, req: LoRARequest) -> AdapterEntry:
@@ -66,6 +66,14 @@ class AdapterStore:
         plan = inspect_peft_lora(req.lora_name, path, self.spec, self.max_lora_rank)
         entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id, plan)
         return entry
+
+    @property
+    def num_loads(self) -> int:
+        return self.loads.total()
+
+    @property
+    def num_evictions(self) -> int:
+        return self.evictions.total()
 
     def tier(self, name: str) -> str:
         return "device" if name in self.slots else "host" if name in self.host else "disk"
@@ -134,7 +142,7 @@ class AdapterStore:
                 victim = self._victim(exclude=names)
                 assert victim is not None, "the scheduler keeps running ∪ pinned adapters within max_loras"
                 free = self.slots.pop(victim)
-                self.num_evictions += 1
+                self.evictions[victim] += 1
             self._load(name, free)
         return {n: self.slots[n] for n in names}
 
@@ -150,7 +158,7 @@ class AdapterStore:
     def _load(self, name: str, slot: int) -> None:
         self._write_slot(slot, self.host_weights(name))
         self.slots[name] = slot
-        self.num_loads += 1
+        self.loads[name] += 1
 
     def prefetch(self, names: list[str]) -> None:
         """Called every step with the adapters of queued requests (and the pinned ones): start reading those on disk

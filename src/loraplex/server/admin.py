@@ -1,0 +1,103 @@
+"""Admin routes (vLLM's bodies): load / unload adapters at run time, list them with their tier, pin them.
+
+Without ``--enable-runtime-lora`` the load route only takes adapters the operator already vetted: demo adapter
+names, folders under ``--adapter-dir`` and paths given at start-up. Unloading an adapter with requests in flight
+answers 409, or with ``"wait": true`` stops routing to it and waits for them; it never breaks them.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+
+from loraplex.lora.demo import resolve_adapter_path
+from loraplex.lora.request import LoRARequest
+from loraplex.server.adapters import not_found
+from loraplex.server.errors import APIError, from_value_error
+from loraplex.server.protocol import LoadLoRARequest, UnloadLoRARequest
+from loraplex.server.state import ServerState, state_of
+
+router = APIRouter()
+UNLOAD_WAIT_S = 120.0
+
+
+def _vetted(st: ServerState, path: str) -> bool:
+    resolved = Path(resolve_adapter_path(path)).resolve()
+    if str(resolved) in st.startup_paths or resolved.parent == Path(resolve_adapter_path("pirate")).resolve().parent:
+        return True
+    d = st.resolver.adapter_dir
+    return d is not None and resolved.is_relative_to(d)
+
+
+async def _row(st: ServerState, name: str) -> dict:
+    return next(r for r in await st.adapters() if r["name"] == name)
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoRARequest, request: Request):
+    st = state_of(request)
+    if not st.enable_runtime_lora and not _vetted(st, body.lora_path):
+        raise APIError(403, "lora_path: loading arbitrary paths at run time is off; start the server with "
+                            "--enable-runtime-lora", "lora_path", "runtime_lora_disabled")
+    engine = st.engine.engine
+    if body.lora_name in st.resolver.base_names or body.lora_name == st.auto_name:
+        raise APIError(400, f"lora_name: {body.lora_name!r} is a reserved model name", "lora_name")
+    if engine.lora_store is None:
+        raise APIError(400, "lora_name: the server was started without LoRA support", "lora_name")
+    try:
+        await st.engine.run(engine.add_lora, LoRARequest(body.lora_name, lora_path=body.lora_path))
+        if body.pinned:
+            await st.engine.run(engine.pin_lora, body.lora_name)
+    except (ValueError, FileNotFoundError) as e:
+        raise from_value_error(e) from None
+    st.set_card(body.lora_name, body.description, body.examples)
+    return {"status": "loaded", "adapter": await _row(st, body.lora_name)}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
+    st = state_of(request)
+    engine = st.engine.engine
+    if engine.lora_store is None or body.lora_name not in engine.lora_store.registry:
+        raise not_found(body.lora_name, "lora_name")
+    deadline = asyncio.get_running_loop().time() + UNLOAD_WAIT_S
+    if body.wait:
+        st.resolver.draining.add(body.lora_name)
+    try:
+        while True:
+            try:
+                await st.engine.run(engine.remove_lora, body.lora_name)
+                break
+            except RuntimeError as e:  # requests in flight
+                if not body.wait or asyncio.get_running_loop().time() > deadline:
+                    raise APIError(409, f"{e}; retry later or unload with \"wait\": true", "lora_name",
+                                   "adapter_in_use") from None
+                await asyncio.sleep(0.05)
+            except KeyError:
+                raise not_found(body.lora_name, "lora_name") from None
+    finally:
+        st.resolver.draining.discard(body.lora_name)
+    st.set_card(body.lora_name, None, None)
+    return {"status": "unloaded", "lora_name": body.lora_name}
+
+
+@router.get("/v1/lora_adapters")
+async def list_lora_adapters(request: Request):
+    st = state_of(request)
+    return {"object": "list", "data": await st.adapters()}
+
+
+@router.post("/v1/pin_lora_adapter")
+async def pin_lora_adapter(body: UnloadLoRARequest, request: Request):
+    """``{"lora_name", "pinned": true|false}``: keep an adapter in a device slot (or release it)."""
+    st = state_of(request)
+    engine = st.engine.engine
+    if engine.lora_store is None or body.lora_name not in engine.lora_store.registry:
+        raise not_found(body.lora_name, "lora_name")
+    pin = (body.model_extra or {}).get("pinned", True)
+    try:
+        await st.engine.run(engine.pin_lora if pin else engine.unpin_lora, body.lora_name)
+    except ValueError as e:
+        raise from_value_error(e) from None
+    return {"status": "pinned" if pin else "unpinned", "adapter": await _row(st, body.lora_name)}

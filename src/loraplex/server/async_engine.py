@@ -1,0 +1,179 @@
+"""The engine on a thread of its own, driven from asyncio.
+
+The step loop runs on one background thread, which alone touches the :class:`LLMEngine`. The event loop hands it
+work through :meth:`AsyncEngine.call` (run between two steps) and receives each request's outputs on an
+``asyncio.Queue``; so the event loop never blocks on model work, and new requests join the running batch at the
+next step (continuous batching across HTTP requests).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from loraplex.engine import LLMEngine
+from loraplex.lora.request import LoRARequest
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+
+log = logging.getLogger("loraplex.server")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its cap: the client should retry later (HTTP 503 + Retry-After)."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    adapter: str | None
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    num_tokens: int = 0
+
+
+class AsyncEngine:
+    """Owns the step-loop thread. ``generate()`` is an async iterator of cumulative :class:`RequestOutput`."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024, metrics=None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics  # server.metrics.ServerMetrics or None
+        self._calls: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self.errored: BaseException | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.errored is None
+
+    # ---- calls into the engine thread -----------------------------------------------------------------------
+    def call(self, fn: Callable, *args) -> Future:
+        """Run ``fn(*args)`` on the engine thread between two steps."""
+        fut: Future = Future()
+        self._calls.put((lambda: fn(*args), fut))
+        return fut
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.wrap_future(self.call(fn, *args))
+
+    async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                          lora_request: LoRARequest | None = None, prompt: str | None = None,
+                          request_id: str | None = None) -> "RequestStream":
+        """Validate and queue a request (errors raise here, before any response is sent); iterate the returned
+        stream for its outputs."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), lora_request and lora_request.lora_name)
+
+        def add() -> None:
+            if self.engine.scheduler.num_waiting >= self.max_waiting:
+                raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+            self.engine.add_request(prompt_token_ids, params, request_id, prompt, lora_request)
+            self._streams[request_id] = stream
+
+        await self.run(add)
+        if self.metrics:
+            self.metrics.on_request(stream.adapter, len(prompt_token_ids))
+        return RequestStream(self, request_id, stream.queue)
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+    # ---- the thread ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            busy = self.engine.has_unfinished_requests()
+            try:
+                fn, fut = self._calls.get_nowait() if busy else self._calls.get(timeout=0.05)
+            except queue.Empty:
+                fn = None
+            while fn is not None:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+                try:
+                    fn, fut = self._calls.get_nowait()
+                except queue.Empty:
+                    fn = None
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a broken step fails the requests in it, not the server
+            log.exception("engine step failed; failing %d in-flight requests", len(self._streams))
+            for rid, stream in list(self._streams.items()):
+                self.engine.abort_request(rid)
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RuntimeError(f"engine error: {e}"))
+            self._streams.clear()
+            return
+        now = time.perf_counter()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if self.metrics:
+                n = sum(len(o.token_ids) for o in out.outputs)
+                if n > stream.num_tokens:
+                    self.metrics.on_tokens(stream.adapter, n - stream.num_tokens,
+                                           now - (stream.last_token or stream.arrival), stream.last_token is None)
+                    stream.num_tokens, stream.last_token = n, now
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+
+class RequestStream:
+    """The outputs of one request, cumulative (several engine steps may be coalesced into one item). Leaving the
+    iteration early — the client went away, the task was cancelled — aborts the request and frees its KV blocks."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self.engine, self.request_id, self._queue = engine, request_id, outputs
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                while not self._queue.empty():
+                    nxt = self._queue.get_nowait()
+                    item = item if isinstance(item, BaseException) else nxt
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.abort()
+
+    async def final(self) -> RequestOutput:
+        out = None
+        async for out in self:
+            pass
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.call(self.engine._abort, self.request_id)

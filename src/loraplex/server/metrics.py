@@ -1,0 +1,82 @@
+"""Prometheus metrics: per adapter (the unit a platform bills by) and for the engine.
+
+Counters and histograms are updated as requests run; the engine's gauges (queue lengths, KV usage, adapter tiers)
+are read at scrape time by a collector, so nothing is computed when nobody scrapes.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from loraplex.engine import LLMEngine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
+TIERS = ("device", "host", "disk")
+
+
+class _EngineCollector:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        sched = e.scheduler
+        yield GaugeMetricFamily("loraplex_num_requests_running", "Requests in the running batch",
+                                value=sched.num_running)
+        yield GaugeMetricFamily("loraplex_num_requests_waiting", "Requests waiting for admission",
+                                value=sched.num_waiting)
+        yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use",
+                                value=sched.kv.usage)
+        yield GaugeMetricFamily("loraplex_kv_cache_blocks_total", "KV cache blocks", value=sched.kv.pool.num_blocks)
+        yield CounterMetricFamily("loraplex_preemptions", "Requests preempted (recomputed) for KV blocks",
+                                  value=sched.num_preemptions)
+        store = e.lora_store
+        if store is None:
+            return
+        tier = GaugeMetricFamily("loraplex_adapter_resident", "1 for the tier an adapter is in",
+                                 labels=["adapter", "tier"])
+        loads = CounterMetricFamily("loraplex_adapter_loads", "Adapter loads into a device slot", labels=["adapter"])
+        evictions = CounterMetricFamily("loraplex_adapter_evictions", "Adapter evictions from a device slot",
+                                        labels=["adapter"])
+        for name in list(store.registry):
+            current = store.tier(name)
+            for t in TIERS:
+                tier.add_metric([name, t], float(t == current))
+            loads.add_metric([name], store.loads[name])
+            evictions.add_metric([name], store.evictions[name])
+        yield tier
+        yield loads
+        yield evictions
+
+
+class ServerMetrics:
+    """One registry per server (tests start several). ``adapter`` labels are adapter names or the base model id."""
+
+    def __init__(self, engine: LLMEngine, base_name: str) -> None:
+        self.base_name = base_name
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Requests received", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens", ["adapter"], registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Generated tokens", ["adapter"], registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loraplex_inter_token_latency_seconds", "Time between generated tokens",
+                             ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.routes = Counter("loraplex_routes", "Requests sent to each adapter by model='auto'", ["adapter"],
+                              registry=r)
+        r.register(_EngineCollector(engine))
+
+    def _label(self, adapter: str | None) -> str:
+        return adapter or self.base_name
+
+    def on_request(self, adapter: str | None, num_prompt_tokens: int) -> None:
+        label = self._label(adapter)
+        self.requests.labels(label).inc()
+        self.prompt_tokens.labels(label).inc(num_prompt_tokens)
+
+    def on_tokens(self, adapter: str | None, new_tokens: int, elapsed: float, first: bool) -> None:
+        """Called by the engine thread when a request's outputs grew by ``new_tokens`` after ``elapsed`` s."""
+        label = self._label(adapter)
+        self.generation_tokens.labels(label).inc(new_tokens)
+        (self.ttft if first else self.itl).labels(label).observe(elapsed if first else elapsed / new_tokens)

@@ -1,0 +1,179 @@
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (plain and SSE)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loraplex.outputs import RequestOutput
+from loraplex.server.errors import bad_request
+from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest
+from loraplex.server.state import ServerState, Submitted, state_of
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    st = state_of(request)
+    created = int(st.started)
+    data = [{"id": st.resolver.base_id, "object": "model", "created": created, "owned_by": "loraplex",
+             "root": st.model_path, "parent": None, "max_model_len": st.max_model_len}]
+    for row in await st.adapters():
+        data.append({"id": row["name"], "object": "model", "created": created, "owned_by": "loraplex",
+                     "root": row["path"], "parent": st.resolver.base_id, "max_model_len": None,
+                     **({"card": row["card"]} if row.get("card") else {})})
+    return {"object": "list", "data": data}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage(out: RequestOutput) -> dict:
+    completion = sum(len(o.token_ids) for o in out.outputs)
+    return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
+            "total_tokens": len(out.prompt_token_ids) + completion}
+
+
+def _top(entry: dict, chat: bool) -> list:
+    return [{"token": lp.decoded_token, "logprob": lp.logprob,
+             **({"bytes": list((lp.decoded_token or "").encode())} if chat else {})}
+            for tid, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[1:] if lp.rank]
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    content = []
+    for entry in entries:
+        lp = next(iter(entry.values()))  # the sampled token comes first
+        content.append({"token": lp.decoded_token, "logprob": lp.logprob,
+                        "bytes": list((lp.decoded_token or "").encode()), "top_logprobs": _top(entry, True)})
+    return {"content": content}
+
+
+def completion_logprobs(entries: list[dict], offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for entry in entries:
+        lp = next(iter(entry.values()))
+        tokens.append(lp.decoded_token)
+        lps.append(lp.logprob)
+        tops.append({t["token"]: t["logprob"] for t in _top(entry, False)})
+        offsets.append(offset)
+        offset += len(lp.decoded_token or "")
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    st = state_of(request)
+    body.refuse_unsupported()
+    prompt_ids = st.encode_chat(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+    want_lp = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
+    params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
+                                  st.max_model_len, want_lp)
+    sub = await st.submit(body.model, body.lora_path, body.adapter_id, prompt_ids, params, None)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": sub.served_name}
+    if body.stream:
+        return st.streaming(request, sub, _chat_chunks(head, sub, body, want_lp is not None))
+    out = await st.wait(request, sub)
+    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                "logprobs": chat_logprobs(o.logprobs) if want_lp is not None and o.logprobs is not None else None,
+                "finish_reason": o.finish_reason} for o in out.outputs]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out)})
+
+
+async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, with_lp: bool) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    for i in range(body.n):
+        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    sent_text, sent_tok, last = [0] * body.n, [0] * body.n, None
+    async for out in sub.stream:
+        last = out
+        for o in out.outputs:
+            i = o.index
+            delta, ntok = o.text[sent_text[i]:], len(o.token_ids)
+            if not delta and o.finish_reason is None:
+                continue
+            lp = chat_logprobs(o.logprobs[sent_tok[i]:ntok]) if with_lp and o.logprobs is not None else None
+            sent_text[i], sent_tok[i] = len(o.text), ntok
+            yield sse({**head, "choices": [{"index": i, "delta": {"content": delta} if delta else {},
+                                            "logprobs": lp, "finish_reason": o.finish_reason}]})
+    if body.include_usage and last is not None:
+        yield sse({**head, "choices": [], "usage": usage(last)})
+    yield sse("[DONE]")
+
+
+def _completion_prompts(st: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
+    if isinstance(prompt, str):
+        return [(prompt, st.tokenizer.encode(prompt))]
+    if not prompt:
+        raise bad_request("prompt: must not be empty", "prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [(None, list(prompt))]
+    if all(isinstance(p, str) for p in prompt):
+        return [(p, st.tokenizer.encode(p)) for p in prompt]
+    return [(None, list(p)) for p in prompt]
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    st = state_of(request)
+    body.refuse_unsupported()
+    prompts = _completion_prompts(st, body.prompt)
+    if body.stream and len(prompts) > 1:
+        raise bad_request("prompt: streaming takes one prompt", "prompt")
+    subs = []
+    try:
+        for text, ids in prompts:
+            params = body.sampling_params(body.max_tokens, len(ids), st.max_model_len, body.logprobs)
+            subs.append(await st.submit(body.model, body.lora_path, body.adapter_id, ids, params, text))
+    except BaseException:
+        for s in subs:
+            s.stream.abort()
+        raise
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": subs[0].served_name}
+    if body.stream:
+        return st.streaming(request, subs[0], _completion_chunks(head, subs[0], body, prompts[0][0]))
+    outs = await asyncio.gather(*(st.wait(request, s) for s in subs))
+    choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for k, ((text, _), out) in enumerate(zip(prompts, outs)):
+        echo = (text if text is not None else st.tokenizer.decode(out.prompt_token_ids)) if body.echo else ""
+        for o in out.outputs:
+            lp = completion_logprobs(o.logprobs, len(echo)) if body.logprobs is not None and o.logprobs else None
+            choices.append({"index": k * body.n + o.index, "text": echo + o.text, "logprobs": lp,
+                            "finish_reason": o.finish_reason})
+        total = {key: total[key] + v for key, v in usage(out).items()}
+    return JSONResponse({**head, "choices": choices, "usage": total})
+
+
+async def _completion_chunks(head: dict, sub: Submitted, body: CompletionRequest, prompt: str | None):
+    sent_text, sent_tok, last = [0] * body.n, [0] * body.n, None
+    if body.echo:
+        for i in range(body.n):
+            yield sse({**head, "choices": [{"index": i, "text": prompt or "", "logprobs": None,
+                                            "finish_reason": None}]})
+    async for out in sub.stream:
+        last = out
+        for o in out.outputs:
+            i = o.index
+            delta, ntok = o.text[sent_text[i]:], len(o.token_ids)
+            if not delta and o.finish_reason is None:
+                continue
+            lp = (completion_logprobs(o.logprobs[sent_tok[i]:ntok], sent_text[i])
+                  if body.logprobs is not None and o.logprobs is not None else None)
+            sent_text[i], sent_tok[i] = len(o.text), ntok
+            yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp,
+                                            "finish_reason": o.finish_reason}]})
+    if body.include_usage and last is not None:
+        yield sse({**head, "choices": [], "usage": usage(last)})
+    yield sse("[DONE]")

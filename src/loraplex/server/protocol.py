@@ -1,0 +1,169 @@
+"""Request bodies of the OpenAI, TGI and admin APIs (pydantic), and their mapping to :class:`SamplingParams`.
+
+Fields OpenAI or vLLM clients send and that we honour are declared; fields that would change the result and that we
+do not implement (tools, response_format, logit_bias, …) are refused with a 400 naming them; anything else unknown
+(``user``, ``metadata``, …) does not affect generation and is accepted.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.sampling_params import MAX_LOGPROBS, SamplingParams
+from loraplex.server.errors import bad_request
+
+MAX_N = 16
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "prompt_logprobs", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar", "structured_outputs")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def refuse_unsupported(self) -> None:
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            if extra.get(name) not in (None, [], {}):
+                raise bad_request(f"{name}: not supported by this server", name)
+        fmt = extra.get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
+        if extra.get("tool_choice") not in (None, "none"):
+            raise bad_request("tool_choice: tools are not supported", "tool_choice")
+
+
+class _Sampling(_Body):
+    """Sampling fields shared by chat and completions (OpenAI names plus vLLM's extras)."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    best_of: int | None = None
+    # vLLM extras
+    top_k: int = -1
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # adapter selection besides ``model``: SGLang / seed 000 and TGI names
+    lora_path: str | None = None
+    adapter_id: str | None = None
+
+    def sampling_params(self, max_tokens: int | None, prompt_len: int, max_model_len: int,
+                        logprobs: int | None) -> SamplingParams:
+        """Check the length budget (400 naming max_tokens) and build the engine's parameters."""
+        if self.best_of not in (None, self.n):
+            raise bad_request("best_of: only best_of == n is supported", "best_of")
+        room = max_model_len - prompt_len
+        if room < 1:
+            raise bad_request(f"prompt: {prompt_len} tokens leave no room to generate within max_model_len "
+                              f"{max_model_len}", "prompt")
+        if max_tokens is not None and max_tokens > room:
+            raise bad_request(f"max_tokens: {max_tokens} + {prompt_len} prompt tokens exceed max_model_len "
+                              f"{max_model_len}", "max_tokens")
+        try:
+            return SamplingParams(
+                n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens or room,
+                min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs)
+        except ValueError as e:
+            raise bad_request(str(e), str(e).split(":")[0]) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise bad_request(f"messages: content parts of type {part.get('type')!r} are not supported",
+                                  "messages")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TGIParameters(_Body):
+    adapter_id: str | None = None
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    details: bool = False
+    decoder_input_details: bool = False
+    return_full_text: bool | None = False
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = None
+    truncate: int | None = None
+    watermark: bool = False
+    typical_p: float | None = None
+    grammar: Any = None
+
+
+class TGIGenerateRequest(_Body):
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+    stream: bool = False
+
+
+class LoadLoRARequest(_Body):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    description: str | None = None
+    examples: list[str] | None = None
+    pinned: bool = False
+
+
+class UnloadLoRARequest(_Body):
+    lora_name: str = Field(min_length=1)
+    wait: bool = False
+
+
+FinishReason = Literal["stop", "length", "abort"] | None

@@ -1,0 +1,139 @@
+"""What every route shares: the engine, the adapter resolver, the tokenizer, and the submit / wait / stream helpers
+that turn engine errors into HTTP errors and client disconnects into aborts."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from loraplex.lora.request import LoRARequest
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+from loraplex.server.adapters import AdapterResolver
+from loraplex.server.async_engine import AsyncEngine, QueueFullError, RequestStream
+from loraplex.server.errors import APIError, bad_request, error_body, from_value_error
+from loraplex.server.metrics import ServerMetrics
+
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class Submitted:
+    served_name: str  # the adapter that serves it, or the base id: the response's ``model``
+    lora_request: LoRARequest | None
+    stream: RequestStream
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    resolver: AdapterResolver
+    metrics: ServerMetrics
+    model_path: str
+    api_key: str | None = None
+    enable_runtime_lora: bool = False
+    auto_name: str = "auto"
+    startup_paths: set[str] = field(default_factory=set)  # adapter paths the operator gave at start-up
+    cards: dict[str, dict] = field(default_factory=dict)  # name -> {"description", "examples"} given over HTTP
+    started: float = field(default_factory=time.time)
+
+    def set_card(self, name: str, description: str | None, examples: list[str] | None) -> None:
+        if description is None and not examples:
+            self.cards.pop(name, None)
+        else:
+            self.cards[name] = {"description": description or "", "examples": list(examples or [])}
+
+    def card(self, name: str, path: str) -> dict | None:
+        """An adapter's card: given at load time, else ``adapter_card.json`` in its folder."""
+        if name in self.cards:
+            return self.cards[name]
+        f = Path(path) / "adapter_card.json"
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+                return {"description": str(data.get("description", "")), "examples": list(data.get("examples", []))}
+            except (ValueError, AttributeError):
+                return None
+        return None
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def encode_chat(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = tok.apply_chat_template(conversation, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - template errors are the caller's messages
+            raise bad_request(f"messages: the chat template failed: {e}", "messages") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    async def adapters(self) -> list[dict]:
+        """Known adapters (engine rows) plus folders under --adapter-dir that are not registered yet."""
+        if self.engine.engine.lora_store is None:
+            return []
+        rows = await self.engine.run(self.engine.engine.list_loras)
+        rows += [{"name": n, "path": str(self.resolver.adapter_dir / n), "lora_int_id": None, "rank": None,
+                  "tier": "disk", "pinned": False, "in_flight": 0} for n in self.resolver.discoverable()]
+        for row in rows:
+            row["card"] = self.card(row["name"], row["path"])
+        return rows
+
+    async def submit(self, model: str, lora_path: str | None, adapter_id: str | None, prompt_ids: list[int],
+                     params: SamplingParams, prompt: str | None) -> Submitted:
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        served, lora = await self.resolver.resolve(model, lora_path, adapter_id)
+        try:
+            stream = await self.engine.add_request(prompt_ids, params, lora, prompt)
+        except QueueFullError as e:
+            raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise from_value_error(e) from None
+        return Submitted(served, lora, stream)
+
+    async def wait(self, request: Request, sub: Submitted) -> RequestOutput:
+        """The final output; if the client disconnects first, the request is aborted."""
+        task = asyncio.ensure_future(sub.stream.final())
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not done and await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "client disconnected")
+            out = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+            sub.stream.abort()
+        return out
+
+    def streaming(self, request: Request, sub: Submitted, chunks: AsyncIterator[str]) -> StreamingResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, OpenAI-style
+                yield f"data: {json.dumps(error_body(500, str(e)))}\n\n"
+            finally:  # a disconnect cancels this generator: abort the request and free its blocks
+                sub.stream.abort()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "x-loraplex-adapter": sub.served_name})
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.loraplex
