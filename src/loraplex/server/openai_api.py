@@ -41,28 +41,29 @@ def usage(out: RequestOutput) -> dict:
             "total_tokens": len(out.prompt_token_ids) + completion}
 
 
-def _top(entry: dict, chat: bool) -> list:
+def _top(entry: dict, k: int, chat: bool) -> list:
+    """The ``k`` most likely tokens at one position (the sampled one is among them when its rank is <= k)."""
+    ranked = sorted((lp for lp in entry.values() if lp.rank and lp.rank <= k), key=lambda lp: lp.rank)
     return [{"token": lp.decoded_token, "logprob": lp.logprob,
-             **({"bytes": list((lp.decoded_token or "").encode())} if chat else {})}
-            for tid, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[1:] if lp.rank]
+             **({"bytes": list((lp.decoded_token or "").encode())} if chat else {})} for lp in ranked]
 
 
-def chat_logprobs(entries: list[dict]) -> dict:
+def chat_logprobs(entries: list[dict], k: int) -> dict:
     content = []
     for entry in entries:
         lp = next(iter(entry.values()))  # the sampled token comes first
         content.append({"token": lp.decoded_token, "logprob": lp.logprob,
-                        "bytes": list((lp.decoded_token or "").encode()), "top_logprobs": _top(entry, True)})
+                        "bytes": list((lp.decoded_token or "").encode()), "top_logprobs": _top(entry, k, True)})
     return {"content": content}
 
 
-def completion_logprobs(entries: list[dict], offset: int) -> dict:
+def completion_logprobs(entries: list[dict], k: int, offset: int) -> dict:
     tokens, lps, tops, offsets = [], [], [], []
     for entry in entries:
         lp = next(iter(entry.values()))
         tokens.append(lp.decoded_token)
         lps.append(lp.logprob)
-        tops.append({t["token"]: t["logprob"] for t in _top(entry, False)})
+        tops.append({t["token"]: t["logprob"] for t in _top(entry, k, False)})
         offsets.append(offset)
         offset += len(lp.decoded_token or "")
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -85,7 +86,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return st.streaming(request, sub, _chat_chunks(head, sub, body, want_lp is not None))
     out = await st.wait(request, sub)
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": chat_logprobs(o.logprobs) if want_lp is not None and o.logprobs is not None else None,
+                "logprobs": chat_logprobs(o.logprobs, want_lp) if want_lp is not None and o.logprobs is not None else None,
                 "finish_reason": o.finish_reason} for o in out.outputs]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out)})
 
@@ -103,7 +104,7 @@ async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, 
             delta, ntok = o.text[sent_text[i]:], len(o.token_ids)
             if not delta and o.finish_reason is None:
                 continue
-            lp = chat_logprobs(o.logprobs[sent_tok[i]:ntok]) if with_lp and o.logprobs is not None else None
+            lp = chat_logprobs(o.logprobs[sent_tok[i]:ntok], body.top_logprobs or 0) if with_lp and o.logprobs is not None else None
             sent_text[i], sent_tok[i] = len(o.text), ntok
             yield sse({**head, "choices": [{"index": i, "delta": {"content": delta} if delta else {},
                                             "logprobs": lp, "finish_reason": o.finish_reason}]})
@@ -149,7 +150,7 @@ async def completions(body: CompletionRequest, request: Request):
     for k, ((text, _), out) in enumerate(zip(prompts, outs)):
         echo = (text if text is not None else st.tokenizer.decode(out.prompt_token_ids)) if body.echo else ""
         for o in out.outputs:
-            lp = completion_logprobs(o.logprobs, len(echo)) if body.logprobs is not None and o.logprobs else None
+            lp = completion_logprobs(o.logprobs, body.logprobs, len(echo)) if body.logprobs is not None and o.logprobs else None
             choices.append({"index": k * body.n + o.index, "text": echo + o.text, "logprobs": lp,
                             "finish_reason": o.finish_reason})
         total = {key: total[key] + v for key, v in usage(out).items()}
@@ -169,7 +170,7 @@ async def _completion_chunks(head: dict, sub: Submitted, body: CompletionRequest
             delta, ntok = o.text[sent_text[i]:], len(o.token_ids)
             if not delta and o.finish_reason is None:
                 continue
-            lp = (completion_logprobs(o.logprobs[sent_tok[i]:ntok], sent_text[i])
+            lp = (completion_logprobs(o.logprobs[sent_tok[i]:ntok], body.logprobs, sent_text[i])
                   if body.logprobs is not None and o.logprobs is not None else None)
             sent_text[i], sent_tok[i] = len(o.text), ntok
             yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp,
