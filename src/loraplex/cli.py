@@ -1,4 +1,5 @@
-"""``loraplex`` command line: ``generate`` (one prompt, streamed) and ``chat`` (interactive, streamed)."""
+"""``loraplex`` command line: ``serve`` (HTTP server), ``generate`` (one prompt, streamed), ``chat`` (interactive,
+streamed) and ``merge`` (fold LoRA adapters into the base weights)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from loraplex.llm import LLM
 from loraplex.models.registry import DEFAULT_MODEL
 from loraplex.sampling_params import SamplingParams
+from loraplex.server.serve import add_serve_args, serve
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -103,9 +105,25 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    serve(args)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from loraplex.lora.merge import merge_adapters
+
+    out = merge_adapters(args.base, args.adapter, args.weights, args.out, dtype=args.dtype, force=args.force)
+    print(f"merged {len(args.adapter)} adapter(s) into {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="OpenAI + TGI compatible HTTP server over the multi-LoRA engine")
+    add_serve_args(s)
+    s.set_defaults(fn=cmd_serve)
     g = sub.add_parser("generate", help="generate a completion for one prompt, streamed")
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -114,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat", help="interactive chat, streamed")
     _add_engine_args(c)
     c.set_defaults(fn=cmd_chat)
+    m = sub.add_parser("merge", help="fold LoRA adapters into the base weights, write an HF model directory")
+    m.add_argument("--base", default=DEFAULT_MODEL,
+                   help=f"HF model directory, .gguf file or alias (default {DEFAULT_MODEL})")
+    m.add_argument("--adapter", action="append", required=True,
+                   help="PEFT adapter directory or demo adapter name; repeat for several")
+    m.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default all 1.0)")
+    m.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    m.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the base's")
+    m.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    m.set_defaults(fn=cmd_merge)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
