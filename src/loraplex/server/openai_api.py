@@ -88,7 +88,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": chat_logprobs(o.logprobs, want_lp) if want_lp is not None and o.logprobs is not None else None,
                 "finish_reason": o.finish_reason} for o in out.outputs]
-    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out)})
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out)},
+                        headers={"x-loraplex-adapter": sub.served_name})
 
 
 async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, with_lp: bool) -> AsyncIterator[str]:
@@ -154,7 +155,8 @@ async def completions(body: CompletionRequest, request: Request):
             choices.append({"index": k * body.n + o.index, "text": echo + o.text, "logprobs": lp,
                             "finish_reason": o.finish_reason})
         total = {key: total[key] + v for key, v in usage(out).items()}
-    return JSONResponse({**head, "choices": choices, "usage": total})
+    return JSONResponse({**head, "choices": choices, "usage": total},
+                        headers={"x-loraplex-adapter": subs[0].served_name})
 
 
 async def _completion_chunks(head: dict, sub: Submitted, body: CompletionRequest, prompt: str | None):
