@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from loraplex.llm import LLM
 from loraplex.models.registry import DEFAULT_MODEL
 from loraplex.sampling_params import SamplingParams
-from loraplex.server.serve import add_serve_args, serve
+from loraplex.server.args import add_serve_args
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +106,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from loraplex.server.serve import serve
+
     serve(args)
     return 0
 

@@ -10,11 +10,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplex.server import admin, openai_api, tgi_api
+from loraplex.server.args import MAX_BODY_BYTES
 from loraplex.server.errors import error_body, install_error_handlers
 from loraplex.server.state import ServerState
 
 OPEN_PATHS = ("/health", "/metrics")  # everything else needs the API key when one is set
-MAX_BODY_BYTES = 8 << 20
 
 
 async def _reject(send, status: int, message: str, headers: list | None = None) -> None:

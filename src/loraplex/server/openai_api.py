@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from loraplex.outputs import RequestOutput
 from loraplex.server.errors import bad_request

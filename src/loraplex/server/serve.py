@@ -1,7 +1,6 @@
 """``loraplex serve [MODEL]``: vLLM-compatible flags, the engine loaded before the port opens, uvicorn."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -10,44 +9,15 @@ from loraplex.config import LoRAConfig
 from loraplex.engine import LLMEngine
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
-from loraplex.models.registry import DEFAULT_MODEL, resolve_model
+from loraplex.models.registry import resolve_model
 from loraplex.server.adapters import AdapterResolver
-from loraplex.server.app import MAX_BODY_BYTES, build_app
+from loraplex.server.app import build_app
+from loraplex.server.args import add_serve_args  # noqa: F401 - re-exported
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.state import ServerState
 
 log = logging.getLogger("loraplex.server")
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help=f"HF directory, .gguf or alias (default {DEFAULT_MODEL})")
-    p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
-                   help='adapters to serve: name=path, a JSON object {"name", "path", "description", "examples"}, '
-                        "or a bare path (served under its folder name)")
-    p.add_argument("--adapter-dir", default=None, help="serve every PEFT folder in DIR under its name, on demand")
-    p.add_argument("--enable-runtime-lora", action="store_true",
-                   help="let /v1/load_lora_adapter load arbitrary paths")
-    p.add_argument("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
-    p.add_argument("--no-demo-adapters", action="store_true", help="do not serve the demo adapters")
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-cpu-loras", type=int, default=None)
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-waiting", type=int, default=1024, help="queue cap; beyond it requests get 503")
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default 1 GiB on CPU)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--served-model-name", nargs="+", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="info")
 
 
 def parse_lora_module(spec: str) -> dict:

@@ -1,0 +1,38 @@
+"""``loraplex serve`` flags (vLLM's names), kept free of heavy imports so the other commands start fast."""
+from __future__ import annotations
+
+import argparse
+
+from loraplex.models.registry import DEFAULT_MODEL
+
+MAX_BODY_BYTES = 8 << 20
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help=f"HF directory, .gguf or alias (default {DEFAULT_MODEL})")
+    p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help='adapters to serve: name=path, a JSON object {"name", "path", "description", "examples"}, '
+                        "or a bare path (served under its folder name)")
+    p.add_argument("--adapter-dir", default=None, help="serve every PEFT folder in DIR under its name, on demand")
+    p.add_argument("--enable-runtime-lora", action="store_true",
+                   help="let /v1/load_lora_adapter load arbitrary paths")
+    p.add_argument("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
+    p.add_argument("--no-demo-adapters", action="store_true", help="do not serve the demo adapters")
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-cpu-loras", type=int, default=None)
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-waiting", type=int, default=1024, help="queue cap; beyond it requests get 503")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default 1 GiB on CPU)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info")
