@@ -26,6 +26,12 @@ IGNORED_VLLM_ARGS = frozenset({
 })
 
 
+def _is_mixture(obj) -> bool:
+    """A weighted set of adapters for one prompt: ``[(LoRARequest, weight), ...]``."""
+    return (isinstance(obj, (list, tuple)) and bool(obj)
+            and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], LoRARequest) for p in obj))
+
+
 class LLM:
     """A base model (the embedded SmolLM2 by default) behind vLLM's offline interface.
 
@@ -85,7 +91,8 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(encoded)
         if len(params) != len(encoded):
             raise ValueError(f"sampling_params: {len(params)} given for {len(encoded)} prompts")
-        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(encoded)
+        per_prompt = isinstance(lora_request, Sequence) and not _is_mixture(lora_request)
+        loras = list(lora_request) if per_prompt else [lora_request] * len(encoded)
         if len(loras) != len(encoded):
             raise ValueError(f"lora_request: {len(loras)} given for {len(encoded)} prompts")
         return self._run([(text, ids, sp, lr) for (text, ids), sp, lr in zip(encoded, params, loras)], use_tqdm)

@@ -37,7 +37,8 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     prompt: str | None = None
-    lora_name: str | None = None  # None = the base model
+    lora_name: str | None = None  # None = the base model (or a mixture, see lora_mix)
+    lora_mix: tuple[tuple[str, float], ...] = ()  # a weighted set of adapters: Σ w_i · B_i A_i x
     parent_id: str | None = None
     index: int = 0  # which of the parent's n completions
     arrival_time: float = field(default_factory=time.monotonic)
@@ -55,6 +56,15 @@ class Request:
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """``(adapter, weight)`` pairs: one pair for a single adapter, several for a mixture, none for the base."""
+        return self.lora_mix or (((self.lora_name, 1.0),) if self.lora_name is not None else ())
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.loras)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -62,13 +62,16 @@ def test_step_dispatch_bgmv_decodes_and_sgmv_segments():
     a, b = torch.randn(s, r, n_in), torch.randn(s, n_out, r)
     a[-1], b[-1] = 0, 0
     x = torch.randn(12, n_in)
-    # 3 decodes (slots 1, zero, 0), then prefill chunks: tokens 3-6 slot 2, 7-8 base (absent), 9-11 slot 1
-    batch = LoRABatch(3, torch.tensor([[1], [3], [0]]), torch.ones(3, 1), [(3, 7, 2), (9, 12, 1)])
-    per_token = torch.tensor([1, 3, 0, 2, 2, 2, 2, 3, 3, 1, 1, 1]).unsqueeze(1)
+    # 3 decodes (slot 1, zero, a 0.7/0.3 mixture of slots 0 and 2), then prefill chunks: tokens 3-6 slot 2,
+    # 7-8 base (absent), 9-11 a mixture of slot 1 (0.6) and slot 0 (-0.4)
+    batch = LoRABatch(3, torch.tensor([[1, 3], [3, 3], [0, 2]]), torch.tensor([[1, 0], [1, 0], [0.7, 0.3]]),
+                      [(3, 7, 2, 1.0), (9, 12, 1, 0.6), (9, 12, 0, -0.4)])
+    per_token = torch.tensor([[1, 3], [3, 3], [0, 2]] + [[2, 3]] * 4 + [[3, 3]] * 2 + [[1, 0]] * 3)
+    weights = torch.tensor([[1, 0], [1, 0], [0.7, 0.3]] + [[1, 0]] * 6 + [[0.6, -0.4]] * 3)
     y = torch.zeros(12, n_out)
     ops.add_lora(y, x, a, [b], [(0, n_out)], batch)
     expected = torch.zeros(12, n_out)
-    add_lora_reference(expected, x, a, b, per_token, torch.ones(12, 1))
+    add_lora_reference(expected, x, a, b, per_token, weights)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -99,7 +102,7 @@ def test_single_slot_decodes_match_reference():
     a, b = torch.randn(4, 8, 16), torch.randn(4, 12, 8)
     x = torch.randn(5, 16)
     y = torch.zeros(5, 12)
-    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, single_slot=2, segments=[(3, 5, 1)]))
+    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, single_slot=2, segments=[(3, 5, 1, 1.0)]))
     expected = torch.zeros(5, 12)
     add_lora_reference(expected, x, a, b, torch.tensor([[2], [2], [2], [1], [1]]), torch.ones(5, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -59,14 +59,19 @@ class ModelRunner:
 
         ``rows`` are in step order (decodes first); decodes get BGMV slots, prefill chunks SGMV segments.
         """
-        names = {r.lora_name for r in rows if r.lora_name is not None}
+        names = {n for r in rows for n in r.lora_names}
         if not names:
             return None
         slot_of = self.lora_store.activate(names)
         decodes = [r for r in rows if r.num_tokens == 1]
         batch = LoRABatch(len(decodes), used_slots=frozenset(slot_of.values()))
-        if any(r.lora_name is not None for r in decodes):
-            zero_slot = self.lora_store.max_loras
+        zero_slot = self.lora_store.max_loras
+        if any(r.lora_mix for r in decodes):  # mixtures: K (slot, weight) pairs per token, zero-weight padding
+            k = max(len(r.loras) for r in decodes)
+            pairs = [[(slot_of[n], w) for n, w in r.loras] + [(zero_slot, 0.0)] * (k - len(r.loras)) for r in decodes]
+            batch.slots = torch.tensor([[s for s, _ in p] for p in pairs], device=self.device)
+            batch.weights = torch.tensor([[w for _, w in p] for p in pairs], dtype=torch.float32, device=self.device)
+        elif any(r.lora_name is not None for r in decodes):
             slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
             unique = sorted(set(slots))
             if len(unique) == 1:
@@ -79,8 +84,8 @@ class ModelRunner:
                 batch.slots = torch.tensor(slots, device=self.device).unsqueeze(1)  # [nd, 1]; weights None = 1
         start = len(decodes)
         for r in rows[len(decodes):]:
-            if r.lora_name is not None:
-                batch.segments.append((start, start + r.num_tokens, slot_of[r.lora_name]))
+            for name, weight in r.loras:
+                batch.segments.append((start, start + r.num_tokens, slot_of[name], weight))
             start += r.num_tokens
         return batch
 

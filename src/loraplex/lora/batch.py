@@ -12,14 +12,14 @@ class LoRABatch:
 
     Decode tokens (the first ``num_decodes`` of the step) go through BGMV: ``slots: [num_decodes, K]`` device slot
     per token (the zero slot for base rows) and ``weights: [num_decodes, K]`` (None = all ones; K = 1 today, a
-    weighted mixture is K > 1). Prefill chunks go through SGMV: ``segments`` lists ``(start, end, slot)`` token ranges that share one
-    adapter; base-model chunks are simply absent.
+    weighted mixture is K > 1). Prefill chunks go through SGMV: ``segments`` lists ``(start, end, slot, weight)``
+    token ranges that share one adapter (a mixture's chunk appears once per adapter); base-model chunks are absent.
     """
 
     num_decodes: int
     slots: torch.Tensor | None = None
     weights: torch.Tensor | None = None
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    segments: list[tuple[int, int, int, float]] = field(default_factory=list)
     # Set instead of per-token BGMV when few distinct adapters serve many decode tokens (see ops.dense_lora):
     unique_slots: torch.Tensor | None = None  # [D]
     unique_index: torch.Tensor | None = None  # [num_decodes] position of each token's slot in unique_slots

@@ -31,14 +31,16 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
         dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_index)
     elif nd and batch.slots is not None:
         add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.slots, batch.weights)
-    for start, end, slot in batch.segments:
-        add_lora_segment(y[start:end], x[start:end], lora_a, lora_bs, out_slices, slot)
+    for start, end, slot, weight in batch.segments:
+        add_lora_segment(y[start:end], x[start:end], lora_a, lora_bs, out_slices, slot, weight)
 
 
 def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-                     out_slices: list[tuple[int, int]], slot: int) -> None:
-    """SGMV for one segment of tokens sharing ``slot``: ``y[:, slice_i] += (x @ A[slot].T)_i @ B_i[slot].T``."""
+                     out_slices: list[tuple[int, int]], slot: int, weight: float = 1.0) -> None:
+    """SGMV for one segment of tokens sharing ``slot``: ``y[:, slice_i] += w · (x @ A[slot].T)_i @ B_i[slot].T``."""
     r = lora_bs[0].shape[-1]
     h = x @ lora_a[slot].T  # [n, n_slices · r]
+    if weight != 1.0:
+        h = h * weight
     for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
         y[:, start:start + size] += h[:, i * r:(i + 1) * r] @ lora_b[slot].T

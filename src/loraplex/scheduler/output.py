@@ -29,6 +29,16 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     lora_name: str | None = None
+    lora_mix: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """``(adapter, weight)`` pairs: one pair for a single adapter, several for a mixture, none for the base."""
+        return self.lora_mix or (((self.lora_name, 1.0),) if self.lora_name is not None else ())
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.loras)
 
     @property
     def num_tokens(self) -> int:

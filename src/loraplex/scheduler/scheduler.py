@@ -53,26 +53,23 @@ class Scheduler:
 
     def _leave_running(self, req: Request) -> None:
         self.running.remove(req)
-        if req.lora_name is not None:
-            self.running_loras[req.lora_name] -= 1
-            if not self.running_loras[req.lora_name]:
-                del self.running_loras[req.lora_name]
+        for name in req.lora_names:
+            self.running_loras[name] -= 1
+            if not self.running_loras[name]:
+                del self.running_loras[name]
 
     def _lora_fits(self, req: Request) -> bool:
         """A step's adapters (running ∪ pinned) must fit the ``max_loras`` device slots."""
-        name = req.lora_name
-        if name is None or name in self.running_loras:
-            return True
-        return len(self.running_loras.keys() | self.pinned_loras | {name}) <= self.config.max_loras
+        names = set(req.lora_names) - self.running_loras.keys()
+        return not names or len(self.running_loras.keys() | self.pinned_loras | names) <= self.config.max_loras
 
     def waiting_loras(self, limit: int) -> list[str]:
         """The adapters of queued requests, in queue order, at most ``limit`` distinct."""
         names: dict[str, None] = {}
         for req in self.waiting:
-            if req.lora_name is not None:
-                names[req.lora_name] = None
-                if len(names) >= limit:
-                    break
+            names.update(dict.fromkeys(req.lora_names))
+            if len(names) >= limit:
+                break
         return list(names)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -123,8 +120,7 @@ class Scheduler:
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                if req.lora_name is not None:
-                    self.running_loras[req.lora_name] += 1
+                self.running_loras.update(req.lora_names)
                 chunks[req.request_id] = n
                 budget -= n
 
@@ -144,6 +140,7 @@ class Scheduler:
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=req.output_token_ids,
                 lora_name=req.lora_name,
+                lora_mix=req.lora_mix,
             ))
         return out
 
