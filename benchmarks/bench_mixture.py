@@ -1,0 +1,58 @@
+"""Mixture rows vs single-adapter rows: 32 prompts × 64 tokens on the embedded SmolLM2 with the demo adapters.
+
+    python benchmarks/bench_mixture.py [--new-tokens 64] [--repeats 3]
+
+Side by side in one run, same prompts: base only; every row on one adapter (pirate); every row on a 2-adapter
+mixture (0.5 pirate + 0.5 congcong); every row on a 3-adapter mixture; and a mixed batch (a quarter each: base,
+pirate, congcong, the 2-mixture). Median tok/s of ``--repeats`` alternating runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from loraplex import LLM, LoRARequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import QUESTIONS  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=4)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8] + " " * (i // 8)}],
+                                                  tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False) for i in range(32)]
+    pirate, congcong, benben = (LoRARequest(n, i + 1, n) for i, n in enumerate(["pirate", "congcong", "benben"]))
+    mix2 = [(pirate, 0.5), (congcong, 0.5)]
+    mix3 = [(pirate, 0.4), (congcong, 0.3), (benben, 0.3)]
+    cases = {"base only": None, "one adapter (pirate)": pirate, "2-adapter mixture": mix2,
+             "3-adapter mixture": mix3, "mixed batch (base/pirate/congcong/mix2)": [None, pirate, congcong, mix2] * 8}
+    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    total = len(prompts) * args.new_tokens
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for lr in cases.values():  # warm-up: every adapter resident
+        llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=2),
+                     lora_request=lr if not isinstance(lr, list) or len(lr) != 32 else lr[:4], use_tqdm=False)
+    for _ in range(args.repeats):
+        for name, lr in cases.items():
+            t = time.perf_counter()
+            llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=lr, use_tqdm=False)
+            times[name].append(time.perf_counter() - t)
+    base = total / statistics.median(times["base only"])
+    print(f"# SmolLM2-135M-Instruct, bf16, 32 prompts x {args.new_tokens} tokens, median of {args.repeats}")
+    print("| rows | tok/s | vs base |\n|---|---|---|")
+    for name in cases:
+        tps = total / statistics.median(times[name])
+        print(f"| {name} | {tps:.1f} | {tps / base:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
