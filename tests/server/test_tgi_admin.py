@@ -14,6 +14,7 @@ import pytest
 from huggingface_hub import InferenceClient
 
 from loraplex import SamplingParams
+from loraplex.server.serve import parse_lora_module
 from tests.conftest import save_tiny_adapter
 from tests.server.conftest import RunningServer, free_port
 
@@ -67,10 +68,29 @@ def test_admin_load_list_unload(tiny_llama_dir, adapter_dir, tmp_path):
         assert post("/v1/unload_lora_adapter", {"lora_name": "a4b", "wait": True}).status_code == 200
         assert post("/v1/unload_lora_adapter", {"lora_name": "a4b"}).status_code == 404
         assert "a4b" not in {m.id for m in c.models.list().data}
-        r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(adapter_dir / "missing")})
-        assert r.status_code in (400, 403)
+        body = {"model": "a8", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            next(lines)  # a request is running while a broken adapter is loaded
+            (adapter_dir / "broken").mkdir(exist_ok=True)
+            (adapter_dir / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+            r = post("/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(adapter_dir / "broken")})
+            assert r.status_code == 400 and "broken" in r.json()["error"]["message"]
+            tail = [ln for ln in lines if ln.startswith("data: ")]
+        assert tail[-1] == "data: [DONE]" and json.loads(tail[-2][6:])["choices"][0]["finish_reason"] == "length"
+        (adapter_dir / "broken" / "adapter_config.json").unlink()
+        (adapter_dir / "broken").rmdir()
     finally:
         srv.stop()
+
+
+def test_lora_modules_forms():
+    assert parse_lora_module("law=/a/law") == {"name": "law", "path": "/a/law"}
+    assert parse_lora_module("/srv/lora/law-v2/") == {"name": "law-v2", "path": "/srv/lora/law-v2/"}
+    mod = parse_lora_module('{"name": "law", "path": "/a/law", "description": "legal questions"}')
+    assert mod["description"] == "legal questions"
+    with pytest.raises(SystemExit, match="lora-modules"):
+        parse_lora_module('{"name": "law"}')
 
 
 def test_api_key_body_cap_and_queue_cap(tiny_llama_dir):
