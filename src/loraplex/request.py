@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from loraplex.outputs import SampleLogprobs
+from loraplex.lora.request import UsesAdapters
 from loraplex.sampling_params import SamplingParams
 
 
@@ -25,7 +26,7 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(eq=False)  # identity semantics: two requests are never "equal"
-class Request:
+class Request(UsesAdapters):
     """One sequence: prompt + generated tokens, how many of them are already in the KV cache, and its status.
 
     NOTE: ``num_computed_tokens`` counts tokens whose K/V are in the cache. The tokens still to feed the model
@@ -57,14 +58,6 @@ class Request:
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
 
-    @property
-    def loras(self) -> tuple[tuple[str, float], ...]:
-        """``(adapter, weight)`` pairs: one pair for a single adapter, several for a mixture, none for the base."""
-        return self.lora_mix or (((self.lora_name, 1.0),) if self.lora_name is not None else ())
-
-    @property
-    def lora_names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.loras)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -26,3 +26,19 @@ class LoRARequest:
             raise ValueError(f"lora_path: LoRARequest {self.lora_name!r} needs the adapter's directory")
         if not self.lora_int_id:
             object.__setattr__(self, "lora_int_id", next(_auto_ids))
+
+
+class UsesAdapters:
+    """Mixin for records carrying ``lora_name`` (one adapter or None) and ``lora_mix`` (a weighted set)."""
+
+    lora_name: str | None
+    lora_mix: tuple[tuple[str, float], ...]
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """``(adapter, weight)`` pairs: one pair for a single adapter, several for a mixture, none for the base."""
+        return self.lora_mix or (((self.lora_name, 1.0),) if self.lora_name is not None else ())
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.loras)

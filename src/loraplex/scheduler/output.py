@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loraplex.lora.request import UsesAdapters
 from loraplex.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(UsesAdapters):
     """One request's share of a step.
 
     ``token_ids`` sit at positions ``start_pos .. start_pos + len(token_ids) - 1``; ``block_table`` covers them.
@@ -31,14 +32,6 @@ class ScheduledRequest:
     lora_name: str | None = None
     lora_mix: tuple[tuple[str, float], ...] = ()
 
-    @property
-    def loras(self) -> tuple[tuple[str, float], ...]:
-        """``(adapter, weight)`` pairs: one pair for a single adapter, several for a mixture, none for the base."""
-        return self.lora_mix or (((self.lora_name, 1.0),) if self.lora_name is not None else ())
-
-    @property
-    def lora_names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.loras)
 
     @property
     def num_tokens(self) -> int:
