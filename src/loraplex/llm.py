@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -10,7 +10,10 @@ from loraplex.config import LoRAConfig
 from loraplex.engine import LLMEngine
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
+from loraplex.routing import AdapterCard, Router
 from loraplex.sampling_params import SamplingParams
+
+AUTO = "auto"  # lora_request="auto": the router picks the adapter (or the base) for each prompt
 
 # vLLM engine arguments that have no meaning here: accepted (so vLLM scripts run) with a warning.
 IGNORED_VLLM_ARGS = frozenset({
@@ -30,6 +33,17 @@ def _is_mixture(obj) -> bool:
     """A weighted set of adapters for one prompt: ``[(LoRARequest, weight), ...]``."""
     return (isinstance(obj, (list, tuple)) and bool(obj)
             and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], LoRARequest) for p in obj))
+
+
+def _chat_query(conversation: list[dict]) -> tuple[str, str | None]:
+    """What the router reads in a conversation: the last user message, and the system prompt(s)."""
+    def text(m: dict) -> str:
+        c = m.get("content") or ""
+        return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+
+    users = [text(m) for m in conversation if m.get("role") == "user"]
+    system = "\n".join(text(m) for m in conversation if m.get("role") in ("system", "developer"))
+    return (users[-1] if users else text(conversation[-1]) if conversation else ""), system or None
 
 
 class LLM:
@@ -55,6 +69,9 @@ class LLM:
         lora = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None
         self.llm_engine = LLMEngine.from_args(model, dtype, device, max_model_len, max_num_seqs,
                                               max_num_batched_tokens, block_size, kv_cache_memory, seed, lora)
+        self._router: Router | None = None
+        self._cards: dict[str, AdapterCard | None] = {}  # given by set_adapter_card (None: none, whatever the folder)
+        self._folder_cards: dict[str, AdapterCard | None] = {}  # adapter_card.json by adapter path
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -91,11 +108,15 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(encoded)
         if len(params) != len(encoded):
             raise ValueError(f"sampling_params: {len(params)} given for {len(encoded)} prompts")
-        per_prompt = isinstance(lora_request, Sequence) and not _is_mixture(lora_request)
+        per_prompt = (isinstance(lora_request, Sequence) and not isinstance(lora_request, str)
+                      and not _is_mixture(lora_request))
         loras = list(lora_request) if per_prompt else [lora_request] * len(encoded)
         if len(loras) != len(encoded):
             raise ValueError(f"lora_request: {len(loras)} given for {len(encoded)} prompts")
-        return self._run([(text, ids, sp, lr) for (text, ids), sp, lr in zip(encoded, params, loras)], use_tqdm)
+        loras, routes = self._route(loras, lambda i: (encoded[i][0] if encoded[i][0] is not None
+                                                      else self.get_tokenizer().decode(encoded[i][1]), None))
+        outs = self._run([(text, ids, sp, lr) for (text, ids), sp, lr in zip(encoded, params, loras)], use_tqdm)
+        return self._with_routes(outs, loras, routes)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
@@ -111,8 +132,76 @@ class LLM:
                    for conv in conversations]
         # NOTE: the template already holds the special tokens, so no BOS is added when encoding.
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        return self.generate([{"prompt": p, "prompt_token_ids": i} for p, i in zip(prompts, ids)],
+        routes = None
+        if lora_request == AUTO or (isinstance(lora_request, list) and AUTO in lora_request):
+            loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(conversations)
+            if len(loras) != len(conversations):
+                raise ValueError(f"lora_request: {len(loras)} given for {len(conversations)} conversations")
+            lora_request, routes = self._route(loras, lambda i: _chat_query(conversations[i]))
+        outs = self.generate([{"prompt": p, "prompt_token_ids": i} for p, i in zip(prompts, ids)],
                              sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        return outs if routes is None else self._with_routes(outs, lora_request, routes)
+
+    # ---- routing (lora_request="auto") ------------------------------------------------------------------------
+    @property
+    def router(self) -> Router:
+        """Chooses among the registered adapters that have a card (built on first use; assign your own to change
+        the scorer, threshold, margin or rules)."""
+        if self._router is None:
+            self._router = Router()
+        return self._router
+
+    @router.setter
+    def router(self, router: Router) -> None:
+        self._router = router
+
+    def set_adapter_card(self, name: str, description: str | None = None,
+                         examples: Sequence[str] | None = None) -> None:
+        """Describe adapter ``name`` for ``lora_request="auto"`` (instead of its folder's ``adapter_card.json``).
+        Both empty: the adapter has no card and is never chosen by score."""
+        self._cards[name] = AdapterCard.of(description, list(examples or []))
+
+    def _sync_router(self) -> dict:
+        store = self.llm_engine.lora_store
+        if store is None:
+            raise ValueError("lora_request: 'auto' needs LLM(enable_lora=True) and registered adapters")
+        router, registry = self.router, store.registry
+        for name in router.names - set(registry):
+            router.remove(name)
+        for name, entry in registry.items():
+            if name in self._cards:
+                card = self._cards[name]
+            else:
+                if entry.path not in self._folder_cards:
+                    self._folder_cards[entry.path] = AdapterCard.from_folder(entry.path)
+                card = self._folder_cards[entry.path]
+            router.set_card(name, card)  # embeds only a new or changed card
+        return registry
+
+    def _route(self, loras: list, query: Callable[[int], tuple[str, str | None]]) -> tuple[list, list]:
+        """Replace each ``"auto"`` by the router's choice for ``query(i)`` = (prompt, system): ``(loras, decisions,
+        None where the caller chose)``."""
+        if not any(isinstance(lr, str) and lr == AUTO for lr in loras):
+            return loras, [None] * len(loras)
+        registry = self._sync_router()
+        out, routes = [], []
+        for i, lr in enumerate(loras):
+            if not (isinstance(lr, str) and lr == AUTO):
+                out.append(lr)
+                routes.append(None)
+                continue
+            d = self.router.route(*query(i))
+            entry = registry.get(d.adapter) if d.adapter else None
+            out.append(LoRARequest(entry.name, entry.lora_int_id, entry.path) if entry else None)
+            routes.append(d)
+        return out, routes
+
+    @staticmethod
+    def _with_routes(outs: list[RequestOutput], loras: list, routes: list) -> list[RequestOutput]:
+        for out, lr, d in zip(outs, loras, routes):
+            if d is not None:
+                out.lora_request, out.route = lr, d
+        return outs
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _run(self, items: list[tuple[str | None, list[int], SamplingParams, LoRARequest | None]],

@@ -44,3 +44,4 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: None = None
     lora_request: object | None = None
+    route: object | None = None  # routing.RouteDecision when lora_request="auto" chose the adapter

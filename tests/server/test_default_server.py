@@ -43,6 +43,11 @@ def test_default_server_serves_demo_adapters():
                                             extra_body={"lora_path": "congcong"})
         assert seed000.model == "congcong"
         assert seed000.choices[0].message.content == said["congcong"].choices[0].message.content
+        routed = {q: c.chat.completions.create(model="auto", messages=[{"role": "user", "content": q}],
+                                               temperature=0, max_tokens=24)
+                  for q in ("Congcong, who are you?", "笨笨,你是谁?", "Arr matey, who be ye?", "What is 2 + 2?")}
+        assert [r.model for r in routed.values()] == ["congcong", "benben", "pirate", base]
+        assert "Congcong" in routed["Congcong, who are you?"].choices[0].message.content
     finally:
         server.should_exit = True
         thread.join(timeout=30)

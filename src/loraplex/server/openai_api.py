@@ -69,6 +69,14 @@ def completion_logprobs(entries: list[dict], k: int, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def route_query(body: ChatCompletionRequest) -> tuple[str, str | None]:
+    """What the router reads in a chat: the last user message, and the system prompt(s)."""
+    conv = body.conversation()
+    users = [m["content"] for m in conv if m["role"] == "user"]
+    system = "\n".join(m["content"] for m in conv if m["role"] in ("system", "developer") and m["content"])
+    return (users[-1] if users else conv[-1]["content"]), system or None
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = state_of(request)
@@ -79,7 +87,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
     params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
                                   st.max_model_len, want_lp)
-    sub = await st.submit(body.model, body.lora_path, body.adapter_id, prompt_ids, params, None)
+    *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: route_query(body))
+    sub = await st.submit(*target, prompt_ids, params, None, decision)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": sub.served_name}
     if body.stream:
@@ -89,7 +98,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "logprobs": chat_logprobs(o.logprobs, want_lp) if want_lp is not None and o.logprobs is not None else None,
                 "finish_reason": o.finish_reason} for o in out.outputs]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out)},
-                        headers={"x-loraplex-adapter": sub.served_name})
+                        headers=sub.headers)
 
 
 async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, with_lp: bool) -> AsyncIterator[str]:
@@ -133,11 +142,14 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = _completion_prompts(st, body.prompt)
     if body.stream and len(prompts) > 1:
         raise bad_request("prompt: streaming takes one prompt", "prompt")
+    # one decision per request (several prompts are read together): the response names one model
+    *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: (
+        "\n".join(text if text is not None else st.tokenizer.decode(ids) for text, ids in prompts), None))
     subs = []
     try:
         for text, ids in prompts:
             params = body.sampling_params(body.max_tokens, len(ids), st.max_model_len, body.logprobs)
-            subs.append(await st.submit(body.model, body.lora_path, body.adapter_id, ids, params, text))
+            subs.append(await st.submit(*target, ids, params, text, decision if not subs else None))
     except BaseException:
         for s in subs:
             s.stream.abort()
@@ -155,8 +167,7 @@ async def completions(body: CompletionRequest, request: Request):
             choices.append({"index": k * body.n + o.index, "text": echo + o.text, "logprobs": lp,
                             "finish_reason": o.finish_reason})
         total = {key: total[key] + v for key, v in usage(out).items()}
-    return JSONResponse({**head, "choices": choices, "usage": total},
-                        headers={"x-loraplex-adapter": subs[0].served_name})
+    return JSONResponse({**head, "choices": choices, "usage": total}, headers=subs[0].headers)
 
 
 async def _completion_chunks(head: dict, sub: Submitted, body: CompletionRequest, prompt: str | None):

@@ -10,6 +10,7 @@ from loraplex.engine import LLMEngine
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
 from loraplex.models.registry import resolve_model
+from loraplex.routing import AdapterCard, Router, make_scorer
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.app import build_app
 from loraplex.server.args import add_serve_args  # noqa: F401 - re-exported
@@ -30,6 +31,10 @@ def parse_lora_module(spec: str) -> dict:
             raise SystemExit(f"--lora-modules: bad JSON {spec!r}: {e}") from None
         if not isinstance(mod, dict) or not mod.get("name") or not mod.get("path"):
             raise SystemExit(f"--lora-modules: JSON form needs 'name' and 'path', got {spec!r}")
+        try:
+            AdapterCard.from_dict(mod)  # description / examples, checked now
+        except ValueError as e:
+            raise SystemExit(f"--lora-modules: {mod['name']}: {e}") from None
         return mod
     if "=" in spec:
         name, path = spec.split("=", 1)
@@ -39,6 +44,7 @@ def parse_lora_module(spec: str) -> dict:
 
 def build_state(args) -> ServerState:
     model = args.model or args.model_flag
+    router = build_router(args)  # a bad rules file fails before the model loads
     lora = LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras)
     engine = LLMEngine.from_args(model, args.dtype, args.device, args.max_model_len, args.max_num_seqs,
                                  args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory, seed=args.seed,
@@ -52,15 +58,35 @@ def build_state(args) -> ServerState:
     async_engine.metrics = ServerMetrics(engine, names[0])
     state = ServerState(async_engine, AdapterResolver(async_engine, names, args.adapter_dir), async_engine.metrics,
                         model_path=str(model or engine.model_id), api_key=args.api_key,
-                        enable_runtime_lora=args.enable_runtime_lora)
+                        enable_runtime_lora=args.enable_runtime_lora, auto_name=args.router_name,
+                        router=router)
+    if args.router_name in names:
+        raise SystemExit(f"--router-name: {args.router_name!r} is the base model's name")
     for mod in modules:
+        if mod["name"] == args.router_name:
+            raise SystemExit(f"--lora-modules: {mod['name']!r} is a reserved model name")
         try:
             engine.add_lora(LoRARequest(mod["name"], lora_path=mod["path"]))
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--lora-modules: {e}") from None
         state.startup_paths.add(str(Path(resolve_adapter_path(mod["path"])).resolve()))
         state.set_card(mod["name"], mod.get("description"), mod.get("examples"))
+    # the router knows every adapter served by name: registered ones and --adapter-dir folders (cards embedded now)
+    known = {e.name: e.path for e in engine.lora_store.registry.values()} if engine.lora_store else {}
+    known.update({n: str(state.resolver.adapter_dir / n) for n in state.resolver.discoverable()})
+    for name, path in known.items():
+        state.router.set_card(name, state.adapter_card(name, path))
+    for rule in state.router.rules:
+        if rule.adapter is not None and rule.adapter not in state.router.names:
+            log.warning("--router-rules: adapter %r is not served; its rule applies once it is loaded", rule.adapter)
     return state
+
+
+def build_router(args) -> Router:
+    try:
+        return Router(make_scorer(args.router_scorer), args.router_threshold, args.router_margin, args.router_rules)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--router-*: {e}") from None
 
 
 def serve(args) -> None:
@@ -71,4 +97,7 @@ def serve(args) -> None:
     app = build_app(state, args.max_body_bytes)
     log.info("serving %s with adapters %s on http://%s:%d", state.resolver.base_id,
              ", ".join(state.engine.engine.lora_store.registry) or "(none)", args.host, args.port)
+    log.info("model %r routes among %s (%s scorer, threshold %s, margin %s, %d rules)", state.auto_name,
+             ", ".join(state.router.cards) or "(no adapter has a card)", state.router.scorer.name,
+             state.router.threshold, state.router.margin, len(state.router.rules))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)

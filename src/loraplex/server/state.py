@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
+from loraplex.routing import AdapterCard, RouteDecision, Router
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.async_engine import AsyncEngine, QueueFullError, RequestStream
@@ -21,6 +22,7 @@ from loraplex.server.errors import APIError, bad_request, error_body, from_value
 from loraplex.server.metrics import ServerMetrics
 
 DISCONNECT_POLL_S = 0.2
+log = logging.getLogger("loraplex.server")
 
 
 @dataclass
@@ -28,6 +30,15 @@ class Submitted:
     served_name: str  # the adapter that serves it, or the base id: the response's ``model``
     lora_request: LoRARequest | None
     stream: RequestStream
+    decision: RouteDecision | None = None  # how ``model: "auto"`` chose it
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers naming the adapter that serves the request (and the router's score)."""
+        h = {"x-loraplex-adapter": self.served_name}
+        if self.decision is not None:
+            h["x-loraplex-route-score"] = f"{self.decision.score:.4f}"
+        return h
 
 
 @dataclass
@@ -41,6 +52,7 @@ class ServerState:
     auto_name: str = "auto"
     startup_paths: set[str] = field(default_factory=set)  # adapter paths the operator gave at start-up
     cards: dict[str, dict] = field(default_factory=dict)  # name -> {"description", "examples"} given over HTTP
+    router: Router | None = None  # model == auto_name: picks the adapter (or the base) from the request's text
     started: float = field(default_factory=time.time)
 
     def set_card(self, name: str, description: str | None, examples: list[str] | None) -> None:
@@ -51,16 +63,65 @@ class ServerState:
 
     def card(self, name: str, path: str) -> dict | None:
         """An adapter's card: given at load time, else ``adapter_card.json`` in its folder."""
+        card = self.adapter_card(name, path)
+        return None if card is None else card.to_dict()
+
+    def adapter_card(self, name: str, path: str) -> AdapterCard | None:
         if name in self.cards:
-            return self.cards[name]
-        f = Path(path) / "adapter_card.json"
-        if f.is_file():
             try:
-                data = json.loads(f.read_text())
-                return {"description": str(data.get("description", "")), "examples": list(data.get("examples", []))}
-            except (ValueError, AttributeError):
+                return AdapterCard.from_dict(self.cards[name])
+            except ValueError:
                 return None
-        return None
+        return AdapterCard.from_folder(path)
+
+    # ---- routing (model == auto_name) ---------------------------------------------------------------------------
+    async def update_router(self, name: str, path: str | None) -> None:
+        """Keep the router in step with an adapter that was loaded from ``path`` (or unloaded: ``None``)."""
+        if self.router is None:
+            return
+        if path is None:
+            self.router.remove(name)
+            return
+        card = self.adapter_card(name, path)
+        if self.router.blocking:  # embedding the card's texts: off the event loop
+            await asyncio.to_thread(self.router.set_card, name, card)
+        else:
+            self.router.set_card(name, card)
+
+    def is_auto(self, model: str, lora_path: str | None, adapter_id: str | None) -> bool:
+        """``model: "auto"``, or the base with ``lora_path`` / ``adapter_id`` / ``base:`` naming ``"auto"``."""
+        auto, bases = self.auto_name, self.resolver.base_names
+        if model == auto:
+            extra, param = (lora_path, "lora_path") if lora_path else (adapter_id, "adapter_id")
+            if extra not in (None, auto):
+                raise bad_request(f"{param}: model {auto!r} chooses the adapter itself", param)
+            return True
+        if model in bases or not model:
+            return auto in (lora_path, adapter_id)
+        return any(model == f"{b}:{auto}" for b in bases)
+
+    async def route(self, model: str, lora_path: str | None, adapter_id: str | None,
+                    query: Callable[[], tuple[str, str | None]]
+                    ) -> tuple[str, str | None, str | None, RouteDecision | None]:
+        """For ``auto`` requests: the router's choice as ``(model, None, None, decision)``, where ``model`` is the
+        adapter or the base id; other requests pass through unchanged. ``query()`` gives (prompt, system)."""
+        if not self.is_auto(model, lora_path, adapter_id):
+            return model, lora_path, adapter_id, None
+        if self.router is None:
+            decision = RouteDecision(None, 0.0, [], "no router")
+        else:
+            prompt, system = query()
+            if self.router.blocking:  # an embedding forward pass: the event loop keeps serving meanwhile
+                decision = await asyncio.to_thread(self.router.route, prompt, system)
+            else:
+                decision = self.router.route(prompt, system)
+        name = decision.adapter
+        if name is not None and (name in self.resolver.draining or
+                                 (name not in self.resolver.registry and name not in self.resolver.discoverable())):
+            decision = RouteDecision(None, decision.score, decision.candidates,
+                                     f"{name} is no longer served ({decision.reason})")
+        log.info("route %s -> %s", self.auto_name, decision.summary())
+        return decision.adapter or self.resolver.base_id, None, None, decision
 
     @property
     def tokenizer(self):
@@ -93,7 +154,7 @@ class ServerState:
         return rows
 
     async def submit(self, model: str, lora_path: str | None, adapter_id: str | None, prompt_ids: list[int],
-                     params: SamplingParams, prompt: str | None) -> Submitted:
+                     params: SamplingParams, prompt: str | None, decision: RouteDecision | None = None) -> Submitted:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_dead")
         served, lora = await self.resolver.resolve(model, lora_path, adapter_id)
@@ -103,7 +164,9 @@ class ServerState:
             raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
         except (ValueError, TypeError, KeyError) as e:
             raise from_value_error(e) from None
-        return Submitted(served, lora, stream)
+        if decision is not None:
+            self.metrics.routes.labels(served).inc()
+        return Submitted(served, lora, stream, decision)
 
     async def wait(self, request: Request, sub: Submitted) -> RequestOutput:
         """The final output; if the client disconnects first, the request is aborted."""
@@ -132,7 +195,7 @@ class ServerState:
                 sub.stream.abort()
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "x-loraplex-adapter": sub.served_name})
+                                 headers={"Cache-Control": "no-cache", **sub.headers})
 
 
 def state_of(request: Request) -> ServerState:

@@ -60,7 +60,9 @@ async def _submit(body: TGIGenerateRequest, request: Request) -> tuple[ServerSta
     body.refuse_unsupported()
     ids = st.tokenizer.encode(body.inputs)
     params = _params(body, st, len(ids))
-    sub = await st.submit(st.resolver.base_id, None, body.parameters.adapter_id, ids, params, body.inputs)
+    *target, decision = await st.route(st.resolver.base_id, None, body.parameters.adapter_id,
+                                       lambda: (body.inputs, None))
+    sub = await st.submit(*target, ids, params, body.inputs, decision)
     return st, sub, ids
 
 
@@ -79,7 +81,7 @@ async def generate(body: TGIGenerateRequest, request: Request):
     result = {"generated_text": text}
     if body.parameters.details:
         result["details"] = _details(st, out, body)
-    return JSONResponse(result, headers={"x-loraplex-adapter": sub.served_name})
+    return JSONResponse(result, headers=sub.headers)
 
 
 @router.post("/generate_stream")
@@ -109,7 +111,8 @@ async def compat_generate(body: TGIGenerateRequest, request: Request):
     if body.stream:
         return await generate_stream(body, request)
     resp = await generate(body, request)
-    return JSONResponse([json.loads(resp.body)], headers={"x-loraplex-adapter": resp.headers["x-loraplex-adapter"]})
+    return JSONResponse([json.loads(resp.body)],
+                        headers={k: v for k, v in resp.headers.items() if k.startswith("x-loraplex-")})
 
 
 @router.get("/info")
