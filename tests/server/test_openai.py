@@ -164,3 +164,24 @@ def test_metrics_count_tokens_per_adapter(server):
     assert 'loraplex_time_to_first_token_seconds_count{adapter="a4"}' in text
     assert "loraplex_num_requests_waiting" in text and 'loraplex_adapter_resident{adapter="a4",tier="device"}' in text
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_per_request_mixture_matches_offline(server, reference):
+    """``adapters: [{name, weight}]`` with model = the base id: the same tokens as the offline mixture."""
+    mix = [("a4", 0.7), ("a16", 0.3)]
+    want = reference.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False,
+                              lora_request=[(reference.lora[n], w) for n, w in mix])[0].outputs[0].text
+    body = {"adapters": [{"name": n, "weight": w} for n, w in mix]}
+    r = client(server).completions.create(model="tiny", prompt=PROMPT, temperature=0, max_tokens=12, extra_body=body)
+    assert r.choices[0].text == want and r.model == "a4*0.7+a16*0.3"
+    assert want not in (offline(reference, PROMPT, n).outputs[0].text for n in ("a4", "a16"))
+    tgi = httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 12, **body}}).json()
+    assert tgi["generated_text"] == want
+    for extra, code in [({"adapters": [{"name": "nope", "weight": 1}]}, 404),
+                        ({"adapters": [{"name": "a4", "weight": "x"}]}, 400),
+                        ({"adapters": [], "lora_path": "a4"}, 400)]:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", **extra})
+        assert r.status_code == code and r.json()["error"]["param"].startswith("adapters"), r.json()
+    r = httpx.post(server.url + "/v1/completions", json={"model": "a8", "prompt": "x", **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "adapters"

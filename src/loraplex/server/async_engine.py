@@ -25,6 +25,13 @@ from loraplex.sampling_params import SamplingParams
 log = logging.getLogger("loraplex.server")
 
 
+def adapter_label(lora_request) -> str | None:
+    """Metrics label: the adapter's name, ``a*0.7+b*0.3`` for a mixture, None for the base."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return lora_request and lora_request.lora_name
+    return "+".join(f"{r.lora_name}*{w:g}" for r, w in lora_request)
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at its cap: the client should retry later (HTTP 503 + Retry-After)."""
 
@@ -80,7 +87,7 @@ class AsyncEngine:
         """Validate and queue a request (errors raise here, before any response is sent); iterate the returned
         stream for its outputs."""
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), lora_request and lora_request.lora_name)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), adapter_label(lora_request))
 
         def add() -> None:
             if self.engine.scheduler.num_waiting >= self.max_waiting:

@@ -88,7 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
                                   st.max_model_len, want_lp)
     *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: route_query(body))
-    sub = await st.submit(*target, prompt_ids, params, None, decision)
+    sub = await st.submit(*target, prompt_ids, params, None, decision, body.adapters)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": sub.served_name}
     if body.stream:
@@ -149,7 +149,7 @@ async def completions(body: CompletionRequest, request: Request):
     try:
         for text, ids in prompts:
             params = body.sampling_params(body.max_tokens, len(ids), st.max_model_len, body.logprobs)
-            subs.append(await st.submit(*target, ids, params, text, decision if not subs else None))
+            subs.append(await st.submit(*target, ids, params, text, decision if not subs else None, body.adapters))
     except BaseException:
         for s in subs:
             s.stream.abort()

@@ -33,6 +33,14 @@ class _Body(BaseModel):
             raise bad_request("tool_choice: tools are not supported", "tool_choice")
 
 
+class AdapterWeight(BaseModel):
+    """One member of a per-request mixture: ``{"name": "law", "weight": 0.7}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    weight: float
+
+
 class _Sampling(_Body):
     """Sampling fields shared by chat and completions (OpenAI names plus vLLM's extras)."""
 
@@ -60,6 +68,7 @@ class _Sampling(_Body):
     # adapter selection besides ``model``: SGLang / seed 000 and TGI names
     lora_path: str | None = None
     adapter_id: str | None = None
+    adapters: list[AdapterWeight] | None = Field(default=None, min_length=1)  # a weighted mixture
 
     def sampling_params(self, max_tokens: int | None, prompt_len: int, max_model_len: int,
                         logprobs: int | None) -> SamplingParams:
@@ -127,6 +136,7 @@ class CompletionRequest(_Sampling):
 
 class TGIParameters(_Body):
     adapter_id: str | None = None
+    adapters: list[AdapterWeight] | None = Field(default=None, min_length=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
     do_sample: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)

@@ -17,7 +17,12 @@ from loraplex.outputs import RequestOutput
 from loraplex.routing import AdapterCard, RouteDecision, Router
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.adapters import AdapterResolver
-from loraplex.server.async_engine import AsyncEngine, QueueFullError, RequestStream
+from loraplex.server.async_engine import (
+    AsyncEngine,
+    QueueFullError,
+    RequestStream,
+    adapter_label,
+)
 from loraplex.server.errors import APIError, bad_request, error_body, from_value_error
 from loraplex.server.metrics import ServerMetrics
 
@@ -154,10 +159,17 @@ class ServerState:
         return rows
 
     async def submit(self, model: str, lora_path: str | None, adapter_id: str | None, prompt_ids: list[int],
-                     params: SamplingParams, prompt: str | None, decision: RouteDecision | None = None) -> Submitted:
+                     params: SamplingParams, prompt: str | None, decision: RouteDecision | None = None,
+                     adapters: list | None = None) -> Submitted:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_dead")
         served, lora = await self.resolver.resolve(model, lora_path, adapter_id)
+        if adapters:
+            if lora is not None or decision is not None:
+                raise bad_request("adapters: a mixture is asked with model = the base id and no other adapter",
+                                  "adapters")
+            lora = [(await self.resolver.lora_request(a.name, "adapters"), a.weight) for a in adapters]
+            served = adapter_label(lora)
         try:
             stream = await self.engine.add_request(prompt_ids, params, lora, prompt)
         except QueueFullError as e:

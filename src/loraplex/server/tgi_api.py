@@ -62,7 +62,7 @@ async def _submit(body: TGIGenerateRequest, request: Request) -> tuple[ServerSta
     params = _params(body, st, len(ids))
     *target, decision = await st.route(st.resolver.base_id, None, body.parameters.adapter_id,
                                        lambda: (body.inputs, None))
-    sub = await st.submit(*target, ids, params, body.inputs, decision)
+    sub = await st.submit(*target, ids, params, body.inputs, decision, body.parameters.adapters)
     return st, sub, ids
 
 
