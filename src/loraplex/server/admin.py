@@ -34,6 +34,15 @@ async def _row(st: ServerState, name: str) -> dict:
     return next(r for r in await st.adapters() if r["name"] == name)
 
 
+def _known(request: Request, name: str):
+    """The state and the engine, after checking that adapter ``name`` is registered (else 404)."""
+    st = state_of(request)
+    engine = st.engine.engine
+    if engine.lora_store is None or name not in engine.lora_store.registry:
+        raise not_found(name, "lora_name")
+    return st, engine
+
+
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     st = state_of(request)
@@ -59,10 +68,7 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request):
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
-    st = state_of(request)
-    engine = st.engine.engine
-    if engine.lora_store is None or body.lora_name not in engine.lora_store.registry:
-        raise not_found(body.lora_name, "lora_name")
+    st, engine = _known(request, body.lora_name)
     deadline = asyncio.get_running_loop().time() + UNLOAD_WAIT_S
     if body.wait:
         st.resolver.draining.add(body.lora_name)
@@ -94,10 +100,7 @@ async def list_lora_adapters(request: Request):
 @router.post("/v1/pin_lora_adapter")
 async def pin_lora_adapter(body: UnloadLoRARequest, request: Request):
     """``{"lora_name", "pinned": true|false}``: keep an adapter in a device slot (or release it)."""
-    st = state_of(request)
-    engine = st.engine.engine
-    if engine.lora_store is None or body.lora_name not in engine.lora_store.registry:
-        raise not_found(body.lora_name, "lora_name")
+    st, engine = _known(request, body.lora_name)
     pin = (body.model_extra or {}).get("pinned", True)
     try:
         await st.engine.run(engine.pin_lora if pin else engine.unpin_lora, body.lora_name)

@@ -106,20 +106,13 @@ async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, 
     for i in range(body.n):
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
-    sent_text, sent_tok, last = [0] * body.n, [0] * body.n, None
-    async for out in sub.stream:
-        last = out
-        for o in out.outputs:
-            i = o.index
-            delta, ntok = o.text[sent_text[i]:], len(o.token_ids)
-            if not delta and o.finish_reason is None:
-                continue
-            lp = chat_logprobs(o.logprobs[sent_tok[i]:ntok], body.top_logprobs or 0) if with_lp and o.logprobs is not None else None
-            sent_text[i], sent_tok[i] = len(o.text), ntok
-            yield sse({**head, "choices": [{"index": i, "delta": {"content": delta} if delta else {},
-                                            "logprobs": lp, "finish_reason": o.finish_reason}]})
-    if body.include_usage and last is not None:
-        yield sse({**head, "choices": [], "usage": usage(last)})
+    last: list = [None]
+    async for i, delta, entries, _, finish in _deltas(sub, body.n, last):
+        lp = chat_logprobs(entries, body.top_logprobs or 0) if with_lp and entries is not None else None
+        yield sse({**head, "choices": [{"index": i, "delta": {"content": delta} if delta else {},
+                                        "logprobs": lp, "finish_reason": finish}]})
+    if body.include_usage and last[0] is not None:
+        yield sse({**head, "choices": [], "usage": usage(last[0])})
     yield sse("[DONE]")
 
 
@@ -171,23 +164,31 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 async def _completion_chunks(head: dict, sub: Submitted, body: CompletionRequest, prompt: str | None):
-    sent_text, sent_tok, last = [0] * body.n, [0] * body.n, None
+    last: list = [None]
     if body.echo:
         for i in range(body.n):
             yield sse({**head, "choices": [{"index": i, "text": prompt or "", "logprobs": None,
                                             "finish_reason": None}]})
+    async for i, delta, entries, offset, finish in _deltas(sub, body.n, last):
+        lp = (completion_logprobs(entries, body.logprobs, offset)
+              if body.logprobs is not None and entries is not None else None)
+        yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp, "finish_reason": finish}]})
+    if body.include_usage and last[0] is not None:
+        yield sse({**head, "choices": [], "usage": usage(last[0])})
+    yield sse("[DONE]")
+
+
+async def _deltas(sub: Submitted, n: int, last: list):
+    """What is new in each of the ``n`` completions since the previous chunk: ``(index, text delta, new logprob
+    entries or None, offset of the delta in the text, finish_reason)``. ``last[0]`` keeps the latest output."""
+    sent_text, sent_tok = [0] * n, [0] * n
     async for out in sub.stream:
-        last = out
+        last[0] = out
         for o in out.outputs:
-            i = o.index
-            delta, ntok = o.text[sent_text[i]:], len(o.token_ids)
+            i, ntok = o.index, len(o.token_ids)
+            delta, offset = o.text[sent_text[i]:], sent_text[i]
             if not delta and o.finish_reason is None:
                 continue
-            lp = (completion_logprobs(o.logprobs[sent_tok[i]:ntok], body.logprobs, sent_text[i])
-                  if body.logprobs is not None and o.logprobs is not None else None)
-            sent_text[i], sent_tok[i] = len(o.text), ntok
-            yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp,
-                                            "finish_reason": o.finish_reason}]})
-    if body.include_usage and last is not None:
-        yield sse({**head, "choices": [], "usage": usage(last)})
-    yield sse("[DONE]")
+            sent_text[i], entries = len(o.text), (o.logprobs[sent_tok[i]:ntok] if o.logprobs is not None else None)
+            sent_tok[i] = ntok
+            yield i, delta, entries, offset, o.finish_reason
