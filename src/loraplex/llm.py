@@ -222,4 +222,7 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                         bar.update()
+        for out in done.values():
+            if out.error:
+                warnings.warn(f"request {out.request_id}: {out.error}", stacklevel=3)
         return [done[rid] for rid in ids]

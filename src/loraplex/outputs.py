@@ -44,4 +44,5 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: None = None
     lora_request: object | None = None
+    error: str | None = None  # set when the engine could not serve it (e.g. its adapter became unreadable)
     route: object | None = None  # routing.RouteDecision when lora_request="auto" chose the adapter

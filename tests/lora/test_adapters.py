@@ -179,3 +179,28 @@ def test_engine_load_list_unload_at_run_time(tiny_llama_dir, good_adapter):
     with pytest.raises(KeyError):
         engine.remove_lora("g")
     assert engine.outputs.parents == {} and rid not in engine.scheduler.requests
+
+
+def test_unreadable_adapter_fails_only_its_requests(tiny_llama_dir, good_adapter, tmp_path):
+    import shutil
+
+    broken = tmp_path / "soon-gone"
+    shutil.copytree(good_adapter, broken)
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", enable_lora=True, max_loras=2)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    base = engine.add_request([1, 2, 3], params)
+    other = engine.add_request([4, 5, 6], params, lora_request=LoRARequest("good", 1, str(good_adapter)))
+    bad = engine.add_request([7, 8, 9], SamplingParams(max_tokens=4, ignore_eos=True, n=2),
+                             lora_request=LoRARequest("gone", 2, str(broken)))  # registered: header was fine
+    engine.lora_store._pending.clear()
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")  # damaged after registration
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert "could not be read" in done[bad].error and done[bad].outputs[0].finish_reason == "abort"
+    assert all(done[r].error is None and len(done[r].outputs[0].token_ids) == 4 for r in (base, other))
+    sched = engine.scheduler
+    assert not sched.requests and sched.kv.num_free_blocks == sched.kv.pool.num_blocks

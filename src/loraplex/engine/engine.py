@@ -194,9 +194,39 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule → run model (and sample) → update requests → detokenize and emit outputs."""
         sched = self.scheduler.schedule()
+        failed = self._drop_unreadable_adapters(sched)
         result = self.runner.execute(sched)
         if self.lora_store is not None:  # adapters the next steps will want: pinned, then those of the queue
             store = self.lora_store
             store.prefetch([*store.pinned, *self.scheduler.waiting_loras(store.max_cpu_loras)])
         touched = self.scheduler.update_from_output(sched, result)
-        return self.outputs.process(touched, self.scheduler.finish)
+        outputs = self.outputs.process(touched, self.scheduler.finish)
+        for parent_id, error in failed.items():
+            out = self.outputs.abort(parent_id)
+            if out is not None:
+                out.error = error
+                outputs.append(out)
+        return outputs
+
+    def _drop_unreadable_adapters(self, sched) -> dict[str, str]:
+        """Read the step's adapters before the forward. One whose files went missing or bad since it was registered
+        fails its own requests (taken out of the step, finished as aborted with ``error``), never the whole step."""
+        store = self.lora_store
+        if store is None:
+            return {}
+        bad: dict[str, str] = {}
+        for name in {n for s in sched.scheduled for n in s.lora_names} - store.slots.keys():
+            try:
+                store.host_weights(name)
+            except Exception as e:  # noqa: BLE001 - reported on the requests that use it
+                bad[name] = f"lora_request: adapter {name!r} could not be read: {e}"
+        if not bad:
+            return {}
+        failed: dict[str, str] = {}
+        for row in [s for s in sched.scheduled if set(s.lora_names) & bad.keys()]:
+            sched.scheduled.remove(row)
+            req = self.scheduler.requests[row.request_id]
+            failed[req.parent_id or req.request_id] = bad[next(n for n in row.lora_names if n in bad)]
+        for parent_id in failed:
+            self.scheduler.abort([c.request_id for c in self.outputs.parents[parent_id].children])
+        return failed

@@ -21,6 +21,7 @@ from loraplex.engine import LLMEngine
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
+from loraplex.server.errors import APIError
 
 log = logging.getLogger("loraplex.server")
 
@@ -148,7 +149,8 @@ class AsyncEngine:
                     stream.num_tokens, stream.last_token = n, now
             if out.finished:
                 del self._streams[out.request_id]
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            item = APIError(500, out.error, "model", "adapter_unreadable") if out.error else out
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
 class RequestStream:
