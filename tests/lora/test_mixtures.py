@@ -75,3 +75,33 @@ def test_mixture_validation(family_dirs):
     one = llm.generate("hi", SamplingParams(temperature=0, max_tokens=4), lora_request=[(a, 1.0)], use_tqdm=False)
     plain = llm.generate("hi", SamplingParams(temperature=0, max_tokens=4), lora_request=a, use_tqdm=False)
     assert one[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+
+
+@torch.no_grad()
+def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs):
+    """8 decode rows over the same 2 adapters: the weighted dense form (each adapter read once) serves them."""
+    from loraplex.engine import model_runner
+
+    root = family_dirs
+    reqs = {n: LoRARequest(n, i + 1, str(root / n)) for i, n in enumerate("ab")}
+    llm = LLM(model=str(root / "base"), dtype="float32", enable_lora=True, max_loras=2)
+    mix = [(reqs[n], w) for n, w in MIXES[0]]
+    prompts = [PROMPTS[i % 4] + [i + 1] for i in range(8)]
+    seen = []
+    original = model_runner.ModelRunner.lora_batch
+
+    def spy(self, rows):
+        batch = original(self, rows)
+        seen.append(batch is not None and batch.unique_weights is not None)
+        return batch
+
+    model_runner.ModelRunner.lora_batch = spy
+    try:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=N_NEW,
+                            ignore_eos=True), lora_request=mix, use_tqdm=False)
+    finally:
+        model_runner.ModelRunner.lora_batch = original
+    assert any(seen)
+    ref = peft_mix(root, MIXES[0])
+    for prompt, out in list(zip(prompts, outs))[:3]:
+        assert out.outputs[0].token_ids == hf_greedy(ref, prompt, N_NEW)[0]

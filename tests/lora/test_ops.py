@@ -95,6 +95,28 @@ def test_dense_form_matches_reference(kind):
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_weighted_dense_form_matches_reference():
+    """Mixtures over few adapters: each token's weights on the D used slots (zeros where unused)."""
+    from loraplex.ops.lora_torch import dense_lora_weighted
+
+    torch.manual_seed(6)
+    s, r, n_in, sizes, t = 6, 8, 40, [24, 10], 12
+    a, bs, x = torch.randn(s, 2 * r, n_in), [torch.randn(s, n, r) for n in sizes], torch.randn(t, n_in)
+    slots = torch.tensor([[1, 4]] * 6 + [[4, 2]] * 4 + [[2, 2]] * 2)  # the last rows: one adapter, weight 0 pad
+    weights = torch.tensor([[0.7, 0.3]] * 6 + [[-0.5, 1.5]] * 4 + [[1.0, 0.0]] * 2)
+    unique = torch.tensor([1, 2, 4])
+    dense = torch.zeros(t, 3)
+    for i in range(t):
+        for k in range(2):
+            dense[i, int(torch.searchsorted(unique, slots[i, k]))] += weights[i, k]
+    y = torch.zeros(t, sum(sizes))
+    dense_lora_weighted(y, x, a, bs, [(0, 24), (24, 10)], unique, dense)
+    expected = torch.zeros(t, sum(sizes))
+    add_lora_reference(expected[:, :24], x, a[:, :r], bs[0], slots, weights)
+    add_lora_reference(expected[:, 24:], x, a[:, r:], bs[1], slots, weights)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_single_slot_decodes_match_reference():
     from loraplex.lora.batch import LoRABatch
 

@@ -67,10 +67,22 @@ class ModelRunner:
         batch = LoRABatch(len(decodes), used_slots=frozenset(slot_of.values()))
         zero_slot = self.lora_store.max_loras
         if any(r.lora_mix for r in decodes):  # mixtures: K (slot, weight) pairs per token, zero-weight padding
-            k = max(len(r.loras) for r in decodes)
-            pairs = [[(slot_of[n], w) for n, w in r.loras] + [(zero_slot, 0.0)] * (k - len(r.loras)) for r in decodes]
-            batch.slots = torch.tensor([[s for s, _ in p] for p in pairs], device=self.device)
-            batch.weights = torch.tensor([[w for _, w in p] for p in pairs], dtype=torch.float32, device=self.device)
+            unique = sorted({slot_of[n] for r in decodes for n in r.lora_names})
+            if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(decodes):  # few adapters: read each once
+                pos = {s: j for j, s in enumerate(unique)}
+                dense = torch.zeros(len(decodes), len(unique))
+                for i, r in enumerate(decodes):
+                    for n, w in r.loras:
+                        dense[i, pos[slot_of[n]]] = w
+                batch.unique_slots = torch.tensor(unique, device=self.device)
+                batch.unique_weights = dense.to(self.device)
+            else:
+                k = max(len(r.loras) for r in decodes)
+                pairs = [[(slot_of[n], w) for n, w in r.loras] + [(zero_slot, 0.0)] * (k - len(r.loras))
+                         for r in decodes]
+                batch.slots = torch.tensor([[s for s, _ in p] for p in pairs], device=self.device)
+                batch.weights = torch.tensor([[w for _, w in p] for p in pairs], dtype=torch.float32,
+                                             device=self.device)
         elif any(r.lora_name is not None for r in decodes):
             slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
             unique = sorted(set(slots))

@@ -23,5 +23,6 @@ class LoRABatch:
     # Set instead of per-token BGMV when few distinct adapters serve many decode tokens (see ops.dense_lora):
     unique_slots: torch.Tensor | None = None  # [D]
     unique_index: torch.Tensor | None = None  # [num_decodes] position of each token's slot in unique_slots
+    unique_weights: torch.Tensor | None = None  # [num_decodes, D] mixtures: each token's weight on each used slot
     single_slot: int | None = None  # every decode token uses this one slot (no base rows among the decodes)
     used_slots: frozenset[int] = frozenset()  # adapter slots anywhere in the step

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.lora.batch import LoRABatch
-from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink, dense_lora
+from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink, dense_lora, dense_lora_weighted
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
@@ -27,6 +27,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     nd = batch.num_decodes
     if nd and batch.single_slot is not None:  # one adapter for every decode token: plain GEMMs on slot views
         add_lora_segment(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.single_slot)
+    elif nd and batch.unique_weights is not None:
+        dense_lora_weighted(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_weights)
     elif nd and batch.unique_slots is not None:
         dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_index)
     elif nd and batch.slots is not None:

@@ -50,6 +50,19 @@ def dense_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: 
         y[:, start:start + size] += sparse.view(t, d * r) @ b.transpose(1, 2).reshape(d * r, -1)
 
 
+def dense_lora_weighted(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+                        out_slices: list[tuple[int, int]], unique: torch.Tensor, weights: torch.Tensor) -> None:
+    """The dense form for mixtures: ``weights: [T, D]`` is each token's weight on each of the D used slots (0 where
+    it does not use it). Shrink against all D adapters at once, scale, then one expand GEMM per output slice."""
+    t, d = x.shape[0], unique.shape[0]
+    r = lora_bs[0].shape[-1]
+    a = lora_a.index_select(0, unique)  # [D, n·r, in]
+    h = (x @ a.reshape(-1, a.shape[-1]).T).view(t, d, -1) * weights.unsqueeze(-1).to(x.dtype)  # [T, D, n·r]
+    for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+        b = lora_b.index_select(0, unique).transpose(1, 2).reshape(d * r, -1)  # [D·r, out]
+        y[:, start:start + size] += h[:, :, i * r:(i + 1) * r].reshape(t, d * r) @ b
+
+
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                 weights: torch.Tensor | None) -> torch.Tensor:
     """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]`` (``weights`` None = all ones)."""
