@@ -117,14 +117,23 @@ def test_weighted_dense_form_matches_reference():
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_single_slot_decodes_match_reference():
+def test_back_to_back_segments_of_one_adapter_merge():
+    from loraplex.engine.model_runner import _merge_segments
+
+    segs = [(0, 3, 2, 1.0), (3, 7, 2, 1.0), (7, 9, 1, 1.0), (9, 12, 1, 0.5), (12, 14, 1, 0.5), (14, 15, 2, 1.0)]
+    assert _merge_segments(segs) == [(0, 7, 2, 1.0), (7, 9, 1, 1.0), (9, 14, 1, 0.5), (14, 15, 2, 1.0)]
+    mixture = [(3, 6, 0, 0.7), (3, 6, 1, 0.3)]  # one chunk, two adapters: nothing to merge
+    assert _merge_segments(mixture) == mixture
+
+
+def test_one_adapter_decodes_as_a_segment_match_reference():
     from loraplex.lora.batch import LoRABatch
 
     torch.manual_seed(4)
     a, b = torch.randn(4, 8, 16), torch.randn(4, 12, 8)
     x = torch.randn(5, 16)
     y = torch.zeros(5, 12)
-    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, single_slot=2, segments=[(3, 5, 1, 1.0)]))
+    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, segments=[(0, 3, 2, 1.0), (3, 5, 1, 1.0)]))
     expected = torch.zeros(5, 12)
     add_lora_reference(expected, x, a, b, torch.tensor([[2], [2], [2], [1], [1]]), torch.ones(5, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -36,6 +36,18 @@ def _onednn(enabled: bool):
         torch._C._set_mkldnn_enabled(prev)
 
 
+def _merge_segments(segments: list[tuple[int, int, int, float]]) -> list[tuple[int, int, int, float]]:
+    """Join back-to-back token ranges on the same (slot, weight): one SGMV matmul pair instead of several (a step
+    where every row uses one adapter becomes a single segment)."""
+    merged: list[tuple[int, int, int, float]] = []
+    for seg in segments:
+        if merged and merged[-1][1] == seg[0] and merged[-1][2:] == seg[2:]:
+            merged[-1] = (merged[-1][0], seg[1], *seg[2:])
+        else:
+            merged.append(seg)
+    return merged
+
+
 class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler's per-request RNGs."""
 
@@ -86,8 +98,8 @@ class ModelRunner:
         elif any(r.lora_name is not None for r in decodes):
             slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
             unique = sorted(set(slots))
-            if len(unique) == 1:
-                batch.single_slot = unique[0]
+            if len(unique) == 1:  # one adapter for every decode: a segment (merged with prefills of it below)
+                batch.segments.append((0, len(decodes), unique[0], 1.0))
             elif len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
                 pos = {s: i for i, s in enumerate(unique)}
                 batch.unique_slots = torch.tensor(unique, device=self.device)
@@ -99,6 +111,7 @@ class ModelRunner:
             for name, weight in r.loras:
                 batch.segments.append((start, start + r.num_tokens, slot_of[name], weight))
             start += r.num_tokens
+        batch.segments = _merge_segments(batch.segments)
         return batch
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:

@@ -24,5 +24,4 @@ class LoRABatch:
     unique_slots: torch.Tensor | None = None  # [D]
     unique_index: torch.Tensor | None = None  # [num_decodes] position of each token's slot in unique_slots
     unique_weights: torch.Tensor | None = None  # [num_decodes, D] mixtures: each token's weight on each used slot
-    single_slot: int | None = None  # every decode token uses this one slot (no base rows among the decodes)
     used_slots: frozenset[int] = frozenset()  # adapter slots anywhere in the step

@@ -25,9 +25,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment."""
     nd = batch.num_decodes
-    if nd and batch.single_slot is not None:  # one adapter for every decode token: plain GEMMs on slot views
-        add_lora_segment(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.single_slot)
-    elif nd and batch.unique_weights is not None:
+    if nd and batch.unique_weights is not None:
         dense_lora_weighted(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_weights)
     elif nd and batch.unique_slots is not None:
         dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_index)
