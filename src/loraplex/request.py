@@ -8,8 +8,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from loraplex.outputs import SampleLogprobs
 from loraplex.lora.request import UsesAdapters
+from loraplex.outputs import SampleLogprobs
 from loraplex.sampling_params import SamplingParams
 
 

@@ -78,7 +78,7 @@ def test_mixture_validation(family_dirs):
 
 
 @torch.no_grad()
-def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs):
+def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs, monkeypatch):
     """8 decode rows over the same 2 adapters: the weighted dense form (each adapter read once) serves them."""
     from loraplex.engine import model_runner
 
@@ -95,12 +95,9 @@ def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs):
         seen.append(batch is not None and batch.unique_weights is not None)
         return batch
 
-    model_runner.ModelRunner.lora_batch = spy
-    try:
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=N_NEW,
-                            ignore_eos=True), lora_request=mix, use_tqdm=False)
-    finally:
-        model_runner.ModelRunner.lora_batch = original
+    monkeypatch.setattr(model_runner.ModelRunner, "lora_batch", spy)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=N_NEW,
+                        ignore_eos=True), lora_request=mix, use_tqdm=False)
     assert any(seen)
     ref = peft_mix(root, MIXES[0])
     for prompt, out in list(zip(prompts, outs))[:3]:

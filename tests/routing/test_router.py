@@ -8,7 +8,14 @@ import pytest
 
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.demo import demo_adapters
-from loraplex.routing import AdapterCard, LexicalScorer, Router, embedding_model_dir, load_rules, make_scorer
+from loraplex.routing import (
+    AdapterCard,
+    LexicalScorer,
+    Router,
+    embedding_model_dir,
+    load_rules,
+    make_scorer,
+)
 from loraplex.routing.scorers import lexical_tokens
 from tests.conftest import save_tiny_adapter
 from tests.routing.evalset import demo_router, evaluate, load_eval

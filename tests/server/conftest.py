@@ -11,7 +11,8 @@ import uvicorn
 
 from loraplex import LLM, LoRARequest
 from loraplex.server.app import build_app
-from loraplex.server.serve import add_serve_args, build_state
+from loraplex.server.args import add_serve_args
+from loraplex.server.serve import build_state
 from tests.conftest import save_tiny_adapter
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

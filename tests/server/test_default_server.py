@@ -10,7 +10,8 @@ import pytest
 import uvicorn
 
 from loraplex.server.app import build_app
-from loraplex.server.serve import add_serve_args, build_state
+from loraplex.server.args import add_serve_args
+from loraplex.server.serve import build_state
 from tests.conftest import has_smollm2
 from tests.server.conftest import free_port
 

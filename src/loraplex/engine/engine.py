@@ -6,7 +6,14 @@ import warnings
 
 import torch
 
-from loraplex.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, parse_dtype
+from loraplex.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager

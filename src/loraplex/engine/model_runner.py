@@ -14,8 +14,11 @@ from loraplex.lora.batch import LoRABatch
 from loraplex.lora.store import AdapterStore
 from loraplex.models.loader import LoadedModel
 from loraplex.sampling import Sampler
-from loraplex.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-
+from loraplex.scheduler.output import (
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 
 # NOTE: on CPU, ATen's own bf16 GEMV streams weights ~2x faster than oneDNN for one row (SmolLM2 weights: 6.8 ms vs
 # 15 ms on 2 cores), while oneDNN wins from 3 rows up; so steps of at most this many tokens bypass oneDNN.

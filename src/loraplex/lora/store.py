@@ -18,7 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.lora.demo import resolve_adapter_path
-from loraplex.lora.peft_format import LoRAPlan, LoRAWeights, inspect_peft_lora, read_lora
+from loraplex.lora.peft_format import (
+    LoRAPlan,
+    LoRAWeights,
+    inspect_peft_lora,
+    read_lora,
+)
 from loraplex.lora.request import LoRARequest
 from loraplex.models.model_config import ModelSpec
 

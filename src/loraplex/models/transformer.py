@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.attention import AttentionMetadata, paged_attention
-from loraplex.lora.batch import LoRABatch
-from loraplex.lora.layers import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.lora.batch import LoRABatch
+from loraplex.lora.layers import LoRAStack
 from loraplex.models.model_config import ModelSpec
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 import torch
 
 from loraplex.lora.batch import LoRABatch
-from loraplex.ops.lora_torch import bgmv_expand, bgmv_shrink, dense_lora, dense_lora_weighted
+from loraplex.ops.lora_torch import (
+    bgmv_expand,
+    bgmv_shrink,
+    dense_lora,
+    dense_lora_weighted,
+)
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],

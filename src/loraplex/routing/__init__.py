@@ -2,7 +2,13 @@
 from loraplex.routing.cards import CARD_FILE, AdapterCard
 from loraplex.routing.router import RouteDecision, Router
 from loraplex.routing.rules import Rule, load_rules
-from loraplex.routing.scorers import EmbeddingScorer, LexicalScorer, Scorer, embedding_model_dir, make_scorer
+from loraplex.routing.scorers import (
+           EmbeddingScorer,
+           LexicalScorer,
+           Scorer,
+           embedding_model_dir,
+           make_scorer,
+)
 
 __all__ = ["CARD_FILE", "AdapterCard", "EmbeddingScorer", "LexicalScorer", "RouteDecision", "Router", "Rule",
            "Scorer", "embedding_model_dir", "load_rules", "make_scorer"]

@@ -12,7 +12,12 @@ from collections import Counter, deque
 from loraplex.config import SchedulerConfig
 from loraplex.kv_cache import BlockManager
 from loraplex.request import Request, RequestStatus
-from loraplex.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from loraplex.scheduler.output import (
+    ModelRunnerOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 
 
 class Scheduler:

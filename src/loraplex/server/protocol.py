@@ -6,7 +6,7 @@ do not implement (tools, response_format, logit_bias, …) are refused with a 40
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -175,5 +175,3 @@ class UnloadLoRARequest(_Body):
     lora_name: str = Field(min_length=1)
     wait: bool = False
 
-
-FinishReason = Literal["stop", "length", "abort"] | None

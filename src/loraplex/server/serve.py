@@ -13,7 +13,6 @@ from loraplex.models.registry import resolve_model
 from loraplex.routing import AdapterCard, Router, make_scorer
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.app import build_app
-from loraplex.server.args import add_serve_args  # noqa: F401 - re-exported
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.state import ServerState
