@@ -106,3 +106,71 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Te
         logprobs.append(lp)
         cur = torch.tensor([[ids[-1]]])
     return ids, torch.stack(logprobs)
+
+
+def save_xlora(base_dir, expert_dirs: list, out_dir, hidden_size: int, train_steps: int = 10, seed: int = 0,
+               **xlora_kwargs) -> None:
+    """Train a small X-LoRA classifier over ``expert_dirs`` with PEFT and write it in the layout PEFT loads: config
+    (experts named "0", "1", … as PEFT names them, relative paths), classifier safetensors, experts as subfolders.
+
+    NOTE: PEFT 0.21's own ``save_pretrained`` cannot be used here: it filters state-dict keys by adapter name and
+    the names "0", "1", … collide with module indices (the classifier is dropped, base weights leak into the expert
+    folders); and X-LoRA expert names other than "0", "1", … are never activated by PEFT (KeyError)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from peft import XLoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base.config.use_cache = False
+    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden_size, xlora_dropout_p=0.0,
+                      adapters={str(i): str(d) for i, d in enumerate(expert_dirs)}, **xlora_kwargs)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, cfg)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = base.config.vocab_size
+    for _ in range(train_steps):  # next-token loss on random text: enough to move the gate off its init
+        x = torch.randint(0, min(vocab, 256), (4, 12), generator=gen)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if "internal_xlora_classifier" in k},
+              str(out / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(out))
+    raw = json.loads((out / "adapter_config.json").read_text())
+    raw["adapters"] = {str(i): str(i) for i in range(len(expert_dirs))}
+    (out / "adapter_config.json").write_text(json.dumps(raw, indent=2))
+    for i, d in enumerate(expert_dirs):
+        shutil.copytree(d, out / str(i), dirs_exist_ok=True)
+
+
+def peft_xlora(base_dir, xlora_dir, dtype=torch.float32):
+    """PEFT's X-LoRA model on the same files (expert paths made absolute: PEFT reads them relative to the cwd)."""
+    from pathlib import Path
+
+    from peft import PeftModel, XLoraConfig
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base.config.use_cache = False
+    cfg = XLoraConfig.from_pretrained(str(xlora_dir))
+    cfg.adapters = {k: str(Path(xlora_dir) / v) for k, v in cfg.adapters.items()}
+    return PeftModel.from_pretrained(base, str(xlora_dir), config=cfg).eval()
+
+
+@torch.no_grad()
+def hf_greedy_uncached(model, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy by re-running the whole sequence each step (how PEFT's X-LoRA generates: ``use_cache=False``)."""
+    ids, logprobs = list(prompt_ids), []
+    for _ in range(n):
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        ids.append(int(lp.argmax()))
+        logprobs.append(lp)
+    return ids[len(prompt_ids):], torch.stack(logprobs)

@@ -40,6 +40,8 @@ class Request(UsesAdapters):
     prompt: str | None = None
     lora_name: str | None = None  # None = the base model (or a mixture, see lora_mix)
     lora_mix: tuple[tuple[str, float], ...] = ()  # a weighted set of adapters: Σ w_i · B_i A_i x
+    xlora: str | None = None  # an X-LoRA: its experts are mixed per token by its classifier
+    xlora_experts: tuple[str, ...] = ()
     parent_id: str | None = None
     index: int = 0  # which of the parent's n completions
     arrival_time: float = field(default_factory=time.monotonic)

@@ -117,6 +117,24 @@ def test_weighted_dense_form_matches_reference():
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_gated_form_matches_reference():
+    """X-LoRA: a weight per token, output slice and expert, on a subset of the step's rows (index_add back)."""
+    torch.manual_seed(7)
+    s, r, n_in, sizes, t = 6, 8, 40, [24, 10, 10], 9
+    a, bs, x = torch.randn(s, 3 * r, n_in), [torch.randn(s, n, r) for n in sizes], torch.randn(t, n_in)
+    slices = [(0, 24), (24, 10), (34, 10)]
+    experts, rows = torch.tensor([5, 0, 3]), torch.tensor([1, 2, 4, 8])
+    weights = torch.rand(len(rows), 3, len(experts))  # [Tx, slice, expert]
+    y = torch.randn(t, sum(sizes))
+    expected = y.clone()
+    ops.add_lora_gated(y, x, a, bs, slices, rows, experts, weights)
+    for j, row in enumerate(rows.tolist()):
+        for i, (start, size) in enumerate(slices):
+            add_lora_reference(expected[row:row + 1, start:start + size], x[row:row + 1], a[:, i * r:(i + 1) * r],
+                               bs[i], experts.view(1, -1), weights[j, i].view(1, -1))
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_back_to_back_segments_of_one_adapter_merge():
     from loraplex.engine.model_runner import _merge_segments
 

@@ -113,7 +113,8 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within "
                              f"max_model_len {self.max_model_len}")
-        lora_name, lora_mix = self._resolve_loras(lora_request)
+        lora_name, lora_mix, xlora = self._resolve_loras(lora_request)
+        experts = self.lora_store.registry[xlora].xlora.expert_names() if xlora else ()
         request_id = request_id or str(next(self._ids))
         if request_id in self.outputs.parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
@@ -122,17 +123,18 @@ class LLMEngine:
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             parent.children.append(Request(child_id, parent.prompt_token_ids, params, eos, prompt,
-                                           lora_name=lora_name, lora_mix=lora_mix, parent_id=request_id,
-                                           index=i))
+                                           lora_name=lora_name, lora_mix=lora_mix, xlora=xlora,
+                                           xlora_experts=experts, parent_id=request_id, index=i))
         self.outputs.add(parent)
         for child in parent.children:
             self.scheduler.add_request(child)
         return request_id
 
-    def _resolve_loras(self, lora_request) -> tuple[str | None, tuple[tuple[str, float], ...]]:
-        """``None`` (base) | ``LoRARequest`` | a mixture ``[(LoRARequest, weight), ...]`` → (name, mixture)."""
+    def _resolve_loras(self, lora_request) -> tuple[str | None, tuple[tuple[str, float], ...], str | None]:
+        """``None`` (base) | ``LoRARequest`` (an adapter or an X-LoRA) | a mixture ``[(LoRARequest, weight), ...]``
+        → (adapter name, mixture, X-LoRA name)."""
         if lora_request is None:
-            return None, ()
+            return None, (), None
         pairs = [(lora_request, 1.0)] if isinstance(lora_request, LoRARequest) else lora_request
         if not isinstance(pairs, (list, tuple)) or not pairs or not all(
                 isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], LoRARequest)
@@ -144,10 +146,16 @@ class LLMEngine:
             raise ValueError("lora_request: a mixture names the same adapter twice")
         if len(pairs) > store.max_loras:
             raise ValueError(f"lora_request: a mixture of {len(pairs)} adapters exceeds max_loras {store.max_loras}")
-        names = [store.register(r).name for r, _ in pairs]
+        entries = [store.register(r) for r, _ in pairs]
+        if any(e.xlora for e in entries):
+            if len(pairs) > 1 or pairs[0][1] != 1.0:
+                raise ValueError("lora_request: an X-LoRA cannot be part of a weighted mixture (its classifier "
+                                 "already mixes its experts per token)")
+            return None, (), entries[0].name
+        names = [e.name for e in entries]
         if len(pairs) == 1 and pairs[0][1] == 1.0:
-            return names[0], ()
-        return None, tuple((n, float(w)) for n, (_, w) in zip(names, pairs))
+            return names[0], (), None
+        return None, tuple((n, float(w)) for n, (_, w) in zip(names, pairs)), None
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a request (all its ``n`` children) and free its KV blocks; returns its final output."""
@@ -179,7 +187,7 @@ class LLMEngine:
         return True
 
     def _lora_users(self, name: str) -> int:
-        return sum(name in r.lora_names for r in self.scheduler.requests.values())
+        return sum(name in r.lora_names or name == r.xlora for r in self.scheduler.requests.values())
 
     def remove_lora(self, name: str) -> bool:
         """Forget an adapter; raises ``RuntimeError`` while requests (running or queued) use it, ``KeyError`` if

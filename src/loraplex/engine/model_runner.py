@@ -5,13 +5,15 @@ Layout of a step: decode rows (one token each) first, then prefill chunks, all o
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
 from loraplex.config import CacheConfig
 from loraplex.layers.attention import AttentionMetadata, PrefillChunk
-from loraplex.lora.batch import LoRABatch
+from loraplex.lora.batch import LoRABatch, XLoRAGroup
 from loraplex.lora.store import AdapterStore
+from loraplex.lora.xlora import XLoRAGate, module_order
 from loraplex.models.loader import LoadedModel
 from loraplex.sampling import Sampler
 from loraplex.scheduler.output import (
@@ -68,6 +70,7 @@ class ModelRunner:
         self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16
         self.dtype = dtype
         self.lora_store: AdapterStore | None = None  # set by the engine when LoRA is enabled
+        self._gates: dict[str, tuple[object, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
 
     def lora_batch(self, rows: list[ScheduledRequest]) -> LoRABatch | None:
         """Adapter per token for the step (None when no row uses an adapter: the base pays nothing).
@@ -82,7 +85,7 @@ class ModelRunner:
         batch = LoRABatch(len(decodes), used_slots=frozenset(slot_of.values()))
         zero_slot = self.lora_store.max_loras
         if any(r.lora_mix for r in decodes):  # mixtures: K (slot, weight) pairs per token, zero-weight padding
-            unique = sorted({slot_of[n] for r in decodes for n in r.lora_names})
+            unique = sorted({slot_of[n] for r in decodes for n, _ in r.loras})
             if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(decodes):  # few adapters: read each once
                 pos = {s: j for j, s in enumerate(unique)}
                 dense = torch.zeros(len(decodes), len(unique))
@@ -116,6 +119,47 @@ class ModelRunner:
             start += r.num_tokens
         batch.segments = _merge_segments(batch.segments)
         return batch
+
+    # ---- X-LoRA --------------------------------------------------------------------------------------------------
+    def _gate(self, name: str) -> XLoRAGate:
+        entry = self.lora_store.registry[name]
+        cached = self._gates.get(name)
+        if cached is None or cached[0] is not entry.xlora:  # (re)loaded under this name
+            experts = [self.lora_store.registry[n].plan for n in entry.xlora.expert_names()]
+            gate = XLoRAGate(entry.xlora, module_order(experts), self.spec.num_layers, self.dtype, self.device)
+            cached = self._gates[name] = (entry.xlora, gate)
+        return cached[1]
+
+    def xlora_groups(self, rows: list[ScheduledRequest], slot_of: dict[str, int]) -> list[XLoRAGroup]:
+        """The scaling pass: X-LoRA rows alone, over their second KV track, with every expert at
+        ``scaling_pass_value`` (usually the base model); the classifier turns its final hidden states into each
+        token's expert weights for the real pass. Returns one group per X-LoRA, indexed on the step's token axis."""
+        offsets, pos = {}, 0
+        for r in rows:
+            offsets[r.request_id] = pos
+            pos += r.num_tokens
+        xl = [r for r in rows if r.xlora]
+        ids, positions, meta, _ = self.prepare([replace(r, block_table=r.scaling_block_table) for r in xl])
+        by_name: dict[str, list[int]] = {}  # X-LoRA -> its tokens on the scaling pass's axis
+        main_rows: dict[str, list[int]] = {}  # ... and on the step's axis
+        pos = 0
+        for r in xl:
+            by_name.setdefault(r.xlora, []).extend(range(pos, pos + r.num_tokens))
+            main_rows.setdefault(r.xlora, []).extend(range(offsets[r.request_id], offsets[r.request_id] + r.num_tokens))
+            pos += r.num_tokens
+        gates = {n: self._gate(n) for n in by_name}
+        slots = {n: torch.tensor([slot_of[e] for e in self.lora_store.registry[n].xlora.expert_names()],
+                                 device=self.device) for n in by_name}
+        scaling = LoRABatch(0, used_slots=frozenset(slot_of.values()))
+        for n, idx in by_name.items():
+            w = gates[n].scaling_pass_weights(len(idx))
+            if w is not None:
+                scaling.xlora.append(XLoRAGroup(torch.tensor(idx, device=self.device), slots[n], gates[n].spread(w)))
+        with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
+            hidden = self.model(ids, positions, self.kv_caches, meta, scaling if scaling.xlora else None)
+        return [XLoRAGroup(torch.tensor(main_rows[n], device=self.device), slots[n],
+                           gates[n].spread(gates[n].classify(hidden[torch.tensor(idx, device=self.device)])))
+                for n, idx in by_name.items()]
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -174,6 +218,8 @@ class ModelRunner:
             return ModelRunnerOutput()
         ids, pos, meta, sample_idx = self.prepare(rows)
         lora = self.lora_batch(rows)
+        if any(r.xlora for r in rows):
+            lora.xlora = self.xlora_groups(rows, self.lora_store.activate({n for r in rows for n in r.lora_names}))
         sampling_rows = [r for r in rows if r.sample]
         with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)

@@ -41,16 +41,20 @@ class BlockManager:
         have = len(self.block_tables.get(request_id, ()))
         return max(0, -(-num_tokens // self.block_size) - have)
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Grow the block table to hold ``num_tokens`` tokens; False (and no change) if blocks are short."""
-        need = self.blocks_needed(request_id, num_tokens)
-        if need > self.pool.num_free:
+    def allocate(self, request_id: str, num_tokens: int, *more_ids: str) -> bool:
+        """Grow the block table to hold ``num_tokens`` tokens; False (and no change) if blocks are short.
+
+        ``more_ids`` grow in the same step, all or none (an X-LoRA request's second KV track)."""
+        ids = (request_id, *more_ids)
+        if sum(self.blocks_needed(i, num_tokens) for i in ids) > self.pool.num_free:
             return False
-        self.block_tables.setdefault(request_id, []).extend(self.pool.take(need))
+        for i in ids:
+            self.block_tables.setdefault(i, []).extend(self.pool.take(self.blocks_needed(i, num_tokens)))
         return True
 
-    def free(self, request_id: str) -> None:
-        self.pool.give_back(self.block_tables.pop(request_id, []))
+    def free(self, *request_ids: str) -> None:
+        for i in request_ids:
+            self.pool.give_back(self.block_tables.pop(i, []))
 
     @property
     def num_free_blocks(self) -> int:

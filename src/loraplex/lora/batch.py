@@ -7,6 +7,16 @@ import torch
 
 
 @dataclass
+class XLoRAGroup:
+    """Tokens of one X-LoRA this step: ``rows: [Tx]`` their positions on the step's token axis, ``slots: [E]`` the
+    experts' device slots, ``weights: [Tx, L, 7, E]`` each token's weight per (layer, module, expert)."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
 class LoRABatch:
     """Which adapter each token uses this step.
 
@@ -25,3 +35,4 @@ class LoRABatch:
     unique_index: torch.Tensor | None = None  # [num_decodes] position of each token's slot in unique_slots
     unique_weights: torch.Tensor | None = None  # [num_decodes, D] mixtures: each token's weight on each used slot
     used_slots: frozenset[int] = frozenset()  # adapter slots anywhere in the step
+    xlora: list[XLoRAGroup] = field(default_factory=list)  # per-token gated experts (any row, decode or prefill)

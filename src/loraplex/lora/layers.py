@@ -10,6 +10,7 @@ from torch import nn
 
 from loraplex import ops
 from loraplex.lora.batch import LoRABatch
+from loraplex.lora.peft_format import MODULES
 
 
 class LoRAStack(nn.Module):
@@ -19,9 +20,11 @@ class LoRAStack(nn.Module):
     """
 
     def __init__(self, modules: list[str], in_features: int, out_sizes: list[int], max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device) -> None:
+                 dtype: torch.dtype, device, layer: int = 0) -> None:
         super().__init__()
         self.modules_ = modules
+        self.layer = layer  # X-LoRA weights are per (layer, module)
+        self.module_pos = [MODULES.index(m) for m in modules]
         self.max_rank = max_rank
         self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
         self.lora_a = torch.zeros(max_loras + 1, len(modules) * max_rank, in_features, dtype=dtype, device=device)
@@ -45,3 +48,6 @@ class LoRAStack(nn.Module):
         if self.occupied.isdisjoint(batch.used_slots):  # e.g. attention-only adapters skip the MLP stacks
             return
         ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch)
+        for group in batch.xlora:
+            ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group.rows, group.slots,
+                               group.weights[:, self.layer, self.module_pos])

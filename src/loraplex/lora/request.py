@@ -29,10 +29,13 @@ class LoRARequest:
 
 
 class UsesAdapters:
-    """Mixin for records carrying ``lora_name`` (one adapter or None) and ``lora_mix`` (a weighted set)."""
+    """Mixin for records carrying ``lora_name`` (one adapter or None), ``lora_mix`` (a weighted set) or ``xlora``
+    (an X-LoRA, whose experts ``xlora_experts`` are mixed per token by its classifier)."""
 
     lora_name: str | None
     lora_mix: tuple[tuple[str, float], ...]
+    xlora: str | None
+    xlora_experts: tuple[str, ...]
 
     @property
     def loras(self) -> tuple[tuple[str, float], ...]:
@@ -41,4 +44,9 @@ class UsesAdapters:
 
     @property
     def lora_names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.loras)
+        """Every adapter that needs a device slot for this record (an X-LoRA's experts included)."""
+        return tuple(n for n, _ in self.loras) + self.xlora_experts
+
+    def kv_ids(self, request_id: str) -> tuple[str, ...]:
+        """Block-table keys: the request's own, plus the scaling pass's KV track for an X-LoRA."""
+        return (request_id, f"{request_id}/xlora-scaling") if self.xlora else (request_id,)

@@ -25,17 +25,22 @@ from loraplex.lora.peft_format import (
     read_lora,
 )
 from loraplex.lora.request import LoRARequest
+from loraplex.lora.xlora import XLoRAPlan, inspect_xlora, is_xlora_dir
 from loraplex.models.model_config import ModelSpec
 
 
 @dataclass
 class AdapterEntry:
-    """Registry row: metadata and the validated plan (tensor names, ranks, scales) — no weights."""
+    """Registry row: metadata and the validated plan (tensor names, ranks, scales) — no weights.
+
+    An X-LoRA's row has ``xlora`` (config + classifier) and no ``plan``: its experts are rows of their own, named
+    ``<name>/<expert>``, and only they take device slots."""
 
     name: str
     path: str
     lora_int_id: int
-    plan: LoRAPlan
+    plan: LoRAPlan | None
+    xlora: XLoRAPlan | None = None
 
 
 class AdapterStore:
@@ -66,11 +71,35 @@ class AdapterStore:
             if entry.path != path:
                 raise ValueError(f"lora_request: adapter {req.lora_name!r} is already loaded from {entry.path}")
             return entry
+        if is_xlora_dir(path):
+            return self._register_xlora(req, path)
         # Validate now from the config and the safetensors header (a bad adapter fails its own request only);
         # the weights are read when a request first needs them.
         plan = inspect_peft_lora(req.lora_name, path, self.spec, self.max_lora_rank)
         entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id, plan)
         return entry
+
+    def _register_xlora(self, req: LoRARequest, path: str) -> AdapterEntry:
+        xplan = inspect_xlora(req.lora_name, path, self.spec.hidden_size)
+        if len(xplan.config.experts) > self.max_loras:
+            raise ValueError(f"adapter {req.lora_name!r}: an X-LoRA of {len(xplan.config.experts)} experts needs as "
+                             f"many device slots; max_loras is {self.max_loras}")
+        plans = {n: inspect_peft_lora(n, p, self.spec, self.max_lora_rank)
+                 for n, p in zip(xplan.expert_names(), xplan.expert_paths.values())}
+        for n, plan in plans.items():  # experts are adapters in their own right (requestable by name)
+            if n in self.registry and self.registry[n].path != plan.path:
+                raise ValueError(f"adapter {n!r} is already loaded from {self.registry[n].path}")
+            self.registry.setdefault(n, AdapterEntry(n, plan.path, 0, plan))
+        entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id, None, xplan)
+        return entry
+
+    def expand(self, names) -> list[str]:
+        """Adapter names with each X-LoRA replaced by its experts (what takes slots and weights)."""
+        out: list[str] = []
+        for n in names:
+            entry = self.registry.get(n)
+            out += entry.xlora.expert_names() if entry is not None and entry.xlora is not None else [n]
+        return out
 
     @property
     def num_loads(self) -> int:
@@ -81,13 +110,21 @@ class AdapterStore:
         return self.evictions.total()
 
     def tier(self, name: str) -> str:
-        return "device" if name in self.slots else "host" if name in self.host else "disk"
+        """device / host / disk (an X-LoRA: the slowest tier of its experts)."""
+        tiers = ["device" if n in self.slots else "host" if n in self.host else "disk" for n in self.expand([name])]
+        return max(tiers, key=["device", "host", "disk"].index)
+
+    def rank(self, name: str) -> int:
+        return max(self.registry[n].plan.rank for n in self.expand([name]))
 
     def describe(self) -> list[dict]:
-        """One row per known adapter: name, path, id, rank, tier (device/host/disk), in-flight requests."""
+        """One row per known adapter: name, path, id, rank, tier (device/host/disk), in-flight requests; X-LoRAs
+        also list their experts."""
         return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
-                 "rank": e.plan.rank, "tier": self.tier(e.name), "pinned": e.name in self.pinned,
-                 "in_flight": self.refcount[e.name]} for e in self.registry.values()]
+                 "rank": self.rank(e.name), "tier": self.tier(e.name), "pinned": set(self.expand([e.name])) <= self.pinned,
+                 "in_flight": self.refcount[e.name],
+                 **({"xlora_experts": list(e.xlora.expert_names())} if e.xlora else {})}
+                for e in self.registry.values()]
 
     def _known(self, name: str) -> AdapterEntry:
         entry = self.registry.get(name)
@@ -95,30 +132,41 @@ class AdapterStore:
             raise KeyError(f"adapter {name!r} is not loaded")
         return entry
 
+    def xlora_owner(self, name: str) -> str | None:
+        """The X-LoRA that ``name`` is an expert of, if any."""
+        return next((e.name for e in self.registry.values() if e.xlora and name in e.xlora.expert_names()), None)
+
     def unload(self, name: str) -> None:
+        """Forget an adapter (an X-LoRA: with its experts)."""
         self._known(name)
-        if self.refcount[name] > 0:
-            raise RuntimeError(f"adapter {name!r} has {self.refcount[name]} requests in flight")
-        self.registry.pop(name, None)
-        self.host.pop(name, None)
-        self.slots.pop(name, None)
-        self.pinned.discard(name)
-        self._pending.pop(name, None)
+        if (owner := self.xlora_owner(name)) is not None:
+            raise RuntimeError(f"adapter {name!r} is an expert of the X-LoRA {owner!r}; unload {owner!r} instead")
+        names = {name, *self.expand([name])}
+        if busy := {n: self.refcount[n] for n in names if self.refcount[n] > 0}:
+            raise RuntimeError(f"adapter {name!r} has {max(busy.values())} requests in flight")
+        for n in names:
+            self.registry.pop(n, None)
+            self.host.pop(n, None)
+            self.slots.pop(n, None)
+            self.pinned.discard(n)
+            self._pending.pop(n, None)
 
     def pin(self, name: str) -> None:
         """Keep ``name`` in a device slot until :meth:`unpin`; at most ``max_loras - 1`` pins, so other adapters
         still get a slot. The slot is taken now when one is free or evictable, else as soon as one is."""
         self._known(name)
-        if name not in self.pinned and len(self.pinned) >= self.max_loras - 1:
+        names = self.expand([name])  # an X-LoRA pins its experts
+        if len(self.pinned | set(names)) > self.max_loras - 1:
             raise ValueError(f"max_loras: {len(self.pinned)} of {self.max_loras} slots are pinned already; "
-                             "pinning another would leave no slot for the other adapters")
-        self.pinned.add(name)
-        if name not in self.slots and (self._free_slot() is not None or self._victim(exclude=set()) is not None):
-            self.activate({name})
+                             "pinning more would leave no slot for the other adapters")
+        for n in names:
+            self.pinned.add(n)
+            if n not in self.slots and (self._free_slot() is not None or self._victim(exclude=set()) is not None):
+                self.activate({n})
 
     def unpin(self, name: str) -> None:
         self._known(name)
-        self.pinned.discard(name)
+        self.pinned.difference_update(self.expand([name]))
 
     # ---- tiers --------------------------------------------------------------------------------------------
     def host_weights(self, name: str) -> LoRAWeights:
@@ -168,6 +216,7 @@ class AdapterStore:
     def prefetch(self, names: list[str]) -> None:
         """Called every step with the adapters of queued requests (and the pinned ones): start reading those on disk
         in the background; put those already read into free device slots (never evicting anything)."""
+        names = self.expand(names)
         for name in names:
             if name in self.slots or name in self.host or name in self._pending or name not in self.registry:
                 continue

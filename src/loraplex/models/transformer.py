@@ -130,15 +130,14 @@ class DecoderLM(nn.Module):
         """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every q/k/v/o/gate/up/down linear."""
         s = self.spec
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            kw = dict(max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device, layer=i)
             layer.self_attn.qkv_lora = LoRAStack(["q_proj", "k_proj", "v_proj"], s.hidden_size,
-                                                 [s.q_size, s.kv_size, s.kv_size], max_loras, max_rank, dtype, device)
-            layer.self_attn.o_lora = LoRAStack(["o_proj"], s.q_size, [s.hidden_size], max_loras, max_rank,
-                                               dtype, device)
-            layer.mlp.gate_up_lora = LoRAStack(["gate_proj", "up_proj"], s.hidden_size,
-                                               [s.intermediate_size] * 2, max_loras, max_rank, dtype, device)
-            layer.mlp.down_lora = LoRAStack(["down_proj"], s.intermediate_size, [s.hidden_size], max_loras,
-                                            max_rank, dtype, device)
+                                                 [s.q_size, s.kv_size, s.kv_size], **kw)
+            layer.self_attn.o_lora = LoRAStack(["o_proj"], s.q_size, [s.hidden_size], **kw)
+            layer.mlp.gate_up_lora = LoRAStack(["gate_proj", "up_proj"], s.hidden_size, [s.intermediate_size] * 2,
+                                               **kw)
+            layer.mlp.down_lora = LoRAStack(["down_proj"], s.intermediate_size, [s.hidden_size], **kw)
 
     def set_lora_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter (``(layer, module) -> (A, B·scale)``) into device slot ``slot`` of every layer."""

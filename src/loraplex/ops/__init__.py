@@ -8,6 +8,7 @@ from loraplex.ops.lora_torch import (
     bgmv_expand,
     bgmv_shrink,
     dense_lora,
+    dense_lora_gated,
     dense_lora_weighted,
 )
 
@@ -49,3 +50,13 @@ def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
         h = h * weight
     for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
         y[:, start:start + size] += h[:, i * r:(i + 1) * r] @ lora_b[slot].T
+
+
+def add_lora_gated(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+                   out_slices: list[tuple[int, int]], rows: torch.Tensor, slots: torch.Tensor,
+                   weights: torch.Tensor) -> None:
+    """X-LoRA: tokens ``rows`` get ``Σ_e weights[t, i, e] · B_i[slots[e]] A_i[slots[e]] x`` on output slice i (a
+    per-token, per-slice mixture of the E experts)."""
+    out = y.new_zeros(rows.shape[0], y.shape[1])
+    dense_lora_gated(out, x.index_select(0, rows), lora_a, lora_bs, out_slices, slots, weights)
+    y.index_add_(0, rows, out)

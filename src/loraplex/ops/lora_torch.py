@@ -63,6 +63,20 @@ def dense_lora_weighted(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, 
         y[:, start:start + size] += h[:, :, i * r:(i + 1) * r].reshape(t, d * r) @ b
 
 
+def dense_lora_gated(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+                     out_slices: list[tuple[int, int]], unique: torch.Tensor, weights: torch.Tensor) -> None:
+    """The dense form with a weight per token, output slice and adapter (X-LoRA's gate): ``weights: [T, n, D]``
+    for the n stacked slices and the D slots in ``unique``. Shrink against all D at once, scale each slice's
+    columns, then one expand GEMM per slice."""
+    t, d, n = x.shape[0], unique.shape[0], len(lora_bs)
+    r = lora_bs[0].shape[-1]
+    a = lora_a.index_select(0, unique)  # [D, n·r, in]
+    h = (x @ a.reshape(-1, a.shape[-1]).T).view(t, d, n, r) * weights.transpose(1, 2).unsqueeze(-1).to(x.dtype)
+    for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
+        b = lora_b.index_select(0, unique).transpose(1, 2).reshape(d * r, -1)  # [D·r, out]
+        y[:, start:start + size] += h[:, :, i].reshape(t, d * r) @ b
+
+
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                 weights: torch.Tensor | None) -> torch.Tensor:
     """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]`` (``weights`` None = all ones)."""

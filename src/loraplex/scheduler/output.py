@@ -31,6 +31,9 @@ class ScheduledRequest(UsesAdapters):
     output_token_ids: list[int]
     lora_name: str | None = None
     lora_mix: tuple[tuple[str, float], ...] = ()
+    xlora: str | None = None
+    xlora_experts: tuple[str, ...] = ()
+    scaling_block_table: list[int] | None = None  # X-LoRA: the scaling pass's own KV track
 
 
     @property

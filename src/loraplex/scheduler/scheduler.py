@@ -53,7 +53,7 @@ class Scheduler:
             self.waiting.remove(req)
         if not req.status.finished:
             req.status = status
-        self.kv.free(request_id)
+        self.kv.free(*req.kv_ids(request_id))
         self._finished_since_last_step.append(request_id)
 
     def _leave_running(self, req: Request) -> None:
@@ -62,6 +62,10 @@ class Scheduler:
             self.running_loras[name] -= 1
             if not self.running_loras[name]:
                 del self.running_loras[name]
+
+    def _allocate(self, req: Request, num_tokens: int) -> bool:
+        """Grow every KV track of ``req`` (one, or two for an X-LoRA) to ``num_tokens``, all or none."""
+        return self.kv.allocate(req.request_id, num_tokens, *req.kv_ids(req.request_id)[1:])
 
     def _lora_fits(self, req: Request) -> bool:
         """A step's adapters (running ∪ pinned) must fit the ``max_loras`` device slots."""
@@ -103,7 +107,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            while not self._allocate(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted_req_ids.append(victim.request_id)
@@ -120,7 +124,7 @@ class Scheduler:
                 req = self.waiting[0]
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 # FCFS across adapters: the head waits (and blocks those behind it) until its adapter fits.
-                if not self._lora_fits(req) or not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                if not self._lora_fits(req) or not self._allocate(req, req.num_computed_tokens + n):
                     break
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
@@ -146,12 +150,15 @@ class Scheduler:
                 output_token_ids=req.output_token_ids,
                 lora_name=req.lora_name,
                 lora_mix=req.lora_mix,
+                xlora=req.xlora,
+                xlora_experts=req.xlora_experts,
+                scaling_block_table=self.kv.block_tables[req.kv_ids(req.request_id)[1]] if req.xlora else None,
             ))
         return out
 
     def _preempt(self, req: Request) -> None:
         self._leave_running(req)
-        self.kv.free(req.request_id)
+        self.kv.free(*req.kv_ids(req.request_id))
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
