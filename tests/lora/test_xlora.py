@@ -136,6 +136,16 @@ def test_xlora_registry_and_refusals(xlora_root, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "xlora_depth": cfg["xlora_depth"] + 1}))
     with pytest.raises(ValueError, match="linear layers"):
         llm.generate("hi", lora_request=LoRARequest("bad", 5, str(bad)), use_tqdm=False)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(root / "xl" / "adapter_model.safetensors"))
+    last = max(k for k in tensors if k.endswith("weight"))
+    save_file({**tensors, last: tensors[last][:-1], last[:-6] + "bias": tensors[last[:-6] + "bias"][:-1]},
+              str(bad / "adapter_model.safetensors"))
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="the classifier gives"):  # refused at registration, not inside a step
+        llm.generate("hi", lora_request=LoRARequest("bad1", 7, str(bad)), use_tqdm=False)
+    shutil.copy(root / "xl" / "adapter_model.safetensors", bad / "adapter_model.safetensors")
     shutil.rmtree(bad / "2")
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="expert '2'"):

@@ -25,7 +25,7 @@ from loraplex.lora.peft_format import (
     read_lora,
 )
 from loraplex.lora.request import LoRARequest
-from loraplex.lora.xlora import XLoRAPlan, inspect_xlora, is_xlora_dir
+from loraplex.lora.xlora import XLoRAPlan, check_classifier, inspect_xlora, is_xlora_dir, module_order
 from loraplex.models.model_config import ModelSpec
 
 
@@ -86,6 +86,7 @@ class AdapterStore:
                              f"many device slots; max_loras is {self.max_loras}")
         plans = {n: inspect_peft_lora(n, p, self.spec, self.max_lora_rank)
                  for n, p in zip(xplan.expert_names(), xplan.expert_paths.values())}
+        check_classifier(xplan, len(module_order(list(plans.values()))))
         for n, plan in plans.items():  # experts are adapters in their own right (requestable by name)
             if n in self.registry and self.registry[n].path != plan.path:
                 raise ValueError(f"adapter {n!r} is already loaded from {self.registry[n].path}")

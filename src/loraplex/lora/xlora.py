@@ -121,6 +121,16 @@ def inspect_xlora(name: str, path: str | Path, hidden_size: int) -> XLoRAPlan:
     return XLoRAPlan(name, str(root), cfg, experts, [(w["weight"], w["bias"]) for w in linears])
 
 
+def check_classifier(plan: XLoRAPlan, n_modules: int) -> None:
+    """The classifier's last layer must give one logit per expert (per LoRA module if ``layerwise_scalings``)."""
+    cfg, n_experts = plan.config, len(plan.config.experts)
+    out = plan.classifier[-1][0].shape[0]
+    want = n_experts * (n_modules if cfg.layerwise_scalings else 1)
+    if out != want:
+        raise ValueError(f"adapter {plan.name!r}: the classifier gives {out} outputs, expected {want} ({n_experts} "
+                         f"experts x {n_modules if cfg.layerwise_scalings else 1} LoRA modules)")
+
+
 def module_order(expert_plans: list[LoRAPlan]) -> list[tuple[int, str]]:
     """PEFT numbers the LoRA-wrapped linears (any expert targets them) in module order: layer, then q, k, v, o,
     gate, up, down. Classifier outputs are laid out by that number."""
@@ -139,10 +149,10 @@ class XLoRAGate(nn.Module):
     def __init__(self, plan: XLoRAPlan, modules: list[tuple[int, str]], num_layers: int, dtype: torch.dtype,
                  device) -> None:
         super().__init__()
-        self.config = cfg = plan.config
+        self.config = plan.config
         self.num_layers = num_layers
         self.n_modules = len(modules)
-        self.n_experts = len(cfg.experts)
+        self.n_experts = len(plan.config.experts)
         layers: list[nn.Module] = []
         for i, (w, b) in enumerate(plan.classifier):
             lin = nn.Linear(w.shape[1], w.shape[0], dtype=dtype, device=device)
@@ -150,12 +160,7 @@ class XLoRAGate(nn.Module):
             lin.bias.data.copy_(b)
             layers += [lin] if i == len(plan.classifier) - 1 else [lin, nn.ReLU()]
         self.layers = nn.Sequential(*layers).requires_grad_(False)
-        out = plan.classifier[-1][0].shape[0]
-        want = self.n_experts * (self.n_modules if cfg.layerwise_scalings else 1)
-        if out != want:
-            raise ValueError(f"adapter {plan.name!r}: the classifier gives {out} outputs, expected {want} "
-                             f"({self.n_experts} experts x {self.n_modules if cfg.layerwise_scalings else 1} "
-                             "LoRA modules)")
+        check_classifier(plan, len(modules))
         self.register_buffer("layer_idx", torch.tensor([l for l, _ in modules], device=device), persistent=False)
         self.register_buffer("module_idx", torch.tensor([MODULES.index(m) for _, m in modules], device=device),
                              persistent=False)

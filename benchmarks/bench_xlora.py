@@ -1,0 +1,138 @@
+"""X-LoRA rows (per-token gated experts) vs single-adapter, mixture and base rows, and vs PEFT's X-LoRA.
+
+    python benchmarks/bench_xlora.py [--new-tokens 64] [--repeats 3] [--peft-prompts 8] [--skip-peft]
+
+An X-LoRA over the three demo adapters (congcong, benben, pirate) with a random 2-layer, layer-wise classifier (the
+cost does not depend on the gate's values) on the embedded SmolLM2, bf16, 32 chat prompts. Side by side in one run:
+base only; one adapter (pirate); a static 3-adapter mixture; X-LoRA on every row; a mixed batch (a quarter each:
+base, pirate, 3-mixture, X-LoRA). Then transformers+PEFT X-LoRA ``generate`` (PEFT runs it without a KV cache) and
+transformers base ``generate`` on the first ``--peft-prompts`` prompts, with our X-LoRA and base rows on those same
+prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.lora.demo import demo_adapters
+from loraplex.lora.peft_format import inspect_peft_lora
+from loraplex.lora.xlora import module_order
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import QUESTIONS  # noqa: E402
+
+EXPERTS = ("congcong", "benben", "pirate")
+
+
+def write_xlora(out: Path, hidden: int, n_modules: int, size: int = 2048) -> None:
+    """An X-LoRA directory as PEFT loads it: config, classifier safetensors, experts in subfolders "0", "1", "2"."""
+    out.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    n_out = len(EXPERTS) * n_modules
+    save_file({"base_model.internal_xlora_classifier.layers.0.weight": torch.randn(size, hidden, generator=g) * 0.05,
+               "base_model.internal_xlora_classifier.layers.0.bias": torch.zeros(size),
+               "base_model.internal_xlora_classifier.layers.2.weight": torch.randn(n_out, size, generator=g) * 0.05,
+               "base_model.internal_xlora_classifier.layers.2.bias": torch.zeros(n_out)},
+              str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "XLORA", "task_type": "CAUSAL_LM", "hidden_size": hidden, "xlora_depth": 2, "xlora_size": size,
+        "layerwise_scalings": True, "xlora_dropout_p": 0.0, "adapters": {str(i): str(i) for i in range(3)}}))
+    for i, name in enumerate(EXPERTS):
+        shutil.copytree(demo_adapters()[name], out / str(i))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peft-prompts", type=int, default=8)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=8)  # 3 adapters + 3 experts
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8] + " " * (i // 8)}],
+                                                  tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False) for i in range(32)]
+    spec = llm.llm_engine.loaded.spec
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-xlora-"))
+    plans = [inspect_peft_lora(n, demo_adapters()[n], spec, 64) for n in EXPERTS]
+    write_xlora(tmp / "xl", spec.hidden_size, len(module_order(plans)))
+    xl = LoRARequest("xl", 10, str(tmp / "xl"))
+    pirate, congcong, benben = (LoRARequest(n, i + 1, n) for i, n in enumerate(["pirate", "congcong", "benben"]))
+    mix3 = [(pirate, 0.4), (congcong, 0.3), (benben, 0.3)]
+    cases = {"base only": None, "one adapter (pirate)": pirate, "3-adapter mixture": mix3,
+             "X-LoRA (3 experts, per-token gate)": xl, "mixed batch (base/pirate/mix3/X-LoRA)": [None, pirate, mix3, xl] * 8}
+    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    total = len(prompts) * args.new_tokens
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for lr in cases.values():  # warm-up: every adapter resident
+        llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=2),
+                     lora_request=lr[:4] if isinstance(lr, list) and len(lr) == 32 else lr, use_tqdm=False)
+    for _ in range(args.repeats):
+        for name, lr in cases.items():
+            t = time.perf_counter()
+            llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=lr, use_tqdm=False)
+            times[name].append(time.perf_counter() - t)
+    base = total / statistics.median(times["base only"])
+    print(f"# SmolLM2-135M-Instruct, bf16, 32 prompts x {args.new_tokens} tokens, median of {args.repeats}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| rows | tok/s | vs base |\n|---|---|---|")
+    for name in cases:
+        tps = total / statistics.median(times[name])
+        print(f"| {name} | {tps:.1f} | {tps / base:.0%} |")
+    if not args.skip_peft:
+        peft_baseline(llm, prompts[:args.peft_prompts], xl, tmp / "xl", args.new_tokens)
+
+
+def peft_baseline(llm, prompts, xl, xl_dir: Path, new_tokens: int) -> None:
+    from peft import PeftModel, XLoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.models.loader import local_hf_dir
+
+    total = len(prompts) * new_tokens
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    ours = {}
+    for name, lr in (("loraplex base only", None), ("loraplex X-LoRA", xl)):
+        t = time.perf_counter()
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=lr, use_tqdm=False)
+        ours[name] = total / (time.perf_counter() - t)
+    base_dir = local_hf_dir(None)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    gen = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+               pad_token_id=0)
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        t = time.perf_counter()
+        hf.generate(ids, **gen)
+        ours["transformers base"] = total / (time.perf_counter() - t)
+    hf.config.use_cache = False
+    cfg = XLoraConfig.from_pretrained(str(xl_dir))
+    cfg.adapters = {k: str(xl_dir / v) for k, v in cfg.adapters.items()}
+    peft = PeftModel.from_pretrained(hf, str(xl_dir), config=cfg).to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        t = time.perf_counter()
+        peft.generate(input_ids=ids, **gen)
+        ours["transformers+PEFT X-LoRA (no KV cache)"] = total / (time.perf_counter() - t)
+    print(f"\n# the first {len(prompts)} prompts x {new_tokens} tokens")
+    print("| engine | tok/s |\n|---|---|")
+    for k, v in ours.items():
+        print(f"| {k} | {v:.1f} |")
+    print(f"\nloraplex X-LoRA / transformers+PEFT X-LoRA: "
+          f"{ours['loraplex X-LoRA'] / ours['transformers+PEFT X-LoRA (no KV cache)']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
