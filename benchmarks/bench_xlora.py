@@ -1,13 +1,16 @@
 """X-LoRA rows (per-token gated experts) vs single-adapter, mixture and base rows, and vs PEFT's X-LoRA.
 
-    python benchmarks/bench_xlora.py [--new-tokens 64] [--repeats 3] [--peft-prompts 8] [--skip-peft]
+    python benchmarks/bench_xlora.py [--new-tokens 64] [--repeats 3] [--peft-prompts 8] [--skip-peft] [--arrivals-only]
 
 An X-LoRA over the three demo adapters (congcong, benben, pirate) with a random 2-layer, layer-wise classifier (the
 cost does not depend on the gate's values) on the embedded SmolLM2, bf16, 32 chat prompts. Side by side in one run:
 base only; one adapter (pirate); a static 3-adapter mixture; X-LoRA on every row; a mixed batch (a quarter each:
 base, pirate, 3-mixture, X-LoRA). Then transformers+PEFT X-LoRA ``generate`` (PEFT runs it without a KV cache) and
 transformers base ``generate`` on the first ``--peft-prompts`` prompts, with our X-LoRA and base rows on those same
-prompts.
+prompts. Last, continuous arrivals (32 in flight, 128 requests x 32 tokens, a new one admitted as each finishes):
+all base vs a mix where every fourth request is X-LoRA (the others base / pirate / 3-mixture) — what X-LoRA rows
+cost the rows they share steps with, without a closed batch's tail (in a closed batch the X-LoRA rows, which need
+two forwards per token, finish last and set the time).
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peft-prompts", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--arrivals-only", action="store_true")
     args = ap.parse_args()
     llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=8)  # 3 adapters + 3 experts
     tok = llm.get_tokenizer()
@@ -70,6 +74,8 @@ def main() -> None:
     xl = LoRARequest("xl", 10, str(tmp / "xl"))
     pirate, congcong, benben = (LoRARequest(n, i + 1, n) for i, n in enumerate(["pirate", "congcong", "benben"]))
     mix3 = [(pirate, 0.4), (congcong, 0.3), (benben, 0.3)]
+    if args.arrivals_only:
+        return arrivals(llm, [None, pirate, mix3, xl], args.repeats)
     cases = {"base only": None, "one adapter (pirate)": pirate, "3-adapter mixture": mix3,
              "X-LoRA (3 experts, per-token gate)": xl, "mixed batch (base/pirate/mix3/X-LoRA)": [None, pirate, mix3, xl] * 8}
     sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -92,6 +98,30 @@ def main() -> None:
         print(f"| {name} | {tps:.1f} | {tps / base:.0%} |")
     if not args.skip_peft:
         peft_baseline(llm, prompts[:args.peft_prompts], xl, tmp / "xl", args.new_tokens)
+    arrivals(llm, [None, pirate, mix3, xl], args.repeats)
+
+
+def arrivals(llm, loras: list, repeats: int, in_flight: int = 32, n: int = 128, new_tokens: int = 32) -> None:
+    engine, tok = llm.llm_engine, llm.get_tokenizer()
+    prompts = [tok.encode(f"{QUESTIONS[i % 8]} ({i})") for i in range(n)]
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+    def run(pattern: list) -> float:
+        t, nxt, live, done = time.perf_counter(), 0, 0, 0
+        while done < n:
+            while live < in_flight and nxt < n:
+                engine.add_request(prompts[nxt], sp, lora_request=pattern[nxt % len(pattern)])
+                nxt, live = nxt + 1, live + 1
+            for out in engine.step():
+                if out.finished:
+                    live, done = live - 1, done + 1
+        return n * new_tokens / (time.perf_counter() - t)
+
+    run(loras), run([None])  # warm-up
+    print(f"\n# continuous arrivals: {in_flight} in flight, {n} requests x {new_tokens} tokens")
+    for _ in range(repeats):
+        base, mixed = run([None]), run(loras)
+        print(f"all base {base:.0f} tok/s, 1/4 X-LoRA + base/pirate/mix3 {mixed:.0f} tok/s: {mixed / base:.0%}")
 
 
 def peft_baseline(llm, prompts, xl, xl_dir: Path, new_tokens: int) -> None:

@@ -42,6 +42,7 @@ class Request(UsesAdapters):
     lora_mix: tuple[tuple[str, float], ...] = ()  # a weighted set of adapters: Σ w_i · B_i A_i x
     xlora: str | None = None  # an X-LoRA: its experts are mixed per token by its classifier
     xlora_experts: tuple[str, ...] = ()
+    xlora_scaled: int = 0  # X-LoRA: tokens through the scaling pass (its KV track); ≥ num_computed_tokens
     parent_id: str | None = None
     index: int = 0  # which of the parent's n completions
     arrival_time: float = field(default_factory=time.monotonic)

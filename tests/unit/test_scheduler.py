@@ -129,3 +129,34 @@ def test_pinned_adapters_count_against_max_loras():
     while sched.has_unfinished():
         out = fake_step(sched)
         assert len({s.lora_name for s in out.scheduled} | sched.pinned_loras) <= 3
+
+
+def test_xlora_alternates_scaling_and_real_pass_on_two_kv_tracks():
+    """An X-LoRA request: a scaling-pass step on its second KV track (no sample), then a real-pass step over the same
+    tokens (samples); a base request beside it advances every step. Preemption resets both; finish frees both."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, max_loras=4),
+                      BlockManager(num_blocks=16, block_size=4))
+    x = make_request("x", 6, 2)
+    x.xlora, x.xlora_experts = "moe", ("moe/0", "moe/1")
+    sched.add_request(x)
+    sched.add_request(make_request("b", 5, 3))
+    phases = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        row = next((s for s in out.scheduled if s.request_id == "x"), None)
+        if row is not None:
+            tracks = sched.kv.block_tables
+            assert row.block_table is tracks["x/xlora-scaling" if row.xlora_phase == "scaling" else "x"]
+            phases.append((row.xlora_phase, row.num_tokens, row.sample))
+        sched.update_from_output(out, ModelRunnerOutput({s.request_id: SampledToken(7) for s in out.scheduled
+                                                         if s.sample}))
+    assert phases == [("scaling", 6, False), ("real", 6, True), ("scaling", 1, False), ("real", 1, True)]
+    assert sched.kv.num_free_blocks == 16 and x.num_output_tokens == 2
+
+    y = make_request("y", 6, 4)
+    y.xlora, y.xlora_experts = "moe", ("moe/0",)
+    sched.add_request(y)
+    fake_step(sched)
+    assert y.xlora_scaled == 6 and y.num_computed_tokens == 0
+    sched._preempt(y)
+    assert y.xlora_scaled == 0 and sched.kv.num_free_blocks == 16

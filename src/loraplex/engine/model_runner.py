@@ -5,8 +5,6 @@ Layout of a step: decode rows (one token each) first, then prefill chunks, all o
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
-
 import torch
 
 from loraplex.config import CacheConfig
@@ -71,6 +69,7 @@ class ModelRunner:
         self.dtype = dtype
         self.lora_store: AdapterStore | None = None  # set by the engine when LoRA is enabled
         self._gates: dict[str, tuple[object, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
+        self._xlora_scores: dict[str, torch.Tensor] = {}  # request -> expert weights of its scored tokens
 
     def lora_batch(self, rows: list[ScheduledRequest]) -> LoRABatch | None:
         """Adapter per token for the step (None when no row uses an adapter: the base pays nothing).
@@ -130,36 +129,48 @@ class ModelRunner:
             cached = self._gates[name] = (entry.xlora, gate)
         return cached[1]
 
-    def xlora_groups(self, rows: list[ScheduledRequest], slot_of: dict[str, int]) -> list[XLoRAGroup]:
-        """The scaling pass: X-LoRA rows alone, over their second KV track, with every expert at
-        ``scaling_pass_value`` (usually the base model); the classifier turns its final hidden states into each
-        token's expert weights for the real pass. Returns one group per X-LoRA, indexed on the step's token axis."""
-        offsets, pos = {}, 0
-        for r in rows:
-            offsets[r.request_id] = pos
-            pos += r.num_tokens
-        xl = [r for r in rows if r.xlora]
-        ids, positions, meta, _ = self.prepare([replace(r, block_table=r.scaling_block_table) for r in xl])
-        by_name: dict[str, list[int]] = {}  # X-LoRA -> its tokens on the scaling pass's axis
-        main_rows: dict[str, list[int]] = {}  # ... and on the step's axis
+    def xlora_groups(self, rows: list[ScheduledRequest],
+                     slot_of: dict[str, int]) -> tuple[list[XLoRAGroup], list[tuple[str, str, torch.Tensor]]]:
+        """X-LoRA rows of the step (see ``Scheduler._xlora_phase``). Real-pass rows use the expert weights their
+        scaling pass scored in an earlier step; scaling-pass rows run on their own KV track with every expert at
+        ``scaling_pass_value`` (0: plain base rows). Returns the step's groups and, for scaling rows, what to score
+        from the step's final hidden states: ``(request id, X-LoRA, token rows)``."""
+        real: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+        scaling: dict[str, list[int]] = {}
+        to_score: list[tuple[str, str, torch.Tensor]] = []
         pos = 0
-        for r in xl:
-            by_name.setdefault(r.xlora, []).extend(range(pos, pos + r.num_tokens))
-            main_rows.setdefault(r.xlora, []).extend(range(offsets[r.request_id], offsets[r.request_id] + r.num_tokens))
+        for r in rows:
+            idx = list(range(pos, pos + r.num_tokens))
             pos += r.num_tokens
-        gates = {n: self._gate(n) for n in by_name}
-        slots = {n: torch.tensor([slot_of[e] for e in self.lora_store.registry[n].xlora.expert_names()],
-                                 device=self.device) for n in by_name}
-        scaling = LoRABatch(0, used_slots=frozenset(slot_of.values()))
-        for n, idx in by_name.items():
-            w = gates[n].scaling_pass_weights(len(idx))
+            if r.xlora_phase == "real":
+                scores = self._xlora_scores.pop(r.request_id)  # [n scored, modules, E]
+                if scores.shape[0] > r.num_tokens:  # a chunk of them (token budget): keep the rest
+                    self._xlora_scores[r.request_id] = scores[r.num_tokens:]
+                real.setdefault(r.xlora, ([], []))[0].extend(idx)
+                real[r.xlora][1].append(scores[:r.num_tokens])
+            elif r.xlora_phase == "scaling":
+                scaling.setdefault(r.xlora, []).extend(idx)
+                to_score.append((r.request_id, r.xlora, torch.tensor(idx, device=self.device)))
+
+        def experts(name: str) -> torch.Tensor:
+            return torch.tensor([slot_of[e] for e in self.lora_store.registry[name].xlora.expert_names()],
+                                device=self.device)
+
+        groups = [XLoRAGroup(torch.tensor(idx, device=self.device), experts(n), self._gate(n).spread(torch.cat(w)))
+                  for n, (idx, w) in real.items()]
+        for n, idx in scaling.items():
+            w = self._gate(n).scaling_pass_weights(len(idx))
             if w is not None:
-                scaling.xlora.append(XLoRAGroup(torch.tensor(idx, device=self.device), slots[n], gates[n].spread(w)))
-        with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
-            hidden = self.model(ids, positions, self.kv_caches, meta, scaling if scaling.xlora else None)
-        return [XLoRAGroup(torch.tensor(main_rows[n], device=self.device), slots[n],
-                           gates[n].spread(gates[n].classify(hidden[torch.tensor(idx, device=self.device)])))
-                for n, idx in by_name.items()]
+                groups.append(XLoRAGroup(torch.tensor(idx, device=self.device), experts(n), self._gate(n).spread(w)))
+        return groups, to_score
+
+    def score_xlora(self, hidden: torch.Tensor, to_score: list[tuple[str, str, torch.Tensor]]) -> None:
+        """The classifier on scaling-pass rows' final hidden states: their tokens' expert weights, kept for the
+        request's next (real-pass) step."""
+        for req_id, name, idx in to_score:
+            scores = self._gate(name).classify(hidden[idx])
+            prev = self._xlora_scores.get(req_id)
+            self._xlora_scores[req_id] = scores if prev is None else torch.cat([prev, scores])
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -213,16 +224,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.drop(sched.finished_req_ids)  # preempted requests keep their RNG
+        for rid in sched.finished_req_ids + sched.preempted_req_ids:  # preempted X-LoRAs recompute their scores
+            self._xlora_scores.pop(rid, None)
         rows = sorted(sched.scheduled, key=lambda r: r.num_tokens > 1)  # stable: decodes first
         if not rows:
             return ModelRunnerOutput()
         ids, pos, meta, sample_idx = self.prepare(rows)
         lora = self.lora_batch(rows)
+        to_score = []
         if any(r.xlora for r in rows):
-            lora.xlora = self.xlora_groups(rows, self.lora_store.activate({n for r in rows for n in r.lora_names}))
+            lora.xlora, to_score = self.xlora_groups(rows, self.lora_store.activate(
+                {n for r in rows for n in r.lora_names}))
         sampling_rows = [r for r in rows if r.sample]
         with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)
+            self.score_xlora(hidden, to_score)
             if not sampling_rows:
                 return ModelRunnerOutput()
             logits = self.model.compute_logits(hidden[sample_idx])

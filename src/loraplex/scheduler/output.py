@@ -33,7 +33,8 @@ class ScheduledRequest(UsesAdapters):
     lora_mix: tuple[tuple[str, float], ...] = ()
     xlora: str | None = None
     xlora_experts: tuple[str, ...] = ()
-    scaling_block_table: list[int] | None = None  # X-LoRA: the scaling pass's own KV track
+    # X-LoRA rows: "scaling" (block_table is the scaling pass's own KV track; never samples) or "real"
+    xlora_phase: str | None = None
 
 
     @property

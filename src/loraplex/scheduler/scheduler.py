@@ -63,6 +63,20 @@ class Scheduler:
             if not self.running_loras[name]:
                 del self.running_loras[name]
 
+    @staticmethod
+    def _xlora_phase(req: Request) -> str | None:
+        """An X-LoRA request alternates: a step of its scaling pass (the classifier scores its next tokens), then a
+        step of its real pass over those tokens. Other rows of the step do not wait for it."""
+        if not req.xlora:
+            return None
+        return "real" if req.xlora_scaled > req.num_computed_tokens else "scaling"
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        """How many tokens ``req`` feeds this step: the rest of its known tokens (within ``budget``); in an X-LoRA's
+        real-pass step, the tokens its scaling pass has scored."""
+        end = req.xlora_scaled if self._xlora_phase(req) == "real" else req.num_tokens
+        return min(end - req.num_computed_tokens, budget)
+
     def _allocate(self, req: Request, num_tokens: int) -> bool:
         """Grow every KV track of ``req`` (one, or two for an X-LoRA) to ``num_tokens``, all or none."""
         return self.kv.allocate(req.request_id, num_tokens, *req.kv_ids(req.request_id)[1:])
@@ -106,7 +120,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, budget)
             while not self._allocate(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -122,7 +136,7 @@ class Scheduler:
         if not out.preempted_req_ids:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
                 req = self.waiting[0]
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                n = self._chunk(req, budget)
                 # FCFS across adapters: the head waits (and blocks those behind it) until its adapter fits.
                 if not self._lora_fits(req) or not self._allocate(req, req.num_computed_tokens + n):
                     break
@@ -137,13 +151,13 @@ class Scheduler:
             n = chunks.get(req.request_id)
             if n is None:
                 continue
-            start = req.num_computed_tokens
+            start, phase = req.num_computed_tokens, self._xlora_phase(req)
             out.scheduled.append(ScheduledRequest(
                 request_id=req.request_id,
                 token_ids=req.all_token_ids[start:start + n],
                 start_pos=start,
-                block_table=self.kv.block_tables[req.request_id],
-                sample=start + n == req.num_tokens,
+                block_table=self.kv.block_tables[req.kv_ids(req.request_id)[phase == "scaling"]],
+                sample=start + n == req.num_tokens and phase != "scaling",
                 sampling_params=req.sampling_params,
                 seed=None if req.sampling_params.seed is None else req.sampling_params.seed + req.index,
                 prompt_token_ids=req.prompt_token_ids,
@@ -152,7 +166,7 @@ class Scheduler:
                 lora_mix=req.lora_mix,
                 xlora=req.xlora,
                 xlora_experts=req.xlora_experts,
-                scaling_block_table=self.kv.block_tables[req.kv_ids(req.request_id)[1]] if req.xlora else None,
+                xlora_phase=phase,
             ))
         return out
 
@@ -160,7 +174,7 @@ class Scheduler:
         self._leave_running(req)
         self.kv.free(*req.kv_ids(req.request_id))
         req.status = RequestStatus.WAITING
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.xlora_scaled = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -173,6 +187,9 @@ class Scheduler:
         for s in sched.scheduled:
             req = self.requests.get(s.request_id)
             if req is None:  # aborted while the step ran
+                continue
+            if s.xlora_phase == "scaling":  # its scaling-pass KV track and scores advanced; no token yet
+                req.xlora_scaled += s.num_tokens
                 continue
             req.num_computed_tokens += s.num_tokens
             tok = result.sampled.get(s.request_id)
