@@ -35,24 +35,29 @@ def main() -> None:
     mix3 = [(pirate, 0.4), (congcong, 0.3), (benben, 0.3)]
     cases = {"base only": None, "one adapter (pirate)": pirate, "2-adapter mixture": mix2,
              "3-adapter mixture": mix3, "mixed batch (base/pirate/congcong/mix2)": [None, pirate, congcong, mix2] * 8}
-    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    total = len(prompts) * args.new_tokens
+    compare_cases(llm, prompts, cases, args.new_tokens, args.repeats)
+
+
+def compare_cases(llm: LLM, prompts: list[list[int]], cases: dict, new_tokens: int, repeats: int) -> None:
+    """Time ``cases`` (name -> lora_request; the first is the baseline) in alternating repeats and print a table of
+    median tok/s and the ratio to the first case."""
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    total = len(prompts) * new_tokens
     times: dict[str, list[float]] = {k: [] for k in cases}
     for lr in cases.values():  # warm-up: every adapter resident
         llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=2),
-                     lora_request=lr if not isinstance(lr, list) or len(lr) != 32 else lr[:4], use_tqdm=False)
-    for _ in range(args.repeats):
+                     lora_request=lr[:4] if isinstance(lr, list) and len(lr) == len(prompts) else lr, use_tqdm=False)
+    for _ in range(repeats):
         for name, lr in cases.items():
             t = time.perf_counter()
             llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=lr, use_tqdm=False)
             times[name].append(time.perf_counter() - t)
-    base = total / statistics.median(times["base only"])
-    print(f"# SmolLM2-135M-Instruct, bf16, 32 prompts x {args.new_tokens} tokens, median of {args.repeats}")
+    first = total / statistics.median(next(iter(times.values())))
+    print(f"# SmolLM2-135M-Instruct, bf16, {len(prompts)} prompts x {new_tokens} tokens, median of {repeats}")
     print("| rows | tok/s | vs base |\n|---|---|---|")
     for name in cases:
         tps = total / statistics.median(times[name])
-        print(f"| {name} | {tps:.1f} | {tps / base:.0%} |")
-
+        print(f"| {name} | {tps:.1f} | {tps / first:.0%} |")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from loraplex.lora.xlora import module_order
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import QUESTIONS  # noqa: E402
+from bench_mixture import compare_cases  # noqa: E402
 
 EXPERTS = ("congcong", "benben", "pirate")
 
@@ -78,24 +78,7 @@ def main() -> None:
         return arrivals(llm, [None, pirate, mix3, xl], args.repeats)
     cases = {"base only": None, "one adapter (pirate)": pirate, "3-adapter mixture": mix3,
              "X-LoRA (3 experts, per-token gate)": xl, "mixed batch (base/pirate/mix3/X-LoRA)": [None, pirate, mix3, xl] * 8}
-    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    total = len(prompts) * args.new_tokens
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for lr in cases.values():  # warm-up: every adapter resident
-        llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=2),
-                     lora_request=lr[:4] if isinstance(lr, list) and len(lr) == 32 else lr, use_tqdm=False)
-    for _ in range(args.repeats):
-        for name, lr in cases.items():
-            t = time.perf_counter()
-            llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=lr, use_tqdm=False)
-            times[name].append(time.perf_counter() - t)
-    base = total / statistics.median(times["base only"])
-    print(f"# SmolLM2-135M-Instruct, bf16, 32 prompts x {args.new_tokens} tokens, median of {args.repeats}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| rows | tok/s | vs base |\n|---|---|---|")
-    for name in cases:
-        tps = total / statistics.median(times[name])
-        print(f"| {name} | {tps:.1f} | {tps / base:.0%} |")
+    compare_cases(llm, prompts, cases, args.new_tokens, args.repeats)
     if not args.skip_peft:
         peft_baseline(llm, prompts[:args.peft_prompts], xl, tmp / "xl", args.new_tokens)
     arrivals(llm, [None, pirate, mix3, xl], args.repeats)
