@@ -19,6 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import QUESTIONS, write_random_adapter  # noqa: E402
 
 
+def run_arrivals(engine, prompts: list[list[int]], sp: SamplingParams, loras: list, in_flight: int) -> float:
+    """Keep ``in_flight`` requests running, admitting the next prompt (adapter: ``loras`` in turn) as each finishes;
+    returns generated tok/s."""
+    t, nxt, live, done = time.perf_counter(), 0, 0, 0
+    while done < len(prompts):
+        while live < in_flight and nxt < len(prompts):
+            engine.add_request(prompts[nxt], sp, lora_request=loras[nxt % len(loras)])
+            nxt, live = nxt + 1, live + 1
+        for out in engine.step():
+            if out.finished:
+                live, done = live - 1, done + 1
+    return len(prompts) * sp.max_tokens / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
@@ -33,15 +47,7 @@ def main() -> None:
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
     def run(lora) -> float:
-        t, nxt, live, done = time.perf_counter(), 0, 0, 0
-        while done < len(prompts):
-            while live < args.in_flight and nxt < len(prompts):
-                engine.add_request(prompts[nxt], sp, lora_request=lora)
-                nxt, live = nxt + 1, live + 1
-            for out in engine.step():
-                if out.finished:
-                    live, done = live - 1, done + 1
-        return len(prompts) * 32 / (time.perf_counter() - t)
+        return run_arrivals(engine, prompts, sp, [lora], args.in_flight)
 
     run(adapter), run(None)  # warm-up
     for _ in range(args.repeats):

@@ -31,6 +31,7 @@ from loraplex.lora.peft_format import inspect_peft_lora
 from loraplex.lora.xlora import module_order
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_arrivals import run_arrivals  # noqa: E402
 from bench_lora import QUESTIONS  # noqa: E402
 from bench_mixture import compare_cases  # noqa: E402
 
@@ -90,15 +91,7 @@ def arrivals(llm, loras: list, repeats: int, in_flight: int = 32, n: int = 128, 
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
 
     def run(pattern: list) -> float:
-        t, nxt, live, done = time.perf_counter(), 0, 0, 0
-        while done < n:
-            while live < in_flight and nxt < n:
-                engine.add_request(prompts[nxt], sp, lora_request=pattern[nxt % len(pattern)])
-                nxt, live = nxt + 1, live + 1
-            for out in engine.step():
-                if out.finished:
-                    live, done = live - 1, done + 1
-        return n * new_tokens / (time.perf_counter() - t)
+        return run_arrivals(engine, prompts, sp, pattern, in_flight)
 
     run(loras), run([None])  # warm-up
     print(f"\n# continuous arrivals: {in_flight} in flight, {n} requests x {new_tokens} tokens")

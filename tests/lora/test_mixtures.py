@@ -91,9 +91,9 @@ def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs, monkeypatch):
     original = model_runner.ModelRunner.lora_batch
 
     def spy(self, rows):
-        batch = original(self, rows)
+        batch, to_score = original(self, rows)
         seen.append(batch is not None and batch.unique_weights is not None)
-        return batch
+        return batch, to_score
 
     monkeypatch.setattr(model_runner.ModelRunner, "lora_batch", spy)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=N_NEW,

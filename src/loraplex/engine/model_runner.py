@@ -5,6 +5,7 @@ Layout of a step: decode rows (one token each) first, then prefill chunks, all o
 from __future__ import annotations
 
 from contextlib import contextmanager
+
 import torch
 
 from loraplex.config import CacheConfig
@@ -71,14 +72,15 @@ class ModelRunner:
         self._gates: dict[str, tuple[object, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
         self._xlora_scores: dict[str, torch.Tensor] = {}  # request -> expert weights of its scored tokens
 
-    def lora_batch(self, rows: list[ScheduledRequest]) -> LoRABatch | None:
-        """Adapter per token for the step (None when no row uses an adapter: the base pays nothing).
+    def lora_batch(self, rows: list[ScheduledRequest]) -> tuple[LoRABatch | None, list]:
+        """Adapter per token for the step (None when no row uses an adapter: the base pays nothing), and the X-LoRA
+        scaling-pass rows to score after the forward (see :meth:`xlora_groups`).
 
         ``rows`` are in step order (decodes first); decodes get BGMV slots, prefill chunks SGMV segments.
         """
         names = {n for r in rows for n in r.lora_names}
         if not names:
-            return None
+            return None, []
         slot_of = self.lora_store.activate(names)
         decodes = [r for r in rows if r.num_tokens == 1]
         batch = LoRABatch(len(decodes), used_slots=frozenset(slot_of.values()))
@@ -117,7 +119,10 @@ class ModelRunner:
                 batch.segments.append((start, start + r.num_tokens, slot_of[name], weight))
             start += r.num_tokens
         batch.segments = _merge_segments(batch.segments)
-        return batch
+        to_score = []
+        if any(r.xlora for r in rows):
+            batch.xlora, to_score = self.xlora_groups(rows, slot_of)
+        return batch, to_score
 
     # ---- X-LoRA --------------------------------------------------------------------------------------------------
     def _gate(self, name: str) -> XLoRAGate:
@@ -230,11 +235,7 @@ class ModelRunner:
         if not rows:
             return ModelRunnerOutput()
         ids, pos, meta, sample_idx = self.prepare(rows)
-        lora = self.lora_batch(rows)
-        to_score = []
-        if any(r.xlora for r in rows):
-            lora.xlora, to_score = self.xlora_groups(rows, self.lora_store.activate(
-                {n for r in rows for n in r.lora_names}))
+        lora, to_score = self.lora_batch(rows)
         sampling_rows = [r for r in rows if r.sample]
         with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)

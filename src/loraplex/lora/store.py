@@ -25,7 +25,13 @@ from loraplex.lora.peft_format import (
     read_lora,
 )
 from loraplex.lora.request import LoRARequest
-from loraplex.lora.xlora import XLoRAPlan, check_classifier, inspect_xlora, is_xlora_dir, module_order
+from loraplex.lora.xlora import (
+    XLoRAPlan,
+    check_classifier,
+    inspect_xlora,
+    is_xlora_dir,
+    module_order,
+)
 from loraplex.models.model_config import ModelSpec
 
 
