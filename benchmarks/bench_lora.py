@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraplex import LLM, LoRARequest, SamplingParams
-from loraplex.lora.peft_format import MODULES, module_shapes
+from loraplex.layers.projections import MODULES, hf_module_path
 from loraplex.models.registry import resolve_model
 
 QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short poem about autumn.",
@@ -29,9 +29,8 @@ def write_random_adapter(path: Path, spec, rank: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(spec.num_layers):
-        for module, (n_in, n_out) in module_shapes(spec).items():
-            part = "self_attn" if module[0] in "qkvo" else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+        for module, (n_in, n_out) in spec.module_shapes.shapes.items():
+            key = f"base_model.model.model.{hf_module_path(layer, module)}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
             tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.01
     path.mkdir(parents=True)

@@ -21,7 +21,7 @@ import torch
 from bench_lora import QUESTIONS
 
 from loraplex import LLM, LoRARequest, SamplingParams
-from loraplex.lora.merge import merge_adapters
+from loraplex.merge import merge_adapters
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def main() -> None:
                           add_special_tokens=False) for i in range(32)]
     spec = llm.llm_engine.loaded.spec
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-xlora-"))
-    plans = [inspect_peft_lora(n, demo_adapters()[n], spec, 64) for n in EXPERTS]
+    plans = [inspect_peft_lora(n, demo_adapters()[n], spec.module_shapes, 64) for n in EXPERTS]
     write_xlora(tmp / "xl", spec.hidden_size, len(module_order(plans)))
     xl = LoRARequest("xl", 10, str(tmp / "xl"))
     pirate, congcong, benben = (LoRARequest(n, i + 1, n) for i, n in enumerate(["pirate", "congcong", "benben"]))

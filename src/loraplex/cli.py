@@ -11,13 +11,12 @@ from collections.abc import Iterator
 from loraplex.llm import LLM
 from loraplex.models.registry import DEFAULT_MODEL
 from loraplex.sampling_params import SamplingParams
-from loraplex.server.args import add_serve_args
+from loraplex.server.args import add_limit_args, add_serve_args
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model directory, .gguf file or alias (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", help="auto (= bfloat16), bfloat16, float16 or float32")
-    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -25,6 +24,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt for the chat template")
+    add_limit_args(p)
 
 
 def _params(args) -> SamplingParams:
@@ -60,7 +60,8 @@ def _encode_chat(llm: LLM, messages: list[dict]) -> list[int]:
 
 def _make_llm(args) -> LLM:
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device)
+    return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def cmd_generate(args) -> int:
@@ -113,7 +114,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from loraplex.lora.merge import merge_adapters
+    from loraplex.merge import merge_adapters
 
     out = merge_adapters(args.base, args.adapter, args.weights, args.out, dtype=args.dtype, force=args.force)
     print(f"merged {len(args.adapter)} adapter(s) into {out}", file=sys.stderr)

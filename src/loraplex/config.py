@@ -1,6 +1,8 @@
-"""Frozen configuration dataclasses composed into :class:`EngineConfig`.
+"""Frozen configuration dataclasses composed into :class:`EngineConfig`: the one place each knob and its default live.
 
 Each layer of the engine reads only its own section; derived values are properties, never stored twice.
+``LLM(...)``, ``LLMEngine.from_args`` and the command lines (``serve``, ``generate``, ``chat``) take their defaults
+from the class attributes here (``LoRAConfig.max_loras``, ...).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise ValueError(f"dtype: unsupported {dtype!r}; use one of auto, bfloat16, float16, float32") from None
 
 
+DEFAULT_MAX_LORAS = 8
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which weights to serve and how: ``model`` is a path (HF dir or .gguf) or a known alias."""
@@ -36,7 +41,6 @@ class ModelConfig:
     model: str
     dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
-    max_model_len: int = 2048
     seed: int = 0
 
 
@@ -54,33 +58,47 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous-batching limits: sequences per step and tokens per step (prefill chunks + decodes)."""
+    """Continuous-batching limits: sequences per step, tokens per step (prefill chunks + decodes) and the longest
+    sequence (prompt + output; ``None`` where the user gives it = the model's own limit)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    max_loras: int = 0  # distinct adapters among running requests (0 = LoRA disabled)
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Adapter capacity: ``max_loras`` device slots, ``max_cpu_loras`` host-cached adapters, rank cap."""
+    """Adapter capacity: ``max_loras`` device slots (distinct adapters in one step), ``max_cpu_loras`` host-cached
+    adapters, rank cap. Unset, ``max_loras`` is ``DEFAULT_MAX_LORAS`` but never more than ``max_cpu_loras`` (so a
+    vLLM command line with ``--max-cpu-loras 2`` alone starts), and ``max_cpu_loras`` is twice ``max_loras``."""
 
-    max_loras: int = 4
+    max_loras: int | None = None
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_loras is None:
+            cap = DEFAULT_MAX_LORAS if self.max_cpu_loras is None else min(DEFAULT_MAX_LORAS, self.max_cpu_loras)
+            object.__setattr__(self, "max_loras", max(cap, 1))
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): every "
+                             "adapter in a device slot also needs a place in the host cache")
+
+    @property
+    def host_capacity(self) -> int:
+        return 2 * self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from loraplex.config import LoRAConfig
+from loraplex.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.engine import LLMEngine
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
-from loraplex.routing import AdapterCard, Router
+from loraplex.routing import AdapterCard, CardBook, Router, chat_query
 from loraplex.sampling_params import SamplingParams
 
 AUTO = "auto"  # lora_request="auto": the router picks the adapter (or the base) for each prompt
@@ -35,17 +35,6 @@ def _is_mixture(obj) -> bool:
             and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], LoRARequest) for p in obj))
 
 
-def _chat_query(conversation: list[dict]) -> tuple[str, str | None]:
-    """What the router reads in a conversation: the last user message, and the system prompt(s)."""
-    def text(m: dict) -> str:
-        c = m.get("content") or ""
-        return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
-
-    users = [text(m) for m in conversation if m.get("role") == "user"]
-    system = "\n".join(text(m) for m in conversation if m.get("role") in ("system", "developer"))
-    return (users[-1] if users else text(conversation[-1]) if conversation else ""), system or None
-
-
 class LLM:
     """A base model (the embedded SmolLM2 by default) behind vLLM's offline interface.
 
@@ -53,10 +42,12 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, enable_lora: bool = False, seed: int = 0,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, device: str | None = None,
-                 block_size: int = 16, kv_cache_memory: int | None = None, max_loras: int = 4,
-                 max_lora_rank: int = 64, max_cpu_loras: int | None = None, **kwargs) -> None:
+                 max_model_len: int | None = SchedulerConfig.max_model_len, enable_lora: bool = False,
+                 seed: int = ModelConfig.seed, max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, device: str | None = None,
+                 block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
+                 max_loras: int | None = LoRAConfig.max_loras, max_lora_rank: int = LoRAConfig.max_lora_rank,
+                 max_cpu_loras: int | None = LoRAConfig.max_cpu_loras, **kwargs) -> None:
         unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGS)
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
@@ -67,11 +58,12 @@ class LLM:
             warnings.warn("LLM(tokenizer=...): the model's own tokenizer is used", stacklevel=2)
         self.enable_lora = enable_lora
         lora = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None
-        self.llm_engine = LLMEngine.from_args(model, dtype, device, max_model_len, max_num_seqs,
-                                              max_num_batched_tokens, block_size, kv_cache_memory, seed, lora)
+        self.llm_engine = LLMEngine.from_args(
+            model=model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
+            seed=seed, lora=lora)
         self._router: Router | None = None
-        self._cards: dict[str, AdapterCard | None] = {}  # given by set_adapter_card (None: none, whatever the folder)
-        self._folder_cards: dict[str, AdapterCard | None] = {}  # adapter_card.json by adapter path
+        self._cards = CardBook()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -137,7 +129,7 @@ class LLM:
             loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(conversations)
             if len(loras) != len(conversations):
                 raise ValueError(f"lora_request: {len(loras)} given for {len(conversations)} conversations")
-            lora_request, routes = self._route(loras, lambda i: _chat_query(conversations[i]))
+            lora_request, routes = self._route(loras, lambda i: chat_query(conversations[i]))
         outs = self.generate([{"prompt": p, "prompt_token_ids": i} for p, i in zip(prompts, ids)],
                              sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         return outs if routes is None else self._with_routes(outs, lora_request, routes)
@@ -159,31 +151,24 @@ class LLM:
                          examples: Sequence[str] | None = None) -> None:
         """Describe adapter ``name`` for ``lora_request="auto"`` (instead of its folder's ``adapter_card.json``).
         Both empty: the adapter has no card and is never chosen by score."""
-        self._cards[name] = AdapterCard.of(description, list(examples or []))
+        self._cards.give(name, AdapterCard.of(description, list(examples or [])))
 
-    def _sync_router(self) -> dict:
-        store = self.llm_engine.lora_store
-        if store is None:
+    def _sync_router(self) -> None:
+        engine = self.llm_engine
+        if not engine.serves_adapters:
             raise ValueError("lora_request: 'auto' needs LLM(enable_lora=True) and registered adapters")
-        router, registry = self.router, store.registry
-        for name in router.names - set(registry):
-            router.remove(name)
-        for name, entry in registry.items():
-            if name in self._cards:
-                card = self._cards[name]
-            else:
-                if entry.path not in self._folder_cards:
-                    self._folder_cards[entry.path] = AdapterCard.from_folder(entry.path)
-                card = self._folder_cards[entry.path]
-            router.set_card(name, card)  # embeds only a new or changed card
-        return registry
+        names = engine.adapter_names()
+        for name in self.router.names - set(names):
+            self.router.remove(name)
+        for name in names:
+            self.router.set_card(name, self._cards.card(name, engine.adapter(name).path))  # embeds new cards only
 
     def _route(self, loras: list, query: Callable[[int], tuple[str, str | None]]) -> tuple[list, list]:
         """Replace each ``"auto"`` by the router's choice for ``query(i)`` = (prompt, system): ``(loras, decisions,
         None where the caller chose)``."""
         if not any(isinstance(lr, str) and lr == AUTO for lr in loras):
             return loras, [None] * len(loras)
-        registry = self._sync_router()
+        self._sync_router()
         out, routes = [], []
         for i, lr in enumerate(loras):
             if not (isinstance(lr, str) and lr == AUTO):
@@ -191,8 +176,7 @@ class LLM:
                 routes.append(None)
                 continue
             d = self.router.route(*query(i))
-            entry = registry.get(d.adapter) if d.adapter else None
-            out.append(LoRARequest(entry.name, entry.lora_int_id, entry.path) if entry else None)
+            out.append(self.llm_engine.lora_request(d.adapter) if d.adapter else None)
             routes.append(d)
         return out, routes
 

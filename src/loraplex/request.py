@@ -5,7 +5,6 @@ A user request with ``n > 1`` fans out into ``n`` :class:`Request` objects shari
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from loraplex.lora.request import UsesAdapters
@@ -45,7 +44,6 @@ class Request(UsesAdapters):
     xlora_scaled: int = 0  # X-LoRA: tokens through the scaling pass (its KV track); ≥ num_computed_tokens
     parent_id: str | None = None
     index: int = 0  # which of the parent's n completions
-    arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -55,7 +53,6 @@ class Request(UsesAdapters):
     output_text: str = ""
     logprobs: SampleLogprobs | None = None
     cumulative_logprob: float = 0.0
-    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:

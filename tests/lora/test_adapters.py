@@ -43,31 +43,31 @@ def _edit_config(src, dst, **changes):
 def test_refused_configs_name_adapter_and_reason(good_adapter, tmp_path, spec, changes, reason):
     path = _edit_config(good_adapter, tmp_path / "bad", **changes)
     with pytest.raises(ValueError, match=rf"adapter 'bad'.*{reason}"):
-        load_peft_lora("bad", path, spec, max_lora_rank=64)
+        load_peft_lora("bad", path, spec.module_shapes, max_lora_rank=64)
 
 
 def test_refused_weights(good_adapter, tmp_path, spec):
     pickled = _edit_config(good_adapter, tmp_path / "pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     with pytest.raises(ValueError, match="pickle"):
-        load_peft_lora("pickled", pickled, spec, 64)
+        load_peft_lora("pickled", pickled, spec.module_shapes, 64)
     with pytest.raises(ValueError, match="rank 8 > max_lora_rank 4"):
-        load_peft_lora("big", good_adapter, spec, 4)
+        load_peft_lora("big", good_adapter, spec.module_shapes, 4)
     other = ModelSpec.from_hf_config(tiny_config("qwen3"))  # head_dim 32: q_proj is 64 -> 128
     with pytest.raises(ValueError, match="do not fit the base"):
-        load_peft_lora("mismatch", good_adapter, other, 64)
+        load_peft_lora("mismatch", good_adapter, other.module_shapes, 64)
     with pytest.raises(ValueError, match="adapter_config.json"):
-        load_peft_lora("empty", tmp_path, spec, 64)
+        load_peft_lora("empty", tmp_path, spec.module_shapes, 64)
 
 
 def test_embedding_targets_refused(tiny_llama_dir, tmp_path, spec):
     save_tiny_adapter(tiny_llama_dir, tmp_path, 1, r=4, target_modules=["q_proj", "embed_tokens"])
     with pytest.raises(ValueError, match="embedding"):
-        load_peft_lora("emb", tmp_path, spec, 64)
+        load_peft_lora("emb", tmp_path, spec.module_shapes, 64)
 
 
 def test_scale_folded_into_b(good_adapter, spec):
-    w = load_peft_lora("good", good_adapter, spec, 64)
+    w = load_peft_lora("good", good_adapter, spec.module_shapes, 64)
     from safetensors.torch import load_file
     raw = load_file(str(good_adapter / "adapter_model.safetensors"))
     b = next(v for k, v in raw.items() if "layers.0.self_attn.q_proj.lora_B" in k)
@@ -77,21 +77,20 @@ def test_scale_folded_into_b(good_adapter, spec):
 
 def test_store_lru_refcount_and_slots(good_adapter, spec):
     writes = []
-    store = AdapterStore(spec, max_loras=2, max_lora_rank=64, max_cpu_loras=2, dtype=torch.float32,
+    store = AdapterStore(spec.module_shapes, max_loras=2, max_lora_rank=64, max_cpu_loras=2, dtype=torch.float32,
                          write_slot=lambda slot, w: writes.append((slot, w.name)))
-    store.refcount = Counter()
     for n in "abc":
         store.register(LoRARequest(n, 0, str(good_adapter)))
     assert len(store.registry) == 3 and not store.host  # the registry holds metadata only
     assert store.activate({"a"}) == {"a": 0} and store.activate({"b"}) == {"b": 1}
-    store.refcount["b"] = 1  # b is used by a running request
+    store.hold({"b"})  # b is used by a running request
     store.activate({"a"})  # touch a: b is now least recently used, but pinned by its refcount
     assert store.activate({"c"}) == {"c": 0} and "a" not in store.slots  # a evicted, b kept
     assert writes == [(0, "a"), (1, "b"), (0, "c")] and store.num_evictions == 1
     assert list(store.host) == ["b", "c"]  # host LRU (max_cpu_loras 2) dropped a, which left the slots
     with pytest.raises(RuntimeError, match="in flight"):
         store.unload("b")
-    store.refcount["b"] = 0
+    store.release({"b"})
     store.unload("b")
     assert "b" not in store.registry and "b" not in store.slots
     with pytest.raises(ValueError, match="already loaded from"):
@@ -100,7 +99,7 @@ def test_store_lru_refcount_and_slots(good_adapter, spec):
 
 def test_store_pinning(good_adapter, spec):
     writes = []
-    store = AdapterStore(spec, max_loras=3, max_lora_rank=64, max_cpu_loras=3, dtype=torch.float32,
+    store = AdapterStore(spec.module_shapes, max_loras=3, max_lora_rank=64, max_cpu_loras=3, dtype=torch.float32,
                          write_slot=lambda slot, w: writes.append((slot, w.name)))
     for n in "abcde":
         store.register(LoRARequest(n, 0, str(good_adapter)))
@@ -165,8 +164,13 @@ def test_engine_load_list_unload_at_run_time(tiny_llama_dir, good_adapter):
     assert engine.add_lora(LoRARequest("g", 7, str(good_adapter)))
     [row] = engine.list_loras()
     assert (row["name"], row["lora_int_id"], row["rank"], row["in_flight"], row["pinned"]) == ("g", 7, 8, 0, False)
-    # add_lora starts reading it in the background (and, read in time, copies it into a free device slot)
-    assert row["tier"] in ("disk", "host", "device")
+    # add_lora starts reading it in the background; once read, the next prefetch (every step) copies it into a
+    # free device slot without any request asking for it
+    pending = engine.lora_store._pending.get("g")
+    if pending is not None:
+        pending.result()
+    engine.lora_store.prefetch(["g"])
+    assert engine.list_loras()[0]["tier"] == "device" and engine.lora_store.loads["g"] == 1
     rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True),
                              lora_request=LoRARequest("g", 7, str(good_adapter)))
     engine.step()

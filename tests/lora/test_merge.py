@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import loraplex
 from loraplex import LLM, SamplingParams
-from loraplex.lora.merge import merge_adapters
+from loraplex.merge import merge_adapters
 from tests.conftest import has_smollm2, hf_greedy, save_tiny_adapter, save_tiny_model
 
 ADAPTERS = {  # name: LoraConfig kwargs
@@ -144,7 +144,10 @@ def test_sharded_base_and_stray_tied_lm_head(tmp_path, tiny_llama_dir):
     save_tiny_adapter(tied, tmp_path / "b", 4, r=2, target_modules=["v_proj"])
     out = merge_adapters(str(tied), [str(tmp_path / "b")], None, tmp_path / "tied_out")
     assert "lm_head.weight" not in _keys(out)
-    LLM(model=str(out), dtype="float32", device="cpu")
+    ids = LLM(model=str(out), dtype="float32", device="cpu").generate(
+        prompt_token_ids=[PROMPT], sampling_params=SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].token_ids
+    assert ids == hf_greedy(_hf(out), PROMPT, N_NEW)[0]  # loraplex and transformers agree on the merged dir
 
 
 def test_errors_name_the_parameter(tiny_llama_dir, tmp_path):
@@ -196,8 +199,9 @@ def test_cli_merge_writes_a_loadable_dir(tiny_llama_dir, tmp_path):
     assert model.dtype == torch.bfloat16
     assert AutoTokenizer.from_pretrained(out).encode("hi") == AutoTokenizer.from_pretrained(tiny_llama_dir).encode("hi")
     llm = LLM(model=str(out), dtype="float32", device="cpu")
-    assert len(llm.generate(prompt_token_ids=[PROMPT], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True),
-                            use_tqdm=False)[0].outputs[0].token_ids) == 4
+    ids = llm.generate(prompt_token_ids=[PROMPT], use_tqdm=False,
+                       sampling_params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids
+    assert ids == hf_greedy(_hf(out), PROMPT, 4)[0]
 
 
 @pytest.mark.slow

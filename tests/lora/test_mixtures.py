@@ -81,6 +81,7 @@ def test_mixture_validation(family_dirs):
 def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs, monkeypatch):
     """8 decode rows over the same 2 adapters: the weighted dense form (each adapter read once) serves them."""
     from loraplex.engine import model_runner
+    from loraplex.ops.lora_batch import DenseWeighted
 
     root = family_dirs
     reqs = {n: LoRARequest(n, i + 1, str(root / n)) for i, n in enumerate("ab")}
@@ -90,9 +91,9 @@ def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs, monkeypatch):
     seen = []
     original = model_runner.ModelRunner.lora_batch
 
-    def spy(self, rows):
-        batch, to_score = original(self, rows)
-        seen.append(batch is not None and batch.unique_weights is not None)
+    def spy(self, rows, adapters):
+        batch, to_score = original(self, rows, adapters)
+        seen.append(batch is not None and isinstance(batch.decodes, DenseWeighted))
         return batch, to_score
 
     monkeypatch.setattr(model_runner.ModelRunner, "lora_batch", spy)

@@ -55,7 +55,7 @@ def test_weighted_mixture_per_row():
 
 
 def test_step_dispatch_bgmv_decodes_and_sgmv_segments():
-    from loraplex.lora.batch import LoRABatch
+    from loraplex.ops.lora_batch import Bgmv, LoRABatch, Segment
 
     torch.manual_seed(3)
     s, r, n_in, n_out = 4, 8, 32, 20
@@ -64,8 +64,8 @@ def test_step_dispatch_bgmv_decodes_and_sgmv_segments():
     x = torch.randn(12, n_in)
     # 3 decodes (slot 1, zero, a 0.7/0.3 mixture of slots 0 and 2), then prefill chunks: tokens 3-6 slot 2,
     # 7-8 base (absent), 9-11 a mixture of slot 1 (0.6) and slot 0 (-0.4)
-    batch = LoRABatch(3, torch.tensor([[1, 3], [3, 3], [0, 2]]), torch.tensor([[1, 0], [1, 0], [0.7, 0.3]]),
-                      [(3, 7, 2, 1.0), (9, 12, 1, 0.6), (9, 12, 0, -0.4)])
+    batch = LoRABatch(3, Bgmv(torch.tensor([[1, 3], [3, 3], [0, 2]]), torch.tensor([[1, 0], [1, 0], [0.7, 0.3]])),
+                      (Segment(3, 7, 2), Segment(9, 12, 1, 0.6), Segment(9, 12, 0, -0.4)))
     per_token = torch.tensor([[1, 3], [3, 3], [0, 2]] + [[2, 3]] * 4 + [[3, 3]] * 2 + [[1, 0]] * 3)
     weights = torch.tensor([[1, 0], [1, 0], [0.7, 0.3]] + [[1, 0]] * 6 + [[0.6, -0.4]] * 3)
     y = torch.zeros(12, n_out)
@@ -127,7 +127,7 @@ def test_gated_form_matches_reference():
     weights = torch.rand(len(rows), 3, len(experts))  # [Tx, slice, expert]
     y = torch.randn(t, sum(sizes))
     expected = y.clone()
-    ops.add_lora_gated(y, x, a, bs, slices, rows, experts, weights)
+    ops.add_lora_gated(y, x, a, bs, slices, ops.XLoRAGroup(rows, experts, weights), weights)
     for j, row in enumerate(rows.tolist()):
         for i, (start, size) in enumerate(slices):
             add_lora_reference(expected[row:row + 1, start:start + size], x[row:row + 1], a[:, i * r:(i + 1) * r],
@@ -136,22 +136,24 @@ def test_gated_form_matches_reference():
 
 
 def test_back_to_back_segments_of_one_adapter_merge():
-    from loraplex.engine.model_runner import _merge_segments
+    from loraplex.engine.lora_batch import merge_segments
+    from loraplex.ops.lora_batch import Segment
 
-    segs = [(0, 3, 2, 1.0), (3, 7, 2, 1.0), (7, 9, 1, 1.0), (9, 12, 1, 0.5), (12, 14, 1, 0.5), (14, 15, 2, 1.0)]
-    assert _merge_segments(segs) == [(0, 7, 2, 1.0), (7, 9, 1, 1.0), (9, 14, 1, 0.5), (14, 15, 2, 1.0)]
-    mixture = [(3, 6, 0, 0.7), (3, 6, 1, 0.3)]  # one chunk, two adapters: nothing to merge
-    assert _merge_segments(mixture) == mixture
+    segs = [Segment(*s) for s in [(0, 3, 2, 1.0), (3, 7, 2, 1.0), (7, 9, 1, 1.0), (9, 12, 1, 0.5), (12, 14, 1, 0.5),
+                                  (14, 15, 2, 1.0)]]
+    assert merge_segments(segs) == [(0, 7, 2, 1.0), (7, 9, 1, 1.0), (9, 14, 1, 0.5), (14, 15, 2, 1.0)]
+    mixture = [Segment(3, 6, 0, 0.7), Segment(3, 6, 1, 0.3)]  # one chunk, two adapters: nothing to merge
+    assert merge_segments(mixture) == mixture
 
 
 def test_one_adapter_decodes_as_a_segment_match_reference():
-    from loraplex.lora.batch import LoRABatch
+    from loraplex.ops.lora_batch import LoRABatch, Segment
 
     torch.manual_seed(4)
     a, b = torch.randn(4, 8, 16), torch.randn(4, 12, 8)
     x = torch.randn(5, 16)
     y = torch.zeros(5, 12)
-    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, segments=[(0, 3, 2, 1.0), (3, 5, 1, 1.0)]))
+    ops.add_lora(y, x, a, [b], [(0, 12)], LoRABatch(3, segments=(Segment(0, 3, 2), Segment(3, 5, 1))))
     expected = torch.zeros(5, 12)
     add_lora_reference(expected, x, a, b, torch.tensor([[2], [2], [2], [1], [1]]), torch.ones(5, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

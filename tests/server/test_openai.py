@@ -91,7 +91,11 @@ def test_chat_logprobs(server, reference):
                                                temperature=0, max_tokens=6, logprobs=True, top_logprobs=4)
     content = r.choices[0].logprobs.content
     assert len(content) == 6 and all(len(t.top_logprobs) == 4 for t in content)
-    assert all(t.logprob == t.top_logprobs[0].logprob for t in content)
+    ref = offline(reference, PROMPT, "a16", max_tokens=6, chat=True, logprobs=4).outputs[0]  # the offline engine
+    for t, tid, entry in zip(content, ref.token_ids, ref.logprobs):
+        assert t.token == entry[tid].decoded_token and t.logprob == pytest.approx(entry[tid].logprob, abs=1e-4)
+        top = sorted(entry.values(), key=lambda lp: lp.rank)[:4]
+        assert [x.logprob for x in t.top_logprobs] == pytest.approx([lp.logprob for lp in top], abs=1e-4)
 
 
 def test_stop_strings_and_max_completion_tokens(server, reference):

@@ -36,6 +36,9 @@ def test_text_generation_with_adapter_id(server, reference):
     assert [s.token.id for s in streamed] == want.token_ids and streamed[-1].generated_text == want.text
     r = httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}})
     assert r.status_code == 404 and r.json()["error"]["param"] == "adapter_id"
+    limit = httpx.get(server.url + "/info").json()["max_stop_sequences"]
+    r = httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"stop": ["x"] * (limit + 1)}})
+    assert r.status_code == 400 and "stop" in r.json()["error"]["param"]  # /info's limit is enforced
     assert httpx.get(server.url + "/info").json()["max_total_tokens"] == server.engine.max_model_len
 
 

@@ -7,7 +7,33 @@ from loraplex.config import SchedulerConfig
 from loraplex.kv_cache import BlockManager
 from loraplex.request import Request, RequestStatus
 from loraplex.sampling_params import SamplingParams
+from loraplex.lora.residency import AdapterUnreadable
 from loraplex.scheduler import ModelRunnerOutput, SampledToken, Scheduler
+from loraplex.scheduler.output import XLoRAPhase
+
+
+class Slots:
+    """A residency of ``max_loras`` device slots (what the adapter store answers), recording holds."""
+
+    def __init__(self, max_loras: int, pinned=(), unreadable=()) -> None:
+        self.max_loras, self.pinned, self.unreadable = max_loras, set(pinned), set(unreadable)
+        self.held: dict[str, int] = {}
+
+    def can_hold(self, names) -> bool:
+        new = set(names) - self.held.keys()
+        return not new or len(self.held.keys() | self.pinned | new) <= self.max_loras
+
+    def hold(self, names) -> None:
+        if bad := set(names) & self.unreadable:
+            raise AdapterUnreadable(f"adapter {sorted(bad)[0]!r} could not be read")
+        for n in names:
+            self.held[n] = self.held.get(n, 0) + 1
+
+    def release(self, names) -> None:
+        for n in names:
+            self.held[n] -= 1
+            if not self.held[n]:
+                del self.held[n]
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int) -> Request:
@@ -95,8 +121,9 @@ def test_sampling_params_name_the_bad_parameter(kwargs, name):
 
 
 def test_max_loras_distinct_per_step_and_fcfs_across_adapters():
-    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64, max_loras=2),
-                      BlockManager(128, 4))
+    slots = Slots(2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64),
+                      BlockManager(128, 4), slots)
     order = ["a", "b", "c", "a", None, "d", "b"]
     reqs = []
     for i, name in enumerate(order):
@@ -108,16 +135,16 @@ def test_max_loras_distinct_per_step_and_fcfs_across_adapters():
     while sched.has_unfinished():
         out = fake_step(sched)
         names = {s.lora_name for s in out.scheduled if s.lora_name}
-        assert len(names) <= 2 and len(sched.running_loras) <= 2
+        assert len(names) <= 2 and len(slots.held) <= 2
         admitted += [s.request_id for s in out.scheduled if s.start_pos == 0]
     assert admitted == [f"r{i}" for i in range(len(order))]  # nobody overtakes: FCFS across adapters
-    assert not sched.running_loras
+    assert not slots.held
 
 
 def test_pinned_adapters_count_against_max_loras():
-    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64, max_loras=3),
-                      BlockManager(128, 4))
-    sched.pinned_loras = {"p"}
+    slots = Slots(3, pinned={"p"})
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64),
+                      BlockManager(128, 4), slots)
     for i, name in enumerate(["a", "b", "c", "p"]):
         r = make_request(f"r{i}", 4, 3)
         r.lora_name = name
@@ -128,14 +155,14 @@ def test_pinned_adapters_count_against_max_loras():
     assert sched.waiting_loras(8) == ["c", "p"] and sched.waiting_loras(1) == ["c"]
     while sched.has_unfinished():
         out = fake_step(sched)
-        assert len({s.lora_name for s in out.scheduled} | sched.pinned_loras) <= 3
+        assert len({s.lora_name for s in out.scheduled} | slots.pinned) <= 3
 
 
 def test_xlora_alternates_scaling_and_real_pass_on_two_kv_tracks():
     """An X-LoRA request: a scaling-pass step on its second KV track (no sample), then a real-pass step over the same
     tokens (samples); a base request beside it advances every step. Preemption resets both; finish frees both."""
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, max_loras=4),
-                      BlockManager(num_blocks=16, block_size=4))
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(num_blocks=16, block_size=4), Slots(4))
     x = make_request("x", 6, 2)
     x.xlora, x.xlora_experts = "moe", ("moe/0", "moe/1")
     sched.add_request(x)
@@ -146,8 +173,8 @@ def test_xlora_alternates_scaling_and_real_pass_on_two_kv_tracks():
         row = next((s for s in out.scheduled if s.request_id == "x"), None)
         if row is not None:
             tracks = sched.kv.block_tables
-            assert row.block_table is tracks["x/xlora-scaling" if row.xlora_phase == "scaling" else "x"]
-            phases.append((row.xlora_phase, row.num_tokens, row.sample))
+            assert row.block_table is tracks["x/xlora-scaling" if row.xlora_phase is XLoRAPhase.SCALING else "x"]
+            phases.append((row.xlora_phase.value, row.num_tokens, row.sample))
         sched.update_from_output(out, ModelRunnerOutput({s.request_id: SampledToken(7) for s in out.scheduled
                                                          if s.sample}))
     assert phases == [("scaling", 6, False), ("real", 6, True), ("scaling", 1, False), ("real", 1, True)]
@@ -160,3 +187,31 @@ def test_xlora_alternates_scaling_and_real_pass_on_two_kv_tracks():
     assert y.xlora_scaled == 6 and y.num_computed_tokens == 0
     sched._preempt(y)
     assert y.xlora_scaled == 0 and sched.kv.num_free_blocks == 16
+
+
+def test_unreadable_adapter_fails_its_request_at_admission_only():
+    slots = Slots(4, unreadable={"bad"})
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(32, 4), slots)
+    reqs = [make_request(f"r{i}", 4, 2) for i in range(3)]
+    reqs[0].lora_name, reqs[1].lora_name = "good", "bad"
+    for r in reqs:
+        sched.add_request(r)
+    out = sched.schedule()
+    assert [(f.request_id, f.parent_id) for f in out.failed] == [("r1", "r1")] and "could not be read" in out.failed[0].error
+    assert [s.request_id for s in out.scheduled] == ["r0", "r2"]  # the others are admitted in the same step
+    assert reqs[1].status is RequestStatus.FINISHED_ABORTED and "r1" not in sched.requests
+    assert slots.held == {"good": 1}
+    sched.update_from_output(out, ModelRunnerOutput({s.request_id: SampledToken(7) for s in out.scheduled}))
+    while sched.has_unfinished():
+        fake_step(sched)
+    assert not slots.held and sched.kv.num_free_blocks == 32
+
+
+def test_base_only_scheduler_refuses_adapter_rows():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(32, 4))
+    r = make_request("r", 4, 2)
+    r.lora_name = "a"
+    sched.add_request(r)
+    assert not sched.schedule().scheduled and sched.num_waiting == 1  # never fits: no slots

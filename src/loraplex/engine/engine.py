@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -14,17 +15,34 @@ from loraplex.config import (
     SchedulerConfig,
     parse_dtype,
 )
-from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.model_runner import ModelRunner, StepAdapters
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager
 from loraplex.lora.request import LoRARequest
-from loraplex.lora.store import AdapterStore
+from loraplex.lora.store import AdapterEntry, AdapterStore
 from loraplex.models.loader import LoadedModel, load_model
 from loraplex.models.registry import resolve_model
 from loraplex.outputs import RequestOutput
 from loraplex.request import Request
 from loraplex.sampling_params import SamplingParams
-from loraplex.scheduler import Scheduler
+from loraplex.scheduler import Scheduler, SchedulerOutput
+
+class EngineStats(NamedTuple):
+    """What the engine's gauges show: queue lengths, KV usage and preemptions so far."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    kv_blocks: int
+    num_preemptions: int
+
+
+class AdapterStats(NamedTuple):
+    name: str
+    tier: str  # device / host / disk
+    loads: int
+    evictions: int
+
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU
 GPU_KV_CACHE_FRACTION = 0.8  # of the free device memory after loading weights
@@ -55,28 +73,27 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.source.model_id
-        self.max_model_len = config.scheduler.max_model_len
-        self.scheduler = Scheduler(config.scheduler, BlockManager(config.cache.num_blocks, config.cache.block_size))
-        self.runner = ModelRunner(loaded, config.cache, torch.device(config.model.device), config.model.dtype,
-                                  config.model.seed)
-        self.outputs = OutputProcessor(loaded.tokenizer)
-        self._ids = itertools.count()
         self.lora_store: AdapterStore | None = None
         if config.lora is not None:
             lc = config.lora
             loaded.model.enable_lora(lc.max_loras, lc.max_lora_rank)
-            self.lora_store = AdapterStore(loaded.spec, lc.max_loras, lc.max_lora_rank,
-                                           lc.max_cpu_loras or 2 * lc.max_loras, config.model.dtype,
+            self.lora_store = AdapterStore(loaded.spec.module_shapes, lc.max_loras, lc.max_lora_rank,
+                                           lc.host_capacity, config.model.dtype,
                                            lambda slot, w: loaded.model.set_lora_slot(slot, w.weights))
-            self.lora_store.refcount = self.scheduler.running_loras
-            self.scheduler.pinned_loras = self.lora_store.pinned
-            self.runner.lora_store = self.lora_store
+        self.scheduler = Scheduler(config.scheduler, BlockManager(config.cache.num_blocks, config.cache.block_size),
+                                   self.lora_store)
+        self.runner = ModelRunner(loaded, config.cache, torch.device(config.model.device), config.model.dtype,
+                                  config.model.seed)
+        self.outputs = OutputProcessor(loaded.tokenizer)
+        self._ids = itertools.count()
 
     @classmethod
-    def from_args(cls, model: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = None,
-                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                  block_size: int = 16, kv_cache_memory: int | None = None, seed: int = 0,
-                  lora: LoRAConfig | None = None) -> "LLMEngine":
+    def from_args(cls, *, model: str | None = None, dtype: str | torch.dtype | None = "auto",
+                  device: str | None = None, max_model_len: int | None = SchedulerConfig.max_model_len,
+                  max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+                  block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
+                  seed: int = ModelConfig.seed, lora: LoRAConfig | None = None) -> "LLMEngine":
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU)."""
         torch_dtype = parse_dtype(dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,19 +101,23 @@ class LLMEngine:
             warnings.warn("dtype float16 on CPU: computing in bfloat16 instead (CPU float16 kernels are slow)",
                           stacklevel=2)
             torch_dtype = torch.bfloat16
+        SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)  # bad limits fail before loading
         source = resolve_model(model)
         loaded = load_model(source, torch_dtype, device, max_model_len)
         max_model_len = loaded.max_model_len
         blocks = _kv_blocks(loaded, torch_dtype, torch.device(device), block_size, max_model_len, max_num_seqs,
                             kv_cache_memory)
         config = EngineConfig(
-            model=ModelConfig(source.model_id, torch_dtype, device, max_model_len, seed),
+            model=ModelConfig(source.model_id, torch_dtype, device, seed),
             cache=CacheConfig(block_size, blocks),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len,
-                                      lora.max_loras if lora else 0),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             lora=lora,
         )
         return cls(config, loaded)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -202,46 +223,63 @@ class LLMEngine:
         """One row per known adapter: name, path, id, rank, tier, pinned, in-flight requests (running + queued)."""
         return [{**row, "in_flight": self._lora_users(row["name"])} for row in self._store().describe()]
 
+    @property
+    def serves_adapters(self) -> bool:
+        return self.lora_store is not None
+
+    def adapter(self, name: str) -> AdapterEntry | None:
+        """The registered adapter ``name`` (metadata: name, path, id), or None."""
+        return None if self.lora_store is None else self.lora_store.registry.get(name)
+
+    def adapter_names(self) -> list[str]:
+        return [] if self.lora_store is None else list(self.lora_store.registry)
+
+    def lora_request(self, name: str) -> LoRARequest | None:
+        """A :class:`LoRARequest` for the registered adapter ``name`` (None when unknown)."""
+        entry = self.adapter(name)
+        return None if entry is None else LoRARequest(entry.name, entry.lora_int_id, entry.path)
+
+    def adapter_stats(self) -> list[AdapterStats]:
+        """Per registered adapter: its tier and how often it was loaded into / evicted from a device slot."""
+        store = self.lora_store
+        if store is None:
+            return []
+        return [AdapterStats(n, store.tier(n), store.loads[n], store.evictions[n]) for n in list(store.registry)]
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.pool.num_blocks, s.num_preemptions)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the step loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule → run model (and sample) → update requests → detokenize and emit outputs."""
+        """One iteration: schedule → make the step's adapters resident → run the model (and sample) → update
+        requests → detokenize and emit outputs (with those of requests that failed at admission)."""
         sched = self.scheduler.schedule()
-        failed = self._drop_unreadable_adapters(sched)
-        result = self.runner.execute(sched)
+        adapters = self._make_resident(sched)
+        result = self.runner.execute(sched, adapters)
         if self.lora_store is not None:  # adapters the next steps will want: pinned, then those of the queue
             store = self.lora_store
             store.prefetch([*store.pinned, *self.scheduler.waiting_loras(store.max_cpu_loras)])
         touched = self.scheduler.update_from_output(sched, result)
         outputs = self.outputs.process(touched, self.scheduler.finish)
-        for parent_id, error in failed.items():
-            out = self.outputs.abort(parent_id)
-            if out is not None:
-                out.error = error
-                outputs.append(out)
+        for failed in sched.failed:  # its adapter could not be read: the request (and its n siblings) fail alone
+            parent = self.outputs.parents.get(failed.parent_id)
+            if parent is None:
+                continue
+            self.scheduler.abort([c.request_id for c in parent.children])
+            out = self.outputs.abort(failed.parent_id)
+            out.error = failed.error
+            outputs.append(out)
         return outputs
 
-    def _drop_unreadable_adapters(self, sched) -> dict[str, str]:
-        """Read the step's adapters before the forward. One whose files went missing or bad since it was registered
-        fails its own requests (taken out of the step, finished as aborted with ``error``), never the whole step."""
+    def _make_resident(self, sched: SchedulerOutput) -> StepAdapters | None:
+        """Put the step's adapters (held by their running requests, so already in host memory) in device slots."""
+        names = {n for s in sched.scheduled for n in s.lora_names}
+        if not names:
+            return None
         store = self.lora_store
-        if store is None:
-            return {}
-        bad: dict[str, str] = {}
-        for name in {n for s in sched.scheduled for n in s.lora_names} - store.slots.keys():
-            try:
-                store.host_weights(name)
-            except Exception as e:  # noqa: BLE001 - reported on the requests that use it
-                bad[name] = f"lora_request: adapter {name!r} could not be read: {e}"
-        if not bad:
-            return {}
-        failed: dict[str, str] = {}
-        for row in [s for s in sched.scheduled if set(s.lora_names) & bad.keys()]:
-            sched.scheduled.remove(row)
-            req = self.scheduler.requests[row.request_id]
-            failed[req.parent_id or req.request_id] = bad[next(n for n in row.lora_names if n in bad)]
-        for parent_id in failed:
-            self.scheduler.abort([c.request_id for c in self.outputs.parents[parent_id].children])
-        return failed
+        xloras = {s.xlora: store.registry[s.xlora].xlora for s in sched.scheduled if s.xlora}
+        return StepAdapters(store.activate(names), store.max_loras, xloras)

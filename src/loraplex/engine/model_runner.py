@@ -4,21 +4,26 @@ Layout of a step: decode rows (one token each) first, then prefill chunks, all o
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
 from loraplex.config import CacheConfig
+from loraplex.engine.lora_batch import build_lora_batch
 from loraplex.layers.attention import AttentionMetadata, PrefillChunk
-from loraplex.lora.batch import LoRABatch, XLoRAGroup
-from loraplex.lora.store import AdapterStore
-from loraplex.lora.xlora import XLoRAGate, module_order
+from loraplex.layers.xlora_gate import XLoRAGate
+from loraplex.lora.xlora import XLoRAPlan
 from loraplex.models.loader import LoadedModel
+from loraplex.ops.lora_batch import LoRABatch, XLoRAGroup
 from loraplex.sampling import Sampler
 from loraplex.scheduler.output import (
     ModelRunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
+    XLoRAPhase,
 )
 
 # NOTE: on CPU, ATen's own bf16 GEMV streams weights ~2x faster than oneDNN for one row (SmolLM2 weights: 6.8 ms vs
@@ -26,8 +31,13 @@ from loraplex.scheduler.output import (
 NATIVE_GEMV_MAX_TOKENS = 2
 
 
-# Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV.
-DENSE_LORA_TOKENS_PER_ADAPTER = 4
+class StepAdapters(NamedTuple):
+    """The step's adapters, made resident by the engine before the runner runs: device ``slots`` by name, the
+    all-zero ``zero_slot`` and the plans of the step's X-LoRAs."""
+
+    slots: Mapping[str, int]
+    zero_slot: int
+    xloras: Mapping[str, XLoRAPlan]
 
 
 @contextmanager
@@ -38,18 +48,6 @@ def _onednn(enabled: bool):
         yield
     finally:
         torch._C._set_mkldnn_enabled(prev)
-
-
-def _merge_segments(segments: list[tuple[int, int, int, float]]) -> list[tuple[int, int, int, float]]:
-    """Join back-to-back token ranges on the same (slot, weight): one SGMV matmul pair instead of several (a step
-    where every row uses one adapter becomes a single segment)."""
-    merged: list[tuple[int, int, int, float]] = []
-    for seg in segments:
-        if merged and merged[-1][1] == seg[0] and merged[-1][2:] == seg[2:]:
-            merged[-1] = (merged[-1][0], seg[1], *seg[2:])
-        else:
-            merged.append(seg)
-    return merged
 
 
 class ModelRunner:
@@ -68,112 +66,73 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16
         self.dtype = dtype
-        self.lora_store: AdapterStore | None = None  # set by the engine when LoRA is enabled
-        self._gates: dict[str, tuple[object, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
+        self._gates: dict[str, tuple[XLoRAPlan, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
         self._xlora_scores: dict[str, torch.Tensor] = {}  # request -> expert weights of its scored tokens
 
-    def lora_batch(self, rows: list[ScheduledRequest]) -> tuple[LoRABatch | None, list]:
-        """Adapter per token for the step (None when no row uses an adapter: the base pays nothing), and the X-LoRA
-        scaling-pass rows to score after the forward (see :meth:`xlora_groups`).
-
-        ``rows`` are in step order (decodes first); decodes get BGMV slots, prefill chunks SGMV segments.
-        """
-        names = {n for r in rows for n in r.lora_names}
-        if not names:
+    def lora_batch(self, rows: list[ScheduledRequest],
+                   adapters: StepAdapters | None) -> tuple[LoRABatch | None, list]:
+        """The step's LoRA batch (``engine.lora_batch``) with its X-LoRA groups, and the X-LoRA scaling-pass rows
+        to score after the forward (see :meth:`xlora_groups`). ``rows`` are in step order (decodes first)."""
+        if adapters is None:
             return None, []
-        slot_of = self.lora_store.activate(names)
-        decodes = [r for r in rows if r.num_tokens == 1]
-        batch = LoRABatch(len(decodes), used_slots=frozenset(slot_of.values()))
-        zero_slot = self.lora_store.max_loras
-        if any(r.lora_mix for r in decodes):  # mixtures: K (slot, weight) pairs per token, zero-weight padding
-            unique = sorted({slot_of[n] for r in decodes for n, _ in r.loras})
-            if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(decodes):  # few adapters: read each once
-                pos = {s: j for j, s in enumerate(unique)}
-                dense = torch.zeros(len(decodes), len(unique))
-                for i, r in enumerate(decodes):
-                    for n, w in r.loras:
-                        dense[i, pos[slot_of[n]]] = w
-                batch.unique_slots = torch.tensor(unique, device=self.device)
-                batch.unique_weights = dense.to(self.device)
-            else:
-                k = max(len(r.loras) for r in decodes)
-                pairs = [[(slot_of[n], w) for n, w in r.loras] + [(zero_slot, 0.0)] * (k - len(r.loras))
-                         for r in decodes]
-                batch.slots = torch.tensor([[s for s, _ in p] for p in pairs], device=self.device)
-                batch.weights = torch.tensor([[w for _, w in p] for p in pairs], dtype=torch.float32,
-                                             device=self.device)
-        elif any(r.lora_name is not None for r in decodes):
-            slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
-            unique = sorted(set(slots))
-            if len(unique) == 1:  # one adapter for every decode: a segment (merged with prefills of it below)
-                batch.segments.append((0, len(decodes), unique[0], 1.0))
-            elif len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
-                pos = {s: i for i, s in enumerate(unique)}
-                batch.unique_slots = torch.tensor(unique, device=self.device)
-                batch.unique_index = torch.tensor([pos[s] for s in slots], device=self.device)
-            else:
-                batch.slots = torch.tensor(slots, device=self.device).unsqueeze(1)  # [nd, 1]; weights None = 1
-        start = len(decodes)
-        for r in rows[len(decodes):]:
-            for name, weight in r.loras:
-                batch.segments.append((start, start + r.num_tokens, slot_of[name], weight))
-            start += r.num_tokens
-        batch.segments = _merge_segments(batch.segments)
-        to_score = []
-        if any(r.xlora for r in rows):
-            batch.xlora, to_score = self.xlora_groups(rows, slot_of)
-        return batch, to_score
+        batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device)
+        if batch is None or not adapters.xloras:
+            return batch, []
+        groups, to_score = self.xlora_groups(rows, adapters)
+        return dataclasses.replace(batch, xlora=tuple(groups)), to_score
 
     # ---- X-LoRA --------------------------------------------------------------------------------------------------
-    def _gate(self, name: str) -> XLoRAGate:
-        entry = self.lora_store.registry[name]
-        cached = self._gates.get(name)
-        if cached is None or cached[0] is not entry.xlora:  # (re)loaded under this name
-            experts = [self.lora_store.registry[n].plan for n in entry.xlora.expert_names()]
-            gate = XLoRAGate(entry.xlora, module_order(experts), self.spec.num_layers, self.dtype, self.device)
-            cached = self._gates[name] = (entry.xlora, gate)
+    def _gate(self, plan: XLoRAPlan) -> XLoRAGate:
+        cached = self._gates.get(plan.name)
+        if cached is None or cached[0] is not plan:  # (re)loaded under this name
+            gate = XLoRAGate(plan.config, plan.classifier, list(plan.modules), self.spec.num_layers, self.dtype,
+                             self.device)
+            cached = self._gates[plan.name] = (plan, gate)
         return cached[1]
 
     def xlora_groups(self, rows: list[ScheduledRequest],
-                     slot_of: dict[str, int]) -> tuple[list[XLoRAGroup], list[tuple[str, str, torch.Tensor]]]:
+                     adapters: StepAdapters) -> tuple[list[XLoRAGroup], list[tuple[str, XLoRAPlan, torch.Tensor]]]:
         """X-LoRA rows of the step (see ``Scheduler._xlora_phase``). Real-pass rows use the expert weights their
         scaling pass scored in an earlier step; scaling-pass rows run on their own KV track with every expert at
         ``scaling_pass_value`` (0: plain base rows). Returns the step's groups and, for scaling rows, what to score
         from the step's final hidden states: ``(request id, X-LoRA, token rows)``."""
         real: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
         scaling: dict[str, list[int]] = {}
-        to_score: list[tuple[str, str, torch.Tensor]] = []
+        to_score: list[tuple[str, XLoRAPlan, torch.Tensor]] = []
         pos = 0
         for r in rows:
             idx = list(range(pos, pos + r.num_tokens))
             pos += r.num_tokens
-            if r.xlora_phase == "real":
+            if r.xlora_phase is XLoRAPhase.REAL:
                 scores = self._xlora_scores.pop(r.request_id)  # [n scored, modules, E]
                 if scores.shape[0] > r.num_tokens:  # a chunk of them (token budget): keep the rest
                     self._xlora_scores[r.request_id] = scores[r.num_tokens:]
                 real.setdefault(r.xlora, ([], []))[0].extend(idx)
                 real[r.xlora][1].append(scores[:r.num_tokens])
-            elif r.xlora_phase == "scaling":
+            elif r.xlora_phase is XLoRAPhase.SCALING:
                 scaling.setdefault(r.xlora, []).extend(idx)
-                to_score.append((r.request_id, r.xlora, torch.tensor(idx, device=self.device)))
+                to_score.append((r.request_id, adapters.xloras[r.xlora], torch.tensor(idx, device=self.device)))
 
         def experts(name: str) -> torch.Tensor:
-            return torch.tensor([slot_of[e] for e in self.lora_store.registry[name].xlora.expert_names()],
+            return torch.tensor([adapters.slots[e] for e in adapters.xloras[name].expert_names()],
                                 device=self.device)
 
-        groups = [XLoRAGroup(torch.tensor(idx, device=self.device), experts(n), self._gate(n).spread(torch.cat(w)))
+        def gate(name: str) -> XLoRAGate:
+            return self._gate(adapters.xloras[name])
+
+        groups = [XLoRAGroup(torch.tensor(idx, device=self.device), experts(n), gate(n).spread(torch.cat(w)))
                   for n, (idx, w) in real.items()]
         for n, idx in scaling.items():
-            w = self._gate(n).scaling_pass_weights(len(idx))
+            w = gate(n).scaling_pass_weights(len(idx))
             if w is not None:
-                groups.append(XLoRAGroup(torch.tensor(idx, device=self.device), experts(n), self._gate(n).spread(w)))
+                groups.append(XLoRAGroup(torch.tensor(idx, device=self.device), experts(n), gate(n).spread(w)))
         return groups, to_score
 
-    def score_xlora(self, hidden: torch.Tensor, to_score: list[tuple[str, str, torch.Tensor]]) -> None:
+    def score_xlora(self, hidden: torch.Tensor, to_score: list[tuple[str, XLoRAPlan, torch.Tensor]]) -> None:
         """The classifier on scaling-pass rows' final hidden states: their tokens' expert weights, kept for the
         request's next (real-pass) step."""
-        for req_id, name, idx in to_score:
-            scores = self._gate(name).classify(hidden[idx])
+        for req_id, plan, idx in to_score:
+            scores = self._gate(plan).classify(hidden[idx])
             prev = self._xlora_scores.get(req_id)
             self._xlora_scores[req_id] = scores if prev is None else torch.cat([prev, scores])
 
@@ -227,7 +186,8 @@ class ModelRunner:
         return ids, pos, meta, sample_idx
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, adapters: StepAdapters | None = None) -> ModelRunnerOutput:
+        """Run the step's rows (their adapters already resident: ``adapters``) and sample their next tokens."""
         self.sampler.drop(sched.finished_req_ids)  # preempted requests keep their RNG
         for rid in sched.finished_req_ids + sched.preempted_req_ids:  # preempted X-LoRAs recompute their scores
             self._xlora_scores.pop(rid, None)
@@ -235,7 +195,7 @@ class ModelRunner:
         if not rows:
             return ModelRunnerOutput()
         ids, pos, meta, sample_idx = self.prepare(rows)
-        lora, to_score = self.lora_batch(rows)
+        lora, to_score = self.lora_batch(rows, adapters)
         sampling_rows = [r for r in rows if r.sample]
         with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)

@@ -12,20 +12,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from loraplex.models.model_config import ModelSpec
+from loraplex.layers.projections import MODULES, ModuleShapes, hf_module_path
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-
-
-def module_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """``module -> (in_features, out_features)`` of the base linears."""
-    h, i = spec.hidden_size, spec.intermediate_size
-    return {"q_proj": (h, spec.q_size), "k_proj": (h, spec.kv_size), "v_proj": (h, spec.kv_size),
-            "o_proj": (spec.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 @dataclass
@@ -46,21 +39,32 @@ def _pattern_value(patterns: dict, module_path: str, default):
     return default
 
 
+class PlanEntry(NamedTuple):
+    """One LoRA-wrapped module of an adapter: where its A and B tensors are, its rank and its scale."""
+
+    layer: int
+    module: str
+    key_a: str
+    key_b: str
+    rank: int
+    scale: float
+
+
 @dataclass(frozen=True)
 class LoRAPlan:
-    """A validated adapter before its tensors are read: per (layer, module) the tensor names, rank and scale."""
+    """A validated adapter before its tensors are read: one :class:`PlanEntry` per (layer, module)."""
 
     name: str
     path: str
     file: str
-    entries: tuple[tuple[int, str, str, str, int, float], ...]  # (layer, module, key_A, key_B, r, scale)
+    entries: tuple[PlanEntry, ...]
 
     @property
     def rank(self) -> int:
-        return max(e[4] for e in self.entries)
+        return max(e.rank for e in self.entries)
 
 
-def inspect_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: int) -> LoRAPlan:
+def inspect_peft_lora(name: str, path: str | Path, shapes: ModuleShapes, max_lora_rank: int) -> LoRAPlan:
     """Validate config and tensor shapes (read from the safetensors header only); raise ``ValueError("adapter …")``."""
     path = Path(path)
 
@@ -91,7 +95,6 @@ def inspect_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_ran
 
     with safe_open(str(weights_file), framework="pt") as f:
         key_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    shapes = module_shapes(spec)
     layers = cfg.get("layers_to_transform")
     layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
@@ -104,8 +107,8 @@ def inspect_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_ran
         if m is None or m.group(2) not in MODULES:
             raise refuse(f"tensor {key!r} targets a module loraplex cannot serve")
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-        if layer >= spec.num_layers:
-            raise refuse(f"tensor {key!r} is for layer {layer}, the base has {spec.num_layers} layers")
+        if layer >= shapes.num_layers:
+            raise refuse(f"tensor {key!r} is for layer {layer}, the base has {shapes.num_layers} layers")
         if layers is not None and layer not in layers:
             continue
         pairs.setdefault((layer, module), {})[ab] = key
@@ -115,17 +118,17 @@ def inspect_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_ran
         if set(ab) != {"A", "B"}:
             raise refuse(f"layer {layer} {module} has lora_{''.join(ab)} without its partner")
         a, b = key_shapes[ab["A"]], key_shapes[ab["B"]]
-        n_in, n_out = shapes[module]
+        n_in, n_out = shapes.shapes[module]
         r = a[0]
         if a != (r, n_in) or b != (n_out, r):
             raise refuse(f"layer {layer} {module}: A {a} / B {b} do not fit the base linear {n_in}->{n_out} "
                          f"(wrong base model?)")
         if r > max_lora_rank:
             raise refuse(f"rank {r} > max_lora_rank {max_lora_rank}; restart with max_lora_rank={r}")
-        module_path = f"model.layers.{layer}.{'self_attn' if module[0] in 'qkvo' else 'mlp'}.{module}"
+        module_path = f"model.{hf_module_path(layer, module)}"
         alpha = _pattern_value(cfg.get("alpha_pattern"), module_path, cfg.get("lora_alpha", r))
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        entries.append((layer, module, ab["A"], ab["B"], r, scale))
+        entries.append(PlanEntry(layer, module, ab["A"], ab["B"], r, scale))
     if not entries:
         raise refuse("no LoRA weights for any layer loraplex serves")
     return LoRAPlan(name, str(path), str(weights_file), tuple(entries))
@@ -142,7 +145,7 @@ def read_lora(plan: LoRAPlan, dtype: torch.dtype = torch.float32) -> LoRAWeights
     return LoRAWeights(plan.name, plan.path, plan.rank, weights)
 
 
-def load_peft_lora(name: str, path: str | Path, spec: ModelSpec, max_lora_rank: int,
+def load_peft_lora(name: str, path: str | Path, shapes: ModuleShapes, max_lora_rank: int,
                    dtype: torch.dtype = torch.float32) -> LoRAWeights:
     """Validate and read in one go."""
-    return read_lora(inspect_peft_lora(name, path, spec, max_lora_rank), dtype)
+    return read_lora(inspect_peft_lora(name, path, shapes, max_lora_rank), dtype)

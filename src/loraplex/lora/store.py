@@ -2,18 +2,21 @@
 
 - registry: every known adapter by name (metadata only: path and id) — thousands cost nothing;
 - host cache: validated weights in RAM, LRU, at most ``max_cpu_loras``;
-- device slots: ``max_loras`` slots in the model's LoRA buffers, LRU; a slot whose adapter is used by a running
-  request (``refcount > 0``) or is pinned is never evicted, and an adapter in use is never unloaded.
+- device slots: ``max_loras`` slots in the model's LoRA buffers, LRU.
 
-Pinned adapters keep their slot between requests; the scheduler counts them against ``max_loras``. Prefetch reads
-the adapters of queued requests from disk on a background thread and puts them in free device slots, so a request
+The store is the scheduler's :class:`~loraplex.lora.residency.AdapterResidency`: a running request *holds* its
+adapters (``hold`` reads them into the host cache; ``release`` when it stops), and a held adapter is evicted from
+neither tier nor unloaded. Pinned adapters keep their slot between requests and count against ``max_loras`` in
+``can_hold``. The engine makes a step's adapters resident (``activate``) before the forward. Prefetch reads the
+adapters of queued requests from disk on a background thread and puts them in free device slots, so a request
 rarely waits for its adapter's I/O.
 """
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Set
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +28,7 @@ from loraplex.lora.peft_format import (
     read_lora,
 )
 from loraplex.lora.request import LoRARequest
+from loraplex.lora.residency import AdapterUnreadable
 from loraplex.lora.xlora import (
     XLoRAPlan,
     check_classifier,
@@ -32,7 +36,7 @@ from loraplex.lora.xlora import (
     is_xlora_dir,
     module_order,
 )
-from loraplex.models.model_config import ModelSpec
+from loraplex.layers.projections import ModuleShapes
 
 
 @dataclass
@@ -50,9 +54,11 @@ class AdapterEntry:
 
 
 class AdapterStore:
-    def __init__(self, spec: ModelSpec, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
+    """Adapters by name across the three tiers; implements ``AdapterResidency`` for the scheduler."""
+
+    def __init__(self, shapes: ModuleShapes, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
                  dtype: torch.dtype, write_slot) -> None:
-        self.spec = spec
+        self.shapes = shapes
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
@@ -61,8 +67,8 @@ class AdapterStore:
         self.registry: dict[str, AdapterEntry] = {}
         self.host: OrderedDict[str, LoRAWeights] = OrderedDict()
         self.slots: OrderedDict[str, int] = OrderedDict()  # name -> device slot, least recently used first
-        self.refcount: Counter[str] = Counter()
-        self.pinned: set[str] = set()  # shared with the scheduler, which counts these against max_loras
+        self.refcount: Counter[str] = Counter()  # held adapters: running requests using each
+        self.pinned: set[str] = set()
         self._pending: dict[str, Future] = {}  # prefetches: name -> future LoRAWeights
         self._io: ThreadPoolExecutor | None = None
         self.loads: Counter[str] = Counter()  # per adapter: disk/host -> device slot
@@ -81,18 +87,19 @@ class AdapterStore:
             return self._register_xlora(req, path)
         # Validate now from the config and the safetensors header (a bad adapter fails its own request only);
         # the weights are read when a request first needs them.
-        plan = inspect_peft_lora(req.lora_name, path, self.spec, self.max_lora_rank)
+        plan = inspect_peft_lora(req.lora_name, path, self.shapes, self.max_lora_rank)
         entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id, plan)
         return entry
 
     def _register_xlora(self, req: LoRARequest, path: str) -> AdapterEntry:
-        xplan = inspect_xlora(req.lora_name, path, self.spec.hidden_size)
+        xplan = inspect_xlora(req.lora_name, path, self.shapes.hidden_size)
         if len(xplan.config.experts) > self.max_loras:
             raise ValueError(f"adapter {req.lora_name!r}: an X-LoRA of {len(xplan.config.experts)} experts needs as "
                              f"many device slots; max_loras is {self.max_loras}")
-        plans = {n: inspect_peft_lora(n, p, self.spec, self.max_lora_rank)
+        plans = {n: inspect_peft_lora(n, p, self.shapes, self.max_lora_rank)
                  for n, p in zip(xplan.expert_names(), xplan.expert_paths.values())}
-        check_classifier(xplan, len(module_order(list(plans.values()))))
+        xplan = replace(xplan, modules=tuple(module_order(list(plans.values()))))
+        check_classifier(xplan, len(xplan.modules))
         for n, plan in plans.items():  # experts are adapters in their own right (requestable by name)
             if n in self.registry and self.registry[n].path != plan.path:
                 raise ValueError(f"adapter {n!r} is already loaded from {self.registry[n].path}")
@@ -129,7 +136,7 @@ class AdapterStore:
         also list their experts."""
         return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
                  "rank": self.rank(e.name), "tier": self.tier(e.name), "pinned": set(self.expand([e.name])) <= self.pinned,
-                 "in_flight": self.refcount[e.name],
+                 "in_flight": self.refcount.get(e.name, 0),
                  **({"xlora_experts": list(e.xlora.expert_names())} if e.xlora else {})}
                 for e in self.registry.values()]
 
@@ -149,7 +156,7 @@ class AdapterStore:
         if (owner := self.xlora_owner(name)) is not None:
             raise RuntimeError(f"adapter {name!r} is an expert of the X-LoRA {owner!r}; unload {owner!r} instead")
         names = {name, *self.expand([name])}
-        if busy := {n: self.refcount[n] for n in names if self.refcount[n] > 0}:
+        if busy := {n: self.refcount[n] for n in names if n in self.refcount}:
             raise RuntimeError(f"adapter {name!r} has {max(busy.values())} requests in flight")
         for n in names:
             self.registry.pop(n, None)
@@ -174,6 +181,28 @@ class AdapterStore:
     def unpin(self, name: str) -> None:
         self._known(name)
         self.pinned.difference_update(self.expand([name]))
+        self._trim_host()
+
+    # ---- residency (asked by the scheduler) ----------------------------------------------------------------
+    def can_hold(self, names: Set[str]) -> bool:
+        new = set(names) - self.refcount.keys()
+        return not new or len(self.refcount.keys() | self.pinned | new) <= self.max_loras
+
+    def hold(self, names: Set[str]) -> None:
+        for i, name in enumerate(names := sorted(names)):
+            try:
+                self.host_weights(name)
+            except Exception as e:  # noqa: BLE001 - any failure to read fails the request that needs it
+                self.release(names[:i])
+                raise AdapterUnreadable(f"lora_request: adapter {name!r} could not be read: {e}") from e
+            self.refcount[name] += 1
+
+    def release(self, names: Set[str]) -> None:
+        for name in names:
+            self.refcount[name] -= 1
+            if self.refcount[name] <= 0:
+                del self.refcount[name]
+        self._trim_host()
 
     # ---- tiers --------------------------------------------------------------------------------------------
     def host_weights(self, name: str) -> LoRAWeights:
@@ -182,16 +211,22 @@ class AdapterStore:
             pending = self._pending.pop(name, None)
             w = pending.result() if pending is not None else read_lora(self.registry[name].plan, self.dtype)
             self.host[name] = w
-            while len(self.host) > self.max_cpu_loras:
-                victim = next((n for n in self.host if n not in self.slots), None)
-                if victim is None:
-                    break
-                del self.host[victim]
+            self._trim_host(keep=name)
         self.host.move_to_end(name)
         return w
 
-    def activate(self, names: set[str]) -> dict[str, int]:
-        """Make ``names`` (≤ max_loras) resident in device slots; returns name -> slot."""
+    def _trim_host(self, keep: str | None = None) -> None:
+        """Drop least recently used host entries beyond ``max_cpu_loras``: never ``keep`` (being admitted), nor an
+        adapter that is held, in a device slot or pinned (the tier may overflow rather than lose those)."""
+        while len(self.host) > self.max_cpu_loras and (victim := self._host_victim(keep)) is not None:
+            del self.host[victim]
+
+    def _host_victim(self, keep: str | None) -> str | None:
+        return next((n for n in self.host if n != keep and n not in self.slots and n not in self.refcount
+                     and n not in self.pinned), None)
+
+    def activate(self, names: Set[str]) -> dict[str, int]:
+        """Make ``names`` (≤ max_loras, held or pinned) resident in device slots; returns name -> slot."""
         assert len(names) <= self.max_loras, "the scheduler admits at most max_loras distinct adapters"
         for name in names:
             if name in self.slots:
@@ -204,15 +239,16 @@ class AdapterStore:
                 free = self.slots.pop(victim)
                 self.evictions[victim] += 1
             self._load(name, free)
+        self._trim_host()  # an adapter that just left its slot may now leave the host tier too
         return {n: self.slots[n] for n in names}
 
     def _free_slot(self) -> int | None:
         used = set(self.slots.values())
         return next((s for s in range(self.max_loras) if s not in used), None)
 
-    def _victim(self, exclude: set[str]) -> str | None:
-        """The least recently used resident adapter that no running request uses and nobody pinned."""
-        return next((n for n in self.slots if n not in exclude and n not in self.pinned and self.refcount[n] == 0),
+    def _victim(self, exclude: Set[str]) -> str | None:
+        """The least recently used resident adapter that no running request holds and nobody pinned."""
+        return next((n for n in self.slots if n not in exclude and n not in self.pinned and n not in self.refcount),
                     None)
 
     def _load(self, name: str, slot: int) -> None:
@@ -233,6 +269,9 @@ class AdapterStore:
         for name in [n for n, f in self._pending.items() if f.done()]:
             if self._pending[name].exception() is not None:  # read again (and fail) when a request needs it
                 del self._pending[name]
+                continue
+            if len(self.host) >= self.max_cpu_loras and self._host_victim(keep=None) is None:
+                del self._pending[name]  # the host tier is full of adapters in use: read again at admission
                 continue
             self.host_weights(name)  # into the host LRU (which bounds what prefetching can hold)
         for name in names:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from loraplex.lora.peft_format import MODULES, LoRAPlan
+from loraplex.layers.projections import MODULES
+from loraplex.layers.xlora_gate import XLoRAConfig, classifier_outputs
+from loraplex.lora.peft_format import LoRAPlan
 
 _CLASSIFIER_KEY = re.compile(r"internal_xlora_classifier\.layers\.(?:(\d+)\.)?(weight|bias)$")
 
@@ -35,22 +36,6 @@ def is_xlora_dir(path: str | Path) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class XLoRAConfig:
-    """The fields of PEFT's ``XLoraConfig`` that change inference."""
-
-    experts: tuple[str, ...]
-    hidden_size: int
-    xlora_depth: int = 1
-    layerwise_scalings: bool = False
-    enable_softmax: bool = True
-    enable_softmax_topk: bool = False
-    softmax_temperature: float = 1.0
-    top_k_lora: int | None = None
-    scaling_pass_value: float = 0.0
-    global_scaling_weight: float = 1.0
-
-
 @dataclass
 class XLoRAPlan:
     """A validated X-LoRA: config, expert directories (name -> path), classifier tensors (CPU, fp32)."""
@@ -60,6 +45,7 @@ class XLoRAPlan:
     config: XLoRAConfig
     expert_paths: dict[str, str]
     classifier: list[tuple[torch.Tensor, torch.Tensor]]  # (weight, bias) per Linear, in order
+    modules: tuple[tuple[int, str], ...] = ()  # the experts' LoRA modules in PEFT's order (set at registration)
 
     def expert_names(self) -> tuple[str, ...]:
         """Registry names of the experts: ``<x-lora name>/<expert>``."""
@@ -125,7 +111,7 @@ def check_classifier(plan: XLoRAPlan, n_modules: int) -> None:
     """The classifier's last layer must give one logit per expert (per LoRA module if ``layerwise_scalings``)."""
     cfg, n_experts = plan.config, len(plan.config.experts)
     out = plan.classifier[-1][0].shape[0]
-    want = n_experts * (n_modules if cfg.layerwise_scalings else 1)
+    want = classifier_outputs(cfg, n_modules)
     if out != want:
         raise ValueError(f"adapter {plan.name!r}: the classifier gives {out} outputs, expected {want} ({n_experts} "
                          f"experts x {n_modules if cfg.layerwise_scalings else 1} LoRA modules)")
@@ -134,66 +120,7 @@ def check_classifier(plan: XLoRAPlan, n_modules: int) -> None:
 def module_order(expert_plans: list[LoRAPlan]) -> list[tuple[int, str]]:
     """PEFT numbers the LoRA-wrapped linears (any expert targets them) in module order: layer, then q, k, v, o,
     gate, up, down. Classifier outputs are laid out by that number."""
-    keys = {(e[0], e[1]) for p in expert_plans for e in p.entries}
+    keys = {(e.layer, e.module) for p in expert_plans for e in p.entries}
     return sorted(keys, key=lambda k: (k[0], MODULES.index(k[1])))
 
 
-class XLoRAGate(nn.Module):
-    """The classifier plus PEFT's post-processing: hidden ``[T, H]`` → weights ``[T, L, 7, E]``.
-
-    ``L`` is the model's layer count and 7 our module order (``peft_format.MODULES``): weight of expert ``e`` at
-    layer ``l``, module ``m`` for token ``t``, already multiplied by ``global_scaling_weight``; zero where no expert
-    has a LoRA.
-    """
-
-    def __init__(self, plan: XLoRAPlan, modules: list[tuple[int, str]], num_layers: int, dtype: torch.dtype,
-                 device) -> None:
-        super().__init__()
-        self.config = plan.config
-        self.num_layers = num_layers
-        self.n_modules = len(modules)
-        self.n_experts = len(plan.config.experts)
-        layers: list[nn.Module] = []
-        for i, (w, b) in enumerate(plan.classifier):
-            lin = nn.Linear(w.shape[1], w.shape[0], dtype=dtype, device=device)
-            lin.weight.data.copy_(w)
-            lin.bias.data.copy_(b)
-            layers += [lin] if i == len(plan.classifier) - 1 else [lin, nn.ReLU()]
-        self.layers = nn.Sequential(*layers).requires_grad_(False)
-        check_classifier(plan, len(modules))
-        self.register_buffer("layer_idx", torch.tensor([l for l, _ in modules], device=device), persistent=False)
-        self.register_buffer("module_idx", torch.tensor([MODULES.index(m) for _, m in modules], device=device),
-                             persistent=False)
-
-    def postprocess(self, scalings: torch.Tensor) -> torch.Tensor:
-        """PEFT's per-layer top-k mask and top-k softmax on ``[T, n_modules, E]``, then the global weight."""
-        cfg = self.config
-        if cfg.top_k_lora is not None:
-            idx = torch.topk(scalings, k=cfg.top_k_lora, dim=-1).indices
-            scalings = scalings * torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, idx, True)
-        if cfg.enable_softmax_topk:
-            nonzero = scalings != 0
-            scalings = torch.softmax(scalings.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
-        return scalings * cfg.global_scaling_weight
-
-    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[T, H]`` final hidden states of the scaling pass → ``[T, n_modules, E]`` processed weights."""
-        logits = self.layers(hidden).view(hidden.shape[0], -1, self.n_experts)
-        logits = logits.expand(-1, self.n_modules, -1) if not self.config.layerwise_scalings else logits
-        if self.config.enable_softmax:
-            logits = torch.softmax(logits / self.config.softmax_temperature, dim=-1)
-        return self.postprocess(logits)
-
-    def scaling_pass_weights(self, n_tokens: int) -> torch.Tensor | None:
-        """Weights of the scaling pass (``scaling_pass_value`` everywhere, through the same top-k rules) or None when
-        they are all zero (the scaling pass is then the base model)."""
-        value = torch.full((1, self.n_modules, self.n_experts), float(self.config.scaling_pass_value),
-                           dtype=self.layers[0].weight.dtype, device=self.layer_idx.device)
-        w = self.postprocess(value)
-        return None if not w.any() else w.expand(n_tokens, -1, -1)
-
-    def spread(self, w: torch.Tensor) -> torch.Tensor:
-        """``[T, n_modules, E]`` → ``[T, L, 7, E]`` in our (layer, module) layout."""
-        out = w.new_zeros(w.shape[0], self.num_layers, len(MODULES), self.n_experts)
-        out[:, self.layer_idx, self.module_idx] = w
-        return out

@@ -29,7 +29,7 @@ class LoadedModel:
     max_model_len: int
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -44,7 +44,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     handles = [safe_open(str(f), framework="pt") for f in files]
     total = sum(len(h.keys()) for h in handles)
     with tqdm(total=total, desc="Loading safetensors weights", unit="tensor", leave=False) as bar:
@@ -94,8 +94,10 @@ def convert_gguf(source: ModelSource) -> ModelSource:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
-    except OSError:  # another process converted it first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "model.safetensors").is_file():  # not "another process converted it first": a real error
+            raise
     return ModelSource(source.model_id, out)
 
 

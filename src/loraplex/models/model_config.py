@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraplex.layers.projections import ModuleShapes
+
 
 def _llama(cfg) -> dict:
     bias = bool(getattr(cfg, "attention_bias", False))
@@ -52,6 +54,11 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def module_shapes(self) -> ModuleShapes:
+        """(in, out) features of every linear of a decoder layer (what adapters must fit)."""
+        return ModuleShapes.of(self.num_layers, self.hidden_size, self.intermediate_size, self.q_size, self.kv_size)
 
     @classmethod
     def from_hf_config(cls, cfg) -> "ModelSpec":

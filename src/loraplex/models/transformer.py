@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.attention import AttentionMetadata, paged_attention
+from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
+from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.rotary import RotaryEmbedding
-from loraplex.lora.batch import LoRABatch
-from loraplex.lora.layers import LoRAStack
 from loraplex.models.model_config import ModelSpec
+from loraplex.ops.lora_batch import LoRABatch
 
 
 def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device) -> nn.Linear:
@@ -33,6 +34,7 @@ class Attention(nn.Module):
         self.scale = spec.head_dim ** -0.5
         self.qkv_proj = _linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias, dtype, device)
         self.o_proj = _linear(spec.q_size, spec.hidden_size, spec.o_bias, dtype, device)
+        self.lora = nn.ModuleDict()  # projection name -> LoRAStack, filled by DecoderLM.enable_lora
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
@@ -44,7 +46,7 @@ class Attention(nn.Module):
         h, hkv = s.num_heads, s.num_kv_heads
         qkv = self.qkv_proj(x)
         if lora is not None:
-            self.qkv_lora(qkv, x, lora)
+            self.lora["qkv_proj"](qkv, x, lora)
         qkv = qkv.view(-1, h + 2 * hkv, s.head_dim)  # [T, H + 2 Hkv, D]
         qk = qkv[:, :h + hkv]
         if s.qk_norm:
@@ -54,7 +56,7 @@ class Attention(nn.Module):
         o = o.reshape(-1, s.q_size)
         out = self.o_proj(o)
         if lora is not None:
-            self.o_lora(out, o, lora)
+            self.lora["o_proj"](out, o, lora)
         return out
 
 
@@ -66,16 +68,17 @@ class MLP(nn.Module):
         self.intermediate_size = spec.intermediate_size
         self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
         self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
+        self.lora = nn.ModuleDict()  # projection name -> LoRAStack, filled by DecoderLM.enable_lora
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if lora is not None:
-            self.gate_up_lora(gate_up, x, lora)
+            self.lora["gate_up_proj"](gate_up, x, lora)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         act = F.silu(gate) * up
         out = self.down_proj(act)
         if lora is not None:
-            self.down_lora(out, act, lora)
+            self.lora["down_proj"](out, act, lora)
         return out
 
 
@@ -90,13 +93,6 @@ class DecoderLayer(nn.Module):
     def forward(self, rope, h, kv_cache, meta, lora=None) -> torch.Tensor:
         h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta, lora)
         return h + self.mlp(self.post_attention_layernorm(h), lora)
-
-
-# checkpoint name fragment -> (our parameter fragment, shard index in the stacked matrix)
-STACKED = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-}
 
 
 class DecoderLM(nn.Module):
@@ -127,17 +123,12 @@ class DecoderLM(nn.Module):
         return self.norm(h)
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
-        """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every q/k/v/o/gate/up/down linear."""
-        s = self.spec
+        """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every projection of every layer."""
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        shapes = self.spec.module_shapes
         for i, layer in enumerate(self.layers):
-            kw = dict(max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=device, layer=i)
-            layer.self_attn.qkv_lora = LoRAStack(["q_proj", "k_proj", "v_proj"], s.hidden_size,
-                                                 [s.q_size, s.kv_size, s.kv_size], **kw)
-            layer.self_attn.o_lora = LoRAStack(["o_proj"], s.q_size, [s.hidden_size], **kw)
-            layer.mlp.gate_up_lora = LoRAStack(["gate_proj", "up_proj"], s.hidden_size, [s.intermediate_size] * 2,
-                                               **kw)
-            layer.mlp.down_lora = LoRAStack(["down_proj"], s.intermediate_size, [s.hidden_size], **kw)
+            for p in PROJECTIONS:
+                getattr(layer, p.block).lora[p.name] = LoRAStack(p, shapes, max_loras, max_rank, dtype, device, i)
 
     def set_lora_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter (``(layer, module) -> (A, B·scale)``) into device slot ``slot`` of every layer."""
@@ -145,25 +136,17 @@ class DecoderLM(nn.Module):
         for (i, module), ab in weights.items():
             per_layer[i][module] = ab
         for layer, w in zip(self.layers, per_layer):
-            for stack in (layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora,
-                          layer.mlp.down_lora):
-                stack.set_slot(slot, w)
+            for p in PROJECTIONS:
+                getattr(layer, p.block).lora[p.name].set_slot(slot, w)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""
         return F.linear(hidden, self.lm_head_weight).float()
 
-    def _shard_offsets(self, stacked: str, shard: int) -> tuple[int, int]:
-        s = self.spec
-        if stacked == "qkv_proj":
-            sizes = [s.q_size, s.kv_size, s.kv_size]
-        else:
-            sizes = [s.intermediate_size, s.intermediate_size]
-        return sum(sizes[:shard]), sizes[shard]
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our (partly stacked) parameters; raise on unknown or missing ones."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        shapes = self.spec.module_shapes
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
@@ -172,11 +155,12 @@ class DecoderLM(nn.Module):
             if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                 continue
             parts = name.split(".")
-            target = STACKED.get(parts[-2]) if len(parts) >= 2 else None
-            if target is not None:
-                pname = ".".join(parts[:-2] + [target[0], parts[-1]])
-                start, size = self._shard_offsets(*target)
-                dst = params[pname].data.narrow(0, start, size)
+            shard = shapes.shard(parts[-2]) if len(parts) >= 2 and parts[-2] in PROJECTION_OF else None
+            if shard is not None:  # rows of a stacked projection (q|k|v, gate|up) or a whole one
+                pname = ".".join(parts[:-2] + [shard.projection.name, parts[-1]])
+                if pname not in params:
+                    raise ValueError(f"model: checkpoint tensor {name!r} has no place in a {self.spec.model_type} model")
+                dst = params[pname].data.narrow(0, shard.offset, shard.size)
             else:
                 pname = name
                 if pname not in params:
@@ -186,9 +170,10 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"model: checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dst.shape)}")
             dst.copy_(tensor)
-            loaded.add(f"{pname}#{target[1] if target else 0}")
-        expected = {f"{n}#{i}" for n, p in params.items() if n != "lm_head_weight"
-                    for i in range(3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1)}
+            loaded.add(f"{pname}#{shard.index if shard else 0}")
+        stacked = {p.name: len(p.modules) for p in PROJECTIONS}
+        expected = {f"{n}#{i}" for n in params if n != "lm_head_weight"
+                    for i in range(stacked.get(n.split(".")[-2], 1) if "." in n else 1)}
         if self.spec.tie_word_embeddings:
             expected.discard("lm_head.weight#0")
         missing = sorted(expected - loaded)

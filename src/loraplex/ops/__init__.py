@@ -1,9 +1,10 @@
-"""One dispatch point for kernels. Layers call ``add_lora``; it picks the implementation (torch for now)."""
+"""One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms
+(torch implementations for now; each fast kernel sits beside its reference in ``lora_torch``)."""
 from __future__ import annotations
 
 import torch
 
-from loraplex.lora.batch import LoRABatch
+from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, XLoRAGroup
 from loraplex.ops.lora_torch import (
     bgmv_expand,
     bgmv_shrink,
@@ -11,6 +12,8 @@ from loraplex.ops.lora_torch import (
     dense_lora_gated,
     dense_lora_weighted,
 )
+
+__all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "XLoRAGroup", "add_lora", "add_lora_gated"]
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
@@ -31,12 +34,15 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment."""
     nd = batch.num_decodes
-    if nd and batch.unique_weights is not None:
-        dense_lora_weighted(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_weights)
-    elif nd and batch.unique_slots is not None:
-        dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.unique_slots, batch.unique_index)
-    elif nd and batch.slots is not None:
-        add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, batch.slots, batch.weights)
+    match batch.decodes:
+        case Bgmv(slots, weights):
+            add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights)
+        case Dense(slots, index):
+            dense_lora(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, index)
+        case DenseWeighted(slots, weights):
+            dense_lora_weighted(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights)
+        case None:
+            pass
     for start, end, slot, weight in batch.segments:
         add_lora_segment(y[start:end], x[start:end], lora_a, lora_bs, out_slices, slot, weight)
 
@@ -53,10 +59,11 @@ def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
 
 
 def add_lora_gated(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-                   out_slices: list[tuple[int, int]], rows: torch.Tensor, slots: torch.Tensor,
-                   weights: torch.Tensor) -> None:
-    """X-LoRA: tokens ``rows`` get ``Σ_e weights[t, i, e] · B_i[slots[e]] A_i[slots[e]] x`` on output slice i (a
-    per-token, per-slice mixture of the E experts)."""
+                   out_slices: list[tuple[int, int]], group: XLoRAGroup, weights: torch.Tensor) -> None:
+    """X-LoRA: tokens ``group.rows`` get ``Σ_e weights[t, i, e] · B_i[s_e] A_i[s_e] x`` on output slice i, with
+    ``s_e = group.slots[e]`` (a per-token, per-slice mixture of the E experts; ``weights: [Tx, n_slices, E]`` is
+    the group's weights at this stack's layer and modules)."""
+    rows = group.rows
     out = y.new_zeros(rows.shape[0], y.shape[1])
-    dense_lora_gated(out, x.index_select(0, rows), lora_a, lora_bs, out_slices, slots, weights)
+    dense_lora_gated(out, x.index_select(0, rows), lora_a, lora_bs, out_slices, group.slots, weights)
     y.index_add_(0, rows, out)

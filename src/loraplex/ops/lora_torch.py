@@ -18,11 +18,6 @@ def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
             y[t] += (weights[t, k] * ((x[t].float() @ lora_a[s].float().T) @ lora_b[s].float().T)).to(y.dtype)
 
 
-def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int) -> None:
-    """One segment of tokens sharing adapter ``slot``: ``y += (x @ lora_a[slot].T) @ lora_b[slot].T``."""
-    y += (x @ lora_a[slot].T) @ lora_b[slot].T
-
-
 def dense_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
                out_slices: list[tuple[int, int]], unique: torch.Tensor, index: torch.Tensor) -> None:
     """BGMV semantics for few distinct adapters: read each of the D used slots once, as GEMMs.

@@ -5,10 +5,19 @@ one sampled token per request whose prompt is fully computed.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from loraplex.lora.request import UsesAdapters
 from loraplex.sampling_params import SamplingParams
+
+
+class XLoRAPhase(enum.Enum):
+    """Which pass an X-LoRA row runs this step."""
+
+    SCALING = "scaling"  # on the request's second KV track, experts at scaling_pass_value; scores, never samples
+    REAL = "real"  # on its own track, experts weighted by the scores of its scaling pass
 
 
 @dataclass(frozen=True)
@@ -33,30 +42,34 @@ class ScheduledRequest(UsesAdapters):
     lora_mix: tuple[tuple[str, float], ...] = ()
     xlora: str | None = None
     xlora_experts: tuple[str, ...] = ()
-    # X-LoRA rows: "scaling" (block_table is the scaling pass's own KV track; never samples) or "real"
-    xlora_phase: str | None = None
-
+    xlora_phase: XLoRAPhase | None = None  # X-LoRA rows only
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
 
+class FailedRequest(NamedTuple):
+    """A request that failed at admission (its adapter could not be read); ``parent_id`` groups ``n`` siblings."""
+
+    request_id: str
+    parent_id: str
+    error: str
+
+
 @dataclass
 class SchedulerOutput:
-    """What to run this step. ``finished_req_ids`` lets the runner drop per-request state (RNGs)."""
+    """What to run this step. ``finished_req_ids`` lets the runner drop per-request state (RNGs); ``failed`` lists
+    requests that could not be admitted and are finished already."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    failed: list[FailedRequest] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 @dataclass(frozen=True)

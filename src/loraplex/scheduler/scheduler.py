@@ -4,38 +4,42 @@ Every step has a token budget (``max_num_batched_tokens``). Running requests are
 token, an unfinished prefill continues with the next chunk), then waiting requests are admitted while sequence
 slots, budget and KV blocks last. When blocks run out for a running request, the newest running request is
 preempted: its blocks are freed and it returns to the front of the queue to recompute its tokens later.
+
+Adapters: a request is admitted only when its adapters fit the device slots beside those of the running requests
+and the pinned ones (``AdapterResidency.can_hold``); admission holds them, leaving running releases them. A request
+whose adapter cannot be read fails at admission (``SchedulerOutput.failed``), alone.
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 from loraplex.config import SchedulerConfig
 from loraplex.kv_cache import BlockManager
+from loraplex.lora.residency import AdapterResidency, AdapterUnreadable, NoAdapters
 from loraplex.request import Request, RequestStatus
 from loraplex.scheduler.output import (
+    FailedRequest,
     ModelRunnerOutput,
     SampledToken,
     ScheduledRequest,
     SchedulerOutput,
+    XLoRAPhase,
 )
 
 
 class Scheduler:
     """Decides, step by step, which tokens of which requests the model runs."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 residency: AdapterResidency | None = None) -> None:
         self.config = config
         self.kv = block_manager
+        self.residency = residency or NoAdapters()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # oldest admission first; preemption takes from the end
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
-        # NOTE: adapters of running requests, with counts. It is the adapter store's refcount: at most
-        # max_loras distinct names, so every step's adapters fit the device slots and none is evicted under a request.
-        self.running_loras: Counter[str] = Counter()
-        self.pinned_loras: set[str] = set()  # the store's pinned adapters: they hold device slots of their own
-
 
     # ---- queue management -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -58,33 +62,25 @@ class Scheduler:
 
     def _leave_running(self, req: Request) -> None:
         self.running.remove(req)
-        for name in req.lora_names:
-            self.running_loras[name] -= 1
-            if not self.running_loras[name]:
-                del self.running_loras[name]
+        self.residency.release(set(req.lora_names))
 
     @staticmethod
-    def _xlora_phase(req: Request) -> str | None:
+    def _xlora_phase(req: Request) -> XLoRAPhase | None:
         """An X-LoRA request alternates: a step of its scaling pass (the classifier scores its next tokens), then a
         step of its real pass over those tokens. Other rows of the step do not wait for it."""
         if not req.xlora:
             return None
-        return "real" if req.xlora_scaled > req.num_computed_tokens else "scaling"
+        return XLoRAPhase.REAL if req.xlora_scaled > req.num_computed_tokens else XLoRAPhase.SCALING
 
     def _chunk(self, req: Request, budget: int) -> int:
         """How many tokens ``req`` feeds this step: the rest of its known tokens (within ``budget``); in an X-LoRA's
         real-pass step, the tokens its scaling pass has scored."""
-        end = req.xlora_scaled if self._xlora_phase(req) == "real" else req.num_tokens
+        end = req.xlora_scaled if self._xlora_phase(req) is XLoRAPhase.REAL else req.num_tokens
         return min(end - req.num_computed_tokens, budget)
 
     def _allocate(self, req: Request, num_tokens: int) -> bool:
         """Grow every KV track of ``req`` (one, or two for an X-LoRA) to ``num_tokens``, all or none."""
         return self.kv.allocate(req.request_id, num_tokens, *req.kv_ids(req.request_id)[1:])
-
-    def _lora_fits(self, req: Request) -> bool:
-        """A step's adapters (running ∪ pinned) must fit the ``max_loras`` device slots."""
-        names = set(req.lora_names) - self.running_loras.keys()
-        return not names or len(self.running_loras.keys() | self.pinned_loras | names) <= self.config.max_loras
 
     def waiting_loras(self, limit: int) -> list[str]:
         """The adapters of queued requests, in queue order, at most ``limit`` distinct."""
@@ -136,14 +132,23 @@ class Scheduler:
         if not out.preempted_req_ids:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
                 req = self.waiting[0]
+                names = set(req.lora_names)
+                # FCFS across adapters: the head waits (and blocks those behind it) until its adapters fit.
+                if not self.residency.can_hold(names):
+                    break
+                try:
+                    self.residency.hold(names)
+                except AdapterUnreadable as e:  # fails this request only
+                    out.failed.append(FailedRequest(req.request_id, req.parent_id or req.request_id, str(e)))
+                    self.finish(req.request_id, RequestStatus.FINISHED_ABORTED)
+                    continue
                 n = self._chunk(req, budget)
-                # FCFS across adapters: the head waits (and blocks those behind it) until its adapter fits.
-                if not self._lora_fits(req) or not self._allocate(req, req.num_computed_tokens + n):
+                if not self._allocate(req, req.num_computed_tokens + n):
+                    self.residency.release(names)
                     break
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                self.running_loras.update(req.lora_names)
                 chunks[req.request_id] = n
                 budget -= n
 
@@ -156,8 +161,8 @@ class Scheduler:
                 request_id=req.request_id,
                 token_ids=req.all_token_ids[start:start + n],
                 start_pos=start,
-                block_table=self.kv.block_tables[req.kv_ids(req.request_id)[phase == "scaling"]],
-                sample=start + n == req.num_tokens and phase != "scaling",
+                block_table=self.kv.block_tables[req.kv_ids(req.request_id)[phase is XLoRAPhase.SCALING]],
+                sample=start + n == req.num_tokens and phase is not XLoRAPhase.SCALING,
                 sampling_params=req.sampling_params,
                 seed=None if req.sampling_params.seed is None else req.sampling_params.seed + req.index,
                 prompt_token_ids=req.prompt_token_ids,
@@ -188,7 +193,7 @@ class Scheduler:
             req = self.requests.get(s.request_id)
             if req is None:  # aborted while the step ran
                 continue
-            if s.xlora_phase == "scaling":  # its scaling-pass KV track and scores advanced; no token yet
+            if s.xlora_phase is XLoRAPhase.SCALING:  # its scaling-pass KV track and scores advanced; no token yet
                 req.xlora_scaled += s.num_tokens
                 continue
             req.num_computed_tokens += s.num_tokens

@@ -33,10 +33,6 @@ class AdapterResolver:
     def base_id(self) -> str:
         return self.base_names[0]
 
-    @property
-    def registry(self) -> dict:
-        store = self.engine.engine.lora_store
-        return {} if store is None else store.registry
 
     async def resolve(self, model: str, lora_path: str | None = None,
                       adapter_id: str | None = None) -> tuple[str, LoRARequest | None]:
@@ -48,7 +44,7 @@ class AdapterResolver:
             if not extra:
                 return self.base_id, None
             name = extra
-        elif model not in self.registry and ":" in model and model.split(":", 1)[0] in self.base_names:
+        elif not self.engine.has_adapter(model) and ":" in model and model.split(":", 1)[0] in self.base_names:
             name, param = model.split(":", 1)[1], "model"
         else:
             if extra and extra != model:
@@ -59,12 +55,10 @@ class AdapterResolver:
     async def lora_request(self, name: str, param: str = "model") -> LoRARequest:
         if name in self.draining:
             raise APIError(404, f"The model `{name}` is being unloaded.", param, "model_not_found")
-        entry = self.registry.get(name)
-        if entry is None:
-            entry = await self._discover(name, param)
-        return LoRARequest(entry.name, entry.lora_int_id, entry.path)
+        req = self.engine.lora_request(name)
+        return req if req is not None else await self._discover(name, param)
 
-    async def _discover(self, name: str, param: str):
+    async def _discover(self, name: str, param: str) -> LoRARequest:
         if self.adapter_dir is None or not _SAFE_NAME.match(name) or ".." in name:
             raise not_found(name, param)
         path = self.adapter_dir / name
@@ -72,15 +66,15 @@ class AdapterResolver:
             raise not_found(name, param)
         req = LoRARequest(name, lora_path=str(path))
         try:
-            await self.engine.run(self.engine.engine.add_lora, req)
+            await self.engine.load_adapter(req)
         except (ValueError, FileNotFoundError) as e:
             raise from_value_error(e) from None
-        return self.registry[name]
+        return self.engine.lora_request(name)
 
     def discoverable(self) -> list[str]:
         """Adapter folders under ``--adapter-dir`` not registered yet (listed by /v1/models)."""
         if self.adapter_dir is None or not self.adapter_dir.is_dir():
             return []
         return sorted(p.name for p in self.adapter_dir.iterdir()
-                      if (p / "adapter_config.json").is_file() and p.name not in self.registry
+                      if (p / "adapter_config.json").is_file() and not self.engine.has_adapter(p.name)
                       and _SAFE_NAME.match(p.name))

@@ -34,13 +34,12 @@ async def _row(st: ServerState, name: str) -> dict:
     return next(r for r in await st.adapters() if r["name"] == name)
 
 
-def _known(request: Request, name: str):
-    """The state and the engine, after checking that adapter ``name`` is registered (else 404)."""
+def _known(request: Request, name: str) -> ServerState:
+    """The state, after checking that adapter ``name`` is registered (else 404)."""
     st = state_of(request)
-    engine = st.engine.engine
-    if engine.lora_store is None or name not in engine.lora_store.registry:
+    if not st.engine.has_adapter(name):
         raise not_found(name, "lora_name")
-    return st, engine
+    return st
 
 
 @router.post("/v1/load_lora_adapter")
@@ -49,15 +48,12 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     if not st.enable_runtime_lora and not _vetted(st, body.lora_path):
         raise APIError(403, "lora_path: loading arbitrary paths at run time is off; start the server with "
                             "--enable-runtime-lora", "lora_path", "runtime_lora_disabled")
-    engine = st.engine.engine
     if body.lora_name in st.resolver.base_names or body.lora_name == st.auto_name:
         raise APIError(400, f"lora_name: {body.lora_name!r} is a reserved model name", "lora_name")
-    if engine.lora_store is None:
+    if not st.engine.serves_adapters:
         raise APIError(400, "lora_name: the server was started without LoRA support", "lora_name")
     try:
-        await st.engine.run(engine.add_lora, LoRARequest(body.lora_name, lora_path=body.lora_path))
-        if body.pinned:
-            await st.engine.run(engine.pin_lora, body.lora_name)
+        await st.engine.load_adapter(LoRARequest(body.lora_name, lora_path=body.lora_path), body.pinned)
     except (ValueError, FileNotFoundError) as e:
         raise from_value_error(e) from None
     st.set_card(body.lora_name, body.description, body.examples)
@@ -68,14 +64,14 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request):
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
-    st, engine = _known(request, body.lora_name)
+    st = _known(request, body.lora_name)
     deadline = asyncio.get_running_loop().time() + UNLOAD_WAIT_S
     if body.wait:
         st.resolver.draining.add(body.lora_name)
     try:
         while True:
             try:
-                await st.engine.run(engine.remove_lora, body.lora_name)
+                await st.engine.unload_adapter(body.lora_name)
                 break
             except RuntimeError as e:  # requests in flight
                 if not body.wait or asyncio.get_running_loop().time() > deadline:
@@ -100,10 +96,10 @@ async def list_lora_adapters(request: Request):
 @router.post("/v1/pin_lora_adapter")
 async def pin_lora_adapter(body: UnloadLoRARequest, request: Request):
     """``{"lora_name", "pinned": true|false}``: keep an adapter in a device slot (or release it)."""
-    st, engine = _known(request, body.lora_name)
+    st = _known(request, body.lora_name)
     pin = (body.model_extra or {}).get("pinned", True)
     try:
-        await st.engine.run(engine.pin_lora if pin else engine.unpin_lora, body.lora_name)
+        await st.engine.pin_adapter(body.lora_name, pin)
     except ValueError as e:
         raise from_value_error(e) from None
     return {"status": "pinned" if pin else "unpinned", "adapter": await _row(st, body.lora_name)}

@@ -1,11 +1,21 @@
-"""``loraplex serve`` flags (vLLM's names), kept free of heavy imports so the other commands start fast."""
+"""Command-line flags (vLLM's names), their defaults taken from :mod:`loraplex.config`; free of the engine's
+imports so the commands start fast."""
 from __future__ import annotations
 
 import argparse
 
+from loraplex.config import DEFAULT_MAX_LORAS, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.models.registry import DEFAULT_MODEL
 
 MAX_BODY_BYTES = 8 << 20
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """Sequence and batch limits, shared by every command that builds an engine."""
+    p.add_argument("--max-model-len", type=int, default=SchedulerConfig.max_model_len,
+                   help="longest sequence, prompt + output (default: the model's own limit)")
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -21,12 +31,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="let /v1/load_lora_adapter load arbitrary paths")
     p.add_argument("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
     p.add_argument("--no-demo-adapters", action="store_true", help="do not serve the demo adapters")
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-cpu-loras", type=int, default=None)
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
+                   help=f"device slots: distinct adapters in one step (default {DEFAULT_MAX_LORAS}, at most "
+                        "--max-cpu-loras)")
+    p.add_argument("--max-cpu-loras", type=int, default=LoRAConfig.max_cpu_loras,
+                   help="adapters cached in host memory (default twice --max-loras; at least --max-loras)")
+    p.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank)
+    add_limit_args(p)
     p.add_argument("--max-waiting", type=int, default=1024, help="queue cap; beyond it requests get 503")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument("--dtype", default="auto")
@@ -34,7 +45,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default 1 GiB on CPU)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=ModelConfig.seed)
     p.add_argument("--log-level", default="info")
     r = p.add_argument_group("routing", 'model "auto": the adapter (or the base) is chosen from the request\'s text '
                                         "by the adapters' cards (adapter_card.json, or description/examples)")

@@ -91,7 +91,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), adapter_label(lora_request))
 
         def add() -> None:
-            if self.engine.scheduler.num_waiting >= self.max_waiting:
+            if self.engine.stats().num_waiting >= self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
             self.engine.add_request(prompt_token_ids, params, request_id, prompt, lora_request)
             self._streams[request_id] = stream
@@ -101,9 +101,69 @@ class AsyncEngine:
             self.metrics.on_request(stream.adapter, len(prompt_token_ids))
         return RequestStream(self, request_id, stream.queue)
 
-    def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        self.engine.abort_request(request_id)
+    def abort(self, request_id: str) -> None:
+        """Abort a request (between two steps) and free its KV blocks; its stream gets nothing more."""
+        def abort() -> None:
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+        self.call(abort)
+
+    # ---- what the routes need to know (nothing under server/ reaches further into the engine) ----------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.engine.loaded.eos_token_ids
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def serves_adapters(self) -> bool:
+        return self.engine.serves_adapters
+
+    def info(self) -> dict:
+        """Engine facts for /info: dtype, device, token budget per step."""
+        c = self.engine.config
+        return {"dtype": str(c.model.dtype).removeprefix("torch."), "device": c.model.device,
+                "max_num_batched_tokens": c.scheduler.max_num_batched_tokens}
+
+    def has_adapter(self, name: str) -> bool:
+        return self.engine.adapter(name) is not None
+
+    def adapter_names(self) -> list[str]:
+        return self.engine.adapter_names()
+
+    def adapter_path(self, name: str) -> str | None:
+        entry = self.engine.adapter(name)
+        return None if entry is None else entry.path
+
+    def lora_request(self, name: str) -> LoRARequest | None:
+        return self.engine.lora_request(name)
+
+    async def list_adapters(self) -> list[dict]:
+        return await self.run(self.engine.list_loras)
+
+    async def load_adapter(self, req: LoRARequest, pinned: bool = False) -> None:
+        """Register (and validate) an adapter, optionally pinning it; ``ValueError`` / ``FileNotFoundError``."""
+        await self.run(self.engine.add_lora, req)
+        if pinned:
+            await self.run(self.engine.pin_lora, req.lora_name)
+
+    async def unload_adapter(self, name: str) -> None:
+        """``RuntimeError`` while requests use it, ``KeyError`` when unknown."""
+        await self.run(self.engine.remove_lora, name)
+
+    async def pin_adapter(self, name: str, pinned: bool) -> None:
+        await self.run(self.engine.pin_lora if pinned else self.engine.unpin_lora, name)
 
     # ---- the thread ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -185,4 +245,4 @@ class RequestStream:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self.engine.call(self.engine._abort, self.request_id)
+            self.engine.abort(self.request_id)

@@ -20,30 +20,28 @@ class _EngineCollector:
 
     def collect(self):
         e = self.engine
-        sched = e.scheduler
+        stats = e.stats()
         yield GaugeMetricFamily("loraplex_num_requests_running", "Requests in the running batch",
-                                value=sched.num_running)
+                                value=stats.num_running)
         yield GaugeMetricFamily("loraplex_num_requests_waiting", "Requests waiting for admission",
-                                value=sched.num_waiting)
+                                value=stats.num_waiting)
         yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use",
-                                value=sched.kv.usage)
-        yield GaugeMetricFamily("loraplex_kv_cache_blocks_total", "KV cache blocks", value=sched.kv.pool.num_blocks)
+                                value=stats.kv_usage)
+        yield GaugeMetricFamily("loraplex_kv_cache_blocks_total", "KV cache blocks", value=stats.kv_blocks)
         yield CounterMetricFamily("loraplex_preemptions", "Requests preempted (recomputed) for KV blocks",
-                                  value=sched.num_preemptions)
-        store = e.lora_store
-        if store is None:
+                                  value=stats.num_preemptions)
+        if not e.serves_adapters:
             return
         tier = GaugeMetricFamily("loraplex_adapter_resident", "1 for the tier an adapter is in",
                                  labels=["adapter", "tier"])
         loads = CounterMetricFamily("loraplex_adapter_loads", "Adapter loads into a device slot", labels=["adapter"])
         evictions = CounterMetricFamily("loraplex_adapter_evictions", "Adapter evictions from a device slot",
                                         labels=["adapter"])
-        for name in list(store.registry):
-            current = store.tier(name)
+        for row in e.adapter_stats():
             for t in TIERS:
-                tier.add_metric([name, t], float(t == current))
-            loads.add_metric([name], store.loads[name])
-            evictions.add_metric([name], store.evictions[name])
+                tier.add_metric([row.name, t], float(t == row.tier))
+            loads.add_metric([row.name], row.loads)
+            evictions.add_metric([row.name], row.evictions)
         yield tier
         yield loads
         yield evictions

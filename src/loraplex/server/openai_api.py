@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from loraplex.outputs import RequestOutput
+from loraplex.routing import chat_query
 from loraplex.server.errors import bad_request
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.server.state import ServerState, Submitted, state_of
@@ -69,14 +70,6 @@ def completion_logprobs(entries: list[dict], k: int, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def route_query(body: ChatCompletionRequest) -> tuple[str, str | None]:
-    """What the router reads in a chat: the last user message, and the system prompt(s)."""
-    conv = body.conversation()
-    users = [m["content"] for m in conv if m["role"] == "user"]
-    system = "\n".join(m["content"] for m in conv if m["role"] in ("system", "developer") and m["content"])
-    return (users[-1] if users else conv[-1]["content"]), system or None
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = state_of(request)
@@ -87,12 +80,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
     params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
                                   st.max_model_len, want_lp)
-    *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: route_query(body))
+    *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: chat_query(body.conversation()))
     sub = await st.submit(*target, prompt_ids, params, None, decision, body.adapters)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": sub.served_name}
     if body.stream:
-        return st.streaming(request, sub, _chat_chunks(head, sub, body, want_lp is not None))
+        return st.streaming(sub, _chat_chunks(head, sub, body, want_lp is not None))
     out = await st.wait(request, sub)
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": chat_logprobs(o.logprobs, want_lp) if want_lp is not None and o.logprobs is not None else None,
@@ -150,7 +143,7 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": subs[0].served_name}
     if body.stream:
-        return st.streaming(request, subs[0], _completion_chunks(head, subs[0], body, prompts[0][0]))
+        return st.streaming(subs[0], _completion_chunks(head, subs[0], body, prompts[0][0]))
     outs = await asyncio.gather(*(st.wait(request, s) for s in subs))
     choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for k, ((text, _), out) in enumerate(zip(prompts, outs)):

@@ -14,6 +14,7 @@ from loraplex.sampling_params import MAX_LOGPROBS, SamplingParams
 from loraplex.server.errors import bad_request
 
 MAX_N = 16
+MAX_STOP_SEQUENCES = 16  # TGI parameters.stop (advertised by /info)
 UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "prompt_logprobs", "guided_json", "guided_regex",
                "guided_choice", "guided_grammar", "structured_outputs")
 
@@ -145,7 +146,7 @@ class TGIParameters(_Body):
     repetition_penalty: float | None = Field(default=None, gt=0)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool | None = False

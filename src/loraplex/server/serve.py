@@ -44,10 +44,13 @@ def parse_lora_module(spec: str) -> dict:
 def build_state(args) -> ServerState:
     model = args.model or args.model_flag
     router = build_router(args)  # a bad rules file fails before the model loads
-    lora = LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras)
-    engine = LLMEngine.from_args(model, args.dtype, args.device, args.max_model_len, args.max_num_seqs,
-                                 args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory, seed=args.seed,
-                                 lora=lora)
+    try:
+        lora = LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras)
+    except ValueError as e:
+        raise SystemExit(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+    engine = LLMEngine.from_args(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 kv_cache_memory=args.kv_cache_memory, seed=args.seed, lora=lora)
     modules = [parse_lora_module(s) for s in args.lora_modules]
     if not args.no_demo_adapters and resolve_model(model).model_id == resolve_model(None).model_id:
         modules = [{"name": n, "path": n} for n in demo_adapters() if n not in {m["name"] for m in modules}] + modules
@@ -71,7 +74,7 @@ def build_state(args) -> ServerState:
         state.startup_paths.add(str(Path(resolve_adapter_path(mod["path"])).resolve()))
         state.set_card(mod["name"], mod.get("description"), mod.get("examples"))
     # the router knows every adapter served by name: registered ones and --adapter-dir folders (cards embedded now)
-    known = {e.name: e.path for e in engine.lora_store.registry.values()} if engine.lora_store else {}
+    known = {n: async_engine.adapter_path(n) for n in async_engine.adapter_names()}
     known.update({n: str(state.resolver.adapter_dir / n) for n in state.resolver.discoverable()})
     for name, path in known.items():
         state.router.set_card(name, state.adapter_card(name, path))
@@ -95,7 +98,7 @@ def serve(args) -> None:
     state = build_state(args)
     app = build_app(state, args.max_body_bytes)
     log.info("serving %s with adapters %s on http://%s:%d", state.resolver.base_id,
-             ", ".join(state.engine.engine.lora_store.registry) or "(none)", args.host, args.port)
+             ", ".join(state.engine.adapter_names()) or "(none)", args.host, args.port)
     log.info("model %r routes among %s (%s scorer, threshold %s, margin %s, %d rules)", state.auto_name,
              ", ".join(state.router.cards) or "(no adapter has a card)", state.router.scorer.name,
              state.router.threshold, state.router.margin, len(state.router.rules))

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
-from loraplex.routing import AdapterCard, RouteDecision, Router
+from loraplex.routing import AdapterCard, CardBook, RouteDecision, Router
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.async_engine import (
@@ -56,28 +56,24 @@ class ServerState:
     enable_runtime_lora: bool = False
     auto_name: str = "auto"
     startup_paths: set[str] = field(default_factory=set)  # adapter paths the operator gave at start-up
-    cards: dict[str, dict] = field(default_factory=dict)  # name -> {"description", "examples"} given over HTTP
+    cards: CardBook = field(default_factory=CardBook)  # given at load time, else the adapter folder's
     router: Router | None = None  # model == auto_name: picks the adapter (or the base) from the request's text
     started: float = field(default_factory=time.time)
 
     def set_card(self, name: str, description: str | None, examples: list[str] | None) -> None:
-        if description is None and not examples:
-            self.cards.pop(name, None)
+        """The card given at load time (validated by the request schema); none given: the folder's."""
+        card = AdapterCard.of(description, examples)
+        if card is None:
+            self.cards.forget(name)
         else:
-            self.cards[name] = {"description": description or "", "examples": list(examples or [])}
+            self.cards.give(name, card)
 
     def card(self, name: str, path: str) -> dict | None:
-        """An adapter's card: given at load time, else ``adapter_card.json`` in its folder."""
         card = self.adapter_card(name, path)
         return None if card is None else card.to_dict()
 
     def adapter_card(self, name: str, path: str) -> AdapterCard | None:
-        if name in self.cards:
-            try:
-                return AdapterCard.from_dict(self.cards[name])
-            except ValueError:
-                return None
-        return AdapterCard.from_folder(path)
+        return self.cards.card(name, path)
 
     # ---- routing (model == auto_name) ---------------------------------------------------------------------------
     async def update_router(self, name: str, path: str | None) -> None:
@@ -122,7 +118,7 @@ class ServerState:
                 decision = self.router.route(prompt, system)
         name = decision.adapter
         if name is not None and (name in self.resolver.draining or
-                                 (name not in self.resolver.registry and name not in self.resolver.discoverable())):
+                                 (not self.engine.has_adapter(name) and name not in self.resolver.discoverable())):
             decision = RouteDecision(None, decision.score, decision.candidates,
                                      f"{name} is no longer served ({decision.reason})")
         log.info("route %s -> %s", self.auto_name, decision.summary())
@@ -130,11 +126,11 @@ class ServerState:
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     def encode_chat(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
         tok = self.tokenizer
@@ -149,9 +145,9 @@ class ServerState:
 
     async def adapters(self) -> list[dict]:
         """Known adapters (engine rows) plus folders under --adapter-dir that are not registered yet."""
-        if self.engine.engine.lora_store is None:
+        if not self.engine.serves_adapters:
             return []
-        rows = await self.engine.run(self.engine.engine.list_loras)
+        rows = await self.engine.list_adapters()
         rows += [{"name": n, "path": str(self.resolver.adapter_dir / n), "lora_int_id": None, "rank": None,
                   "tier": "disk", "pinned": False, "in_flight": 0} for n in self.resolver.discoverable()]
         for row in rows:
@@ -196,7 +192,7 @@ class ServerState:
             sub.stream.abort()
         return out
 
-    def streaming(self, request: Request, sub: Submitted, chunks: AsyncIterator[str]) -> StreamingResponse:
+    def streaming(self, sub: Submitted, chunks: AsyncIterator[str]) -> StreamingResponse:
         async def body():
             try:
                 async for chunk in chunks:

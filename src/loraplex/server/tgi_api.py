@@ -11,7 +11,7 @@ from loraplex import __version__
 from loraplex.outputs import CompletionOutput, RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import bad_request
-from loraplex.server.protocol import TGIGenerateRequest
+from loraplex.server.protocol import MAX_STOP_SEQUENCES, TGIGenerateRequest
 from loraplex.server.state import ServerState, Submitted, state_of
 
 router = APIRouter()
@@ -68,7 +68,7 @@ async def _submit(body: TGIGenerateRequest, request: Request) -> tuple[ServerSta
 
 def _details(st: ServerState, out: RequestOutput, body: TGIGenerateRequest) -> dict:
     o = out.outputs[0]
-    return {"finish_reason": _finish_reason(o, st.engine.engine.loaded.eos_token_ids),
+    return {"finish_reason": _finish_reason(o, st.engine.eos_token_ids),
             "generated_tokens": len(o.token_ids), "seed": body.parameters.seed, "prefill": [],
             "tokens": [_token(st, o, i) for i in range(len(o.token_ids))]}
 
@@ -97,12 +97,12 @@ async def generate_stream(body: TGIGenerateRequest, request: Request):
                 event = {"index": i + 1, "token": _token(st, o, i), "generated_text": None, "details": None}
                 if last:
                     event["generated_text"] = (body.inputs if body.parameters.return_full_text else "") + o.text
-                    event["details"] = {"finish_reason": _finish_reason(o, st.engine.engine.loaded.eos_token_ids),
+                    event["details"] = {"finish_reason": _finish_reason(o, st.engine.eos_token_ids),
                                         "generated_tokens": len(o.token_ids), "seed": body.parameters.seed}
                 yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
             sent = len(o.token_ids)
 
-    return st.streaming(request, sub, events())
+    return st.streaming(sub, events())
 
 
 @router.post("/")
@@ -118,11 +118,12 @@ async def compat_generate(body: TGIGenerateRequest, request: Request):
 @router.get("/info")
 async def info(request: Request):
     st = state_of(request)
-    e = st.engine.engine
-    return {"model_id": st.resolver.base_id, "model_sha": None, "model_dtype": str(e.config.model.dtype).split(".")[-1],
-            "model_device_type": e.config.model.device, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": st.engine.max_waiting, "max_best_of": 1, "max_stop_sequences": 16,
+    e = st.engine.info()
+    return {"model_id": st.resolver.base_id, "model_sha": None, "model_dtype": e["dtype"],
+            "model_device_type": e["device"], "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": st.engine.max_waiting, "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
             "max_input_tokens": st.max_model_len - 1, "max_total_tokens": st.max_model_len,
-            "max_batch_total_tokens": e.config.scheduler.max_num_batched_tokens, "validation_workers": 1,
+            "max_batch_total_tokens": e["max_num_batched_tokens"], "validation_workers": 1,
             "max_client_batch_size": 1, "router": "loraplex", "version": __version__, "sha": None,
-            "docker_label": None, "lora_adapters": [n for n in (e.lora_store.registry if e.lora_store else {})]}
+            "docker_label": None, "lora_adapters": st.engine.adapter_names()}

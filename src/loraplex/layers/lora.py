@@ -9,25 +9,26 @@ import torch
 from torch import nn
 
 from loraplex import ops
-from loraplex.lora.batch import LoRABatch
-from loraplex.lora.peft_format import MODULES
+from loraplex.layers.projections import MODULES, ModuleShapes, Projection
+from loraplex.ops.lora_batch import LoRABatch
 
 
 class LoRAStack(nn.Module):
-    """LoRA for one base linear whose output is the concatenation of ``slices`` (e.g. q|k|v).
+    """LoRA for one projection whose output is the concatenation of its modules' outputs (e.g. q|k|v).
 
     ``lora_a: [S + 1, n_slices · R, in]`` (slice i's A in rows ``i·R .. i·R + r``), ``lora_b[i]: [S + 1, size_i, R]``.
     """
 
-    def __init__(self, modules: list[str], in_features: int, out_sizes: list[int], max_loras: int, max_rank: int,
+    def __init__(self, projection: Projection, shapes: ModuleShapes, max_loras: int, max_rank: int,
                  dtype: torch.dtype, device, layer: int = 0) -> None:
         super().__init__()
-        self.modules_ = modules
+        self.modules_ = projection.modules
+        in_features, out_sizes = shapes.in_features(projection), shapes.out_sizes(projection)
         self.layer = layer  # X-LoRA weights are per (layer, module)
-        self.module_pos = [MODULES.index(m) for m in modules]
+        self.module_pos = [MODULES.index(m) for m in projection.modules]
         self.max_rank = max_rank
         self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
-        self.lora_a = torch.zeros(max_loras + 1, len(modules) * max_rank, in_features, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(max_loras + 1, len(self.modules_) * max_rank, in_features, dtype=dtype, device=device)
         self.lora_b = [torch.zeros(max_loras + 1, n, max_rank, dtype=dtype, device=device) for n in out_sizes]
         self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
 
@@ -49,5 +50,5 @@ class LoRAStack(nn.Module):
             return
         ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch)
         for group in batch.xlora:
-            ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group.rows, group.slots,
+            ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group,
                                group.weights[:, self.layer, self.module_pos])

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from loraplex.layers.projections import hf_module_path
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.peft_format import inspect_peft_lora, read_lora
-from loraplex.models.loader import _safetensors_files, local_hf_dir
+from loraplex.models.loader import local_hf_dir, safetensors_files
 from loraplex.models.model_config import ModelSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -68,15 +69,15 @@ def merge_adapters(base: str | None, adapters: list[str], weights: list[float] |
         if not Path(path).is_dir():
             raise ValueError(f"adapter: {name!r} is neither a directory nor a demo adapter "
                              f"({', '.join(demo_adapters())})")
-        lora = read_lora(inspect_peft_lora(name, path, spec, max_lora_rank=1 << 30))
+        lora = read_lora(inspect_peft_lora(name, path, spec.module_shapes, max_lora_rank=1 << 30))
         for (layer, module), (a, b) in lora.weights.items():
-            key = f"layers.{layer}.{'self_attn' if module[0] in 'qkvo' else 'mlp'}.{module}.weight"
+            key = f"{hf_module_path(layer, module)}.weight"
             parts.setdefault(key, []).append((w, a, b))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        files = _safetensors_files(base_dir)
+        files = safetensors_files(base_dir)
         handles = [safe_open(str(f), framework="pt") for f in files]
         weight_map, total_size = {}, 0
         with tqdm(total=sum(len(h.keys()) for h in handles), desc="Merging", unit="tensor", leave=False) as bar:

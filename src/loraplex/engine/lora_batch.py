@@ -1,0 +1,80 @@
+"""How a step's LoRA batch is formed: which form (BGMV gather, dense, weighted dense, segments) serves which tokens.
+
+``build_lora_batch`` is a pure function of the step's rows and the adapters' device slots; the model runner adds
+the X-LoRA groups (they need the classifier's scores, runner state) and hands the result to the model.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment
+from loraplex.scheduler.output import ScheduledRequest
+
+# Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV.
+DENSE_LORA_TOKENS_PER_ADAPTER = 4
+
+
+def merge_segments(segments: list[Segment]) -> list[Segment]:
+    """Join back-to-back token ranges on the same (slot, weight): one SGMV matmul pair instead of several (a step
+    where every row uses one adapter becomes a single segment)."""
+    merged: list[Segment] = []
+    for seg in segments:
+        last = merged[-1] if merged else None
+        if last is not None and last.end == seg.start and (last.slot, last.weight) == (seg.slot, seg.weight):
+            merged[-1] = last._replace(end=seg.end)
+        else:
+            merged.append(seg)
+    return merged
+
+
+def _mixture_decodes(decodes: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,
+                     device) -> Bgmv | DenseWeighted:
+    """Mixtures among the decodes: K (slot, weight) pairs per token, or the dense form when few adapters serve many
+    tokens."""
+    unique = sorted({slot_of[n] for r in decodes for n, _ in r.loras})
+    if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(decodes):  # few adapters: read each once
+        pos = {s: j for j, s in enumerate(unique)}
+        dense = torch.zeros(len(decodes), len(unique))
+        for i, r in enumerate(decodes):
+            for n, w in r.loras:
+                dense[i, pos[slot_of[n]]] = w
+        return DenseWeighted(torch.tensor(unique, device=device), dense.to(device))
+    k = max(len(r.loras) for r in decodes)
+    pairs = [[(slot_of[n], w) for n, w in r.loras] + [(zero_slot, 0.0)] * (k - len(r.loras)) for r in decodes]
+    return Bgmv(torch.tensor([[s for s, _ in p] for p in pairs], device=device),
+                torch.tensor([[w for _, w in p] for p in pairs], dtype=torch.float32, device=device))
+
+
+def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,
+                     device: torch.device | str = "cpu") -> LoRABatch | None:
+    """The step's LoRA batch (None when no row uses an adapter: the base pays nothing).
+
+    ``rows`` are in step order (one-token decodes first); ``slot_of`` maps every adapter they name to its device
+    slot; ``zero_slot`` is the all-zero slot base rows point at when they share a gather with adapter rows.
+    X-LoRA rows contribute no form here (see ``ModelRunner.xlora_groups``), only their experts' ``used_slots``.
+    """
+    if not any(r.lora_names for r in rows):
+        return None
+    decodes = [r for r in rows if r.num_tokens == 1]
+    segments: list[Segment] = []
+    form = None
+    if any(r.lora_mix for r in decodes):
+        form = _mixture_decodes(decodes, slot_of, zero_slot, device)
+    elif any(r.lora_name is not None for r in decodes):
+        slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
+        unique = sorted(set(slots))
+        if len(unique) == 1:  # one adapter for every decode: a segment (merged with prefills of it below)
+            segments.append(Segment(0, len(decodes), unique[0]))
+        elif len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
+            pos = {s: i for i, s in enumerate(unique)}
+            form = Dense(torch.tensor(unique, device=device), torch.tensor([pos[s] for s in slots], device=device))
+        else:
+            form = Bgmv(torch.tensor(slots, device=device).unsqueeze(1))  # [nd, 1]; weights None = all ones
+    start = len(decodes)
+    for r in rows[len(decodes):]:
+        segments += [Segment(start, start + r.num_tokens, slot_of[n], w) for n, w in r.loras]
+        start += r.num_tokens
+    used = frozenset(slot_of[n] for r in rows for n in r.lora_names)
+    return LoRABatch(len(decodes), form, tuple(merge_segments(segments)), used)
