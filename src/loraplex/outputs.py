@@ -15,6 +15,8 @@ class Logprob:
 
 # One dict per generated position: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One per prompt position, None for the first (nothing predicts it): the prompt token plus the top-k.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -42,7 +44,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    prompt_logprobs: None = None
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs is set
     lora_request: object | None = None
     error: str | None = None  # set when the engine could not serve it (e.g. its adapter became unreadable)
     route: object | None = None  # routing.RouteDecision when lora_request="auto" chose the adapter

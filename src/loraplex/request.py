@@ -52,12 +52,20 @@ class Request(UsesAdapters):
     # Filled by the output processor.
     output_text: str = ""
     logprobs: SampleLogprobs | None = None
+    prompt_scores: list | None = None  # prompt_logprobs: a SampledToken per prompt position (None for the first)
     cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_scores = [None] * len(self.prompt_token_ids)
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """The adapter ``old`` this request uses is now known as ``new`` (its weights were swapped in place)."""
+        if self.lora_name == old:
+            self.lora_name = new
+        self.lora_mix = tuple((new if n == old else n, w) for n, w in self.lora_mix)
 
     @property
     def all_token_ids(self) -> list[int]:

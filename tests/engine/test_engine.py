@@ -124,3 +124,35 @@ def test_bad_model_and_dtype(tmp_path, tiny_llama_dir):
 def test_vllm_only_kwargs_warn(tiny_llama_dir):
     with pytest.warns(UserWarning, match="gpu_memory_utilization"):
         LLM(model=str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.9, enforce_eager=True)
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(tiny_llama_dir, llm):
+    """vLLM's ``prompt_logprobs=k``: each prompt token's log-probability given the tokens before it, its rank and
+    the k most likely tokens there; the same whether the prompt is prefilled whole or in small chunks."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    chunked = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_num_batched_tokens=5)
+    prompts = PROMPTS[1:4]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    for llm_ in (llm, chunked):  # whole prefills, and chunks of 5 tokens
+        outs = llm_.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        for prompt, out in zip(prompts, outs):
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [P, V]
+            got = out.prompt_logprobs
+            assert len(got) == len(prompt) and got[0] is None
+            for p in range(1, len(prompt)):
+                entry, row = got[p], ref[p - 1]
+                tok = prompt[p]
+                assert next(iter(entry)) == tok  # the prompt token first
+                assert entry[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
+                assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+                top = row.topk(3).indices.tolist()
+                assert set(top) <= set(entry) and [entry[t].rank for t in top if t != tok] == \
+                    [i + 1 for i, t in enumerate(top) if t != tok]
+    plain = chunked.generate(prompt_token_ids=prompts[:1], use_tqdm=False,
+                             sampling_params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert plain[0].prompt_logprobs is None
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-1)

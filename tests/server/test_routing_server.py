@@ -156,7 +156,8 @@ def test_admin_load_and_unload_update_the_router(routed, routed_adapters):
     r = httpx.post(routed.url + "/v1/load_lora_adapter", json={
         "lora_name": "garden", "lora_path": str(routed_adapters / "garden"),
         "description": "Gardening: plants, roses, pruning, soil and watering.",
-        "examples": ["How often should I water tomato plants?", "When do I prune an apple tree?"]})
+        "examples": ["How often should I water tomato plants?", "When do I prune an apple tree?"]},
+        headers={"accept": "application/json"})  # the adapter's row besides vLLM's message
     assert r.status_code == 200 and r.json()["adapter"]["card"]["examples"]
     try:
         assert chat(routed, "auto", prompt)[0].model == "garden"

@@ -86,6 +86,7 @@ class LLMEngine:
                                   config.model.seed)
         self.outputs = OutputProcessor(loaded.tokenizer)
         self._ids = itertools.count()
+        self._retired: set[str] = set()  # adapters swapped in place, kept until their last request is done
 
     @classmethod
     def from_args(cls, *, model: str | None = None, dtype: str | torch.dtype | None = "auto",
@@ -198,6 +199,27 @@ class LLMEngine:
         store.prefetch([store.register(lora_request).name])
         return True
 
+    def replace_lora(self, lora_request: LoRARequest) -> bool:
+        """Load new weights under a known name (vLLM's ``load_inplace``): requests already queued or running finish
+        on the old weights (kept under a retired alias until they are done), new requests get the new ones."""
+        store = self._store()
+        name = lora_request.lora_name
+        if name not in store.registry:
+            return self.add_lora(lora_request)
+        users = [r for r in self.scheduler.requests.values() if name in r.lora_names]
+        alias = f"{name}~{next(self._ids)}"
+        store.retire(name, alias)
+        try:
+            store.register(lora_request)
+        except Exception:
+            store.retire(alias, name)  # the new weights are bad: keep serving the old ones under their name
+            raise
+        for req in users:
+            req.rename_adapter(name, alias)
+        self._retired.add(alias)
+        store.prefetch([name])
+        return True
+
     def pin_lora(self, name: str) -> bool:
         """Keep an adapter in a device slot (never evicted) until :meth:`unpin_lora` or :meth:`remove_lora`."""
         self._store().pin(name)
@@ -221,7 +243,8 @@ class LLMEngine:
 
     def list_loras(self) -> list[dict]:
         """One row per known adapter: name, path, id, rank, tier, pinned, in-flight requests (running + queued)."""
-        return [{**row, "in_flight": self._lora_users(row["name"])} for row in self._store().describe()]
+        return [{**row, "in_flight": self._lora_users(row["name"])} for row in self._store().describe()
+                if row["name"] not in self._retired]
 
     @property
     def serves_adapters(self) -> bool:
@@ -232,7 +255,8 @@ class LLMEngine:
         return None if self.lora_store is None else self.lora_store.registry.get(name)
 
     def adapter_names(self) -> list[str]:
-        return [] if self.lora_store is None else list(self.lora_store.registry)
+        """The adapters served by name (not the retired copies kept for requests of an in-place swap)."""
+        return [] if self.lora_store is None else [n for n in self.lora_store.registry if n not in self._retired]
 
     def lora_request(self, name: str) -> LoRARequest | None:
         """A :class:`LoRARequest` for the registered adapter ``name`` (None when unknown)."""
@@ -244,7 +268,7 @@ class LLMEngine:
         store = self.lora_store
         if store is None:
             return []
-        return [AdapterStats(n, store.tier(n), store.loads[n], store.evictions[n]) for n in list(store.registry)]
+        return [AdapterStats(n, store.tier(n), store.loads[n], store.evictions[n]) for n in self.adapter_names()]
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -265,6 +289,9 @@ class LLMEngine:
             store.prefetch([*store.pinned, *self.scheduler.waiting_loras(store.max_cpu_loras)])
         touched = self.scheduler.update_from_output(sched, result)
         outputs = self.outputs.process(touched, self.scheduler.finish)
+        for alias in [a for a in self._retired if not self._lora_users(a)]:
+            self.lora_store.unload(alias)
+            self._retired.discard(alias)
         for failed in sched.failed:  # its adapter could not be read: the request (and its n siblings) fail alone
             parent = self.outputs.parents.get(failed.parent_id)
             if parent is None:

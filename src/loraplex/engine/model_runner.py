@@ -18,7 +18,7 @@ from loraplex.layers.xlora_gate import XLoRAGate
 from loraplex.lora.xlora import XLoRAPlan
 from loraplex.models.loader import LoadedModel
 from loraplex.ops.lora_batch import LoRABatch, XLoRAGroup
-from loraplex.sampling import Sampler
+from loraplex.sampling import Sampler, score_tokens
 from loraplex.scheduler.output import (
     ModelRunnerOutput,
     ScheduledRequest,
@@ -197,11 +197,30 @@ class ModelRunner:
         ids, pos, meta, sample_idx = self.prepare(rows)
         lora, to_score = self.lora_batch(rows, adapters)
         sampling_rows = [r for r in rows if r.sample]
+        out = ModelRunnerOutput()
         with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)
             self.score_xlora(hidden, to_score)
+            out.prompt_logprobs = self.prompt_logprobs(hidden, rows)
             if not sampling_rows:
-                return ModelRunnerOutput()
+                return out
             logits = self.model.compute_logits(hidden[sample_idx])
         tokens = self.sampler(logits, sampling_rows)
-        return ModelRunnerOutput({r.request_id: t for r, t in zip(sampling_rows, tokens)})
+        out.sampled = {r.request_id: t for r, t in zip(sampling_rows, tokens)}
+        return out
+
+    def prompt_logprobs(self, hidden: torch.Tensor, rows: list[ScheduledRequest]) -> dict:
+        """For rows that asked for prompt log-probabilities: score each prompt token this chunk predicts (position
+        ``p`` predicts token ``p + 1``) → ``{request id: (first scored position, [SampledToken, ...])}``."""
+        out = {}
+        start = 0
+        for r in rows:
+            k = r.sampling_params.prompt_logprobs
+            n_prompt = len(r.prompt_token_ids)
+            end = min(r.start_pos + r.num_tokens, n_prompt - 1)  # the last prompt token predicts no prompt token
+            if k is not None and r.xlora_phase is not XLoRAPhase.SCALING and r.start_pos < end:
+                idx = torch.arange(start, start + end - r.start_pos, device=hidden.device)
+                lp = torch.log_softmax(self.model.compute_logits(hidden[idx]), dim=-1)
+                out[r.request_id] = (r.start_pos + 1, score_tokens(lp, r.prompt_token_ids[r.start_pos + 1:end + 1], k))
+            start += r.num_tokens
+        return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.outputs import CompletionOutput, Logprob, RequestOutput
+from loraplex.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from loraplex.request import Request, RequestStatus
 from loraplex.scheduler.output import SampledToken
 
@@ -20,6 +20,7 @@ class ParentRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # built once, when every prompt position is scored
 
     @property
     def finished(self) -> bool:
@@ -59,15 +60,25 @@ class OutputProcessor:
         parent = self.parents.get(parent_id)
         return None if parent is None else self.make_output(parent)
 
-    def _append_logprobs(self, req: Request, tok: SampledToken) -> None:
-        if tok.logprob is None:
-            return
-        req.cumulative_logprob += tok.logprob
+    def _entry(self, tok: SampledToken) -> dict[int, Logprob]:
+        """The token (first), then its position's top-k alternatives."""
         entry = {tok.token_id: Logprob(tok.logprob, tok.rank, self.tokenizer.decode([tok.token_id]))}
         for rank, (tid, lp) in enumerate(tok.top_logprobs or (), start=1):
             if tid not in entry:
                 entry[tid] = Logprob(lp, rank, self.tokenizer.decode([tid]))
-        req.logprobs.append(entry)
+        return entry
+
+    def _append_logprobs(self, req: Request, tok: SampledToken) -> None:
+        if tok.logprob is None:
+            return
+        req.cumulative_logprob += tok.logprob
+        req.logprobs.append(self._entry(tok))
+
+    def _prompt_logprobs(self, parent: ParentRequest) -> PromptLogprobs | None:
+        scores = parent.children[0].prompt_scores if parent.children else None
+        if parent.prompt_logprobs is None and scores is not None and all(s is not None for s in scores[1:]):
+            parent.prompt_logprobs = [None] + [self._entry(s) for s in scores[1:]]
+        return parent.prompt_logprobs
 
     @staticmethod
     def _hit_stop_string(req: Request, delta_len: int) -> bool:
@@ -103,4 +114,5 @@ class OutputProcessor:
             self.parents.pop(parent.request_id, None)
             for c in parent.children:
                 self.detok.pop(c.request_id, None)
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
+                             prompt_logprobs=self._prompt_logprobs(parent))

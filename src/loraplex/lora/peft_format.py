@@ -85,6 +85,10 @@ def inspect_peft_lora(name: str, path: str | Path, shapes: ModuleShapes, max_lor
         raise refuse("adapters that train biases are not supported")
     if cfg.get("fan_in_fan_out"):
         raise refuse("fan_in_fan_out (Conv1D layout) is not supported")
+    declared = [cfg.get("r", 8), *(cfg.get("rank_pattern") or {}).values()]
+    if all(isinstance(r, int) for r in declared) and max(declared) > max_lora_rank:  # before reading any weights
+        raise refuse(f"rank {max(declared)} > max_lora_rank {max_lora_rank}; restart with "
+                     f"max_lora_rank={max(declared)}")
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
         if (path / "adapter_model.bin").is_file():

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from loraplex.layers.projections import ModuleShapes
 from loraplex.lora.demo import resolve_adapter_path
 from loraplex.lora.peft_format import (
     LoRAPlan,
@@ -36,7 +37,6 @@ from loraplex.lora.xlora import (
     is_xlora_dir,
     module_order,
 )
-from loraplex.layers.projections import ModuleShapes
 
 
 @dataclass
@@ -164,6 +164,20 @@ class AdapterStore:
             self.slots.pop(n, None)
             self.pinned.discard(n)
             self._pending.pop(n, None)
+
+    def retire(self, name: str, alias: str) -> None:
+        """Keep ``name``'s adapter, under ``alias``, for the requests that already use it (their tiers, slot and
+        holds move with it), so that ``name`` can be registered again with other weights (``load_inplace``)."""
+        entry = self._known(name)
+        if entry.xlora is not None or self.xlora_owner(name) is not None:
+            raise ValueError(f"load_inplace: adapter {name!r} is (part of) an X-LoRA; unload it, then load it again")
+        del self.registry[name]
+        self.registry[alias] = AdapterEntry(alias, entry.path, entry.lora_int_id, replace(entry.plan, name=alias))
+        for tier in (self.host, self.slots, self.refcount):
+            if name in tier:
+                tier[alias] = tier.pop(name)
+        self._pending.pop(name, None)
+        self.pinned.discard(name)
 
     def pin(self, name: str) -> None:
         """Keep ``name`` in a device slot until :meth:`unpin`; at most ``max_loras - 1`` pins, so other adapters

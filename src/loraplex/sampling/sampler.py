@@ -13,6 +13,19 @@ from loraplex.sampling.penalties import apply_penalties
 from loraplex.scheduler.output import SampledToken, ScheduledRequest
 
 
+def score_tokens(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list[SampledToken]:
+    """``logprobs: [N, V]`` (log-softmax, fp32) and one token per row → its log-probability, its rank (1 = most
+    likely) and the row's ``k`` most likely tokens."""
+    tgt = torch.tensor(token_ids, device=logprobs.device)
+    chosen = logprobs.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    ranks = ((logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1).tolist()
+    tops = [None] * len(token_ids)
+    if k:
+        vals, ids = logprobs.topk(k, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return [SampledToken(t, lp, r, top) for t, lp, r, top in zip(token_ids, chosen.tolist(), ranks, tops)]
+
+
 class Sampler:
     """Holds the RNG of every seeded request between steps; ``drop`` forgets finished ones."""
 
@@ -55,15 +68,7 @@ class Sampler:
             if not want_lp[i]:
                 out.append(SampledToken(tok))
                 continue
-            lp = raw_lp[i]
-            chosen = lp[tok]
-            rank = int((lp > chosen).sum()) + 1
-            k = r.sampling_params.logprobs
-            top = None
-            if k:
-                vals, ids = lp.topk(k)
-                top = tuple(zip(ids.tolist(), vals.tolist()))
-            out.append(SampledToken(tok, float(chosen), rank, top))
+            out.append(score_tokens(raw_lp[i:i + 1], [tok], r.sampling_params.logprobs)[0])
         return out
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:

@@ -84,6 +84,9 @@ class SampledToken:
 
 @dataclass
 class ModelRunnerOutput:
-    """One ``SampledToken`` per scheduled request with ``sample=True``."""
+    """One ``SampledToken`` per scheduled request with ``sample=True``; for requests that asked for prompt
+    log-probabilities, ``prompt_logprobs[id] = (position of the first scored prompt token, one SampledToken per
+    prompt token of the chunk that was scored)``."""
 
     sampled: dict[str, SampledToken] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)

@@ -134,18 +134,15 @@ class Scheduler:
                 req = self.waiting[0]
                 names = set(req.lora_names)
                 # FCFS across adapters: the head waits (and blocks those behind it) until its adapters fit.
-                if not self.residency.can_hold(names):
+                n = self._chunk(req, budget)
+                if not self.residency.can_hold(names) or not self._allocate(req, req.num_computed_tokens + n):
                     break
                 try:
                     self.residency.hold(names)
-                except AdapterUnreadable as e:  # fails this request only
+                except AdapterUnreadable as e:  # fails this request only (finish frees its blocks)
                     out.failed.append(FailedRequest(req.request_id, req.parent_id or req.request_id, str(e)))
                     self.finish(req.request_id, RequestStatus.FINISHED_ABORTED)
                     continue
-                n = self._chunk(req, budget)
-                if not self._allocate(req, req.num_computed_tokens + n):
-                    self.residency.release(names)
-                    break
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
@@ -189,6 +186,10 @@ class Scheduler:
     ) -> list[tuple[Request, SampledToken]]:
         """Advance computed counts, append sampled tokens, finish token-level stops. Returns (request, token) pairs."""
         touched = []
+        for rid, (first, scores) in result.prompt_logprobs.items():
+            req = self.requests.get(rid)
+            if req is not None and req.prompt_scores is not None:
+                req.prompt_scores[first:first + len(scores)] = scores
         for s in sched.scheduled:
             req = self.requests.get(s.request_id)
             if req is None:  # aborted while the step ran

@@ -46,6 +46,8 @@ class AdapterResolver:
             name = extra
         elif not self.engine.has_adapter(model) and ":" in model and model.split(":", 1)[0] in self.base_names:
             name, param = model.split(":", 1)[1], "model"
+            if not name:  # SGLang: "base:" is the base itself
+                return self.base_id, None
         else:
             if extra and extra != model:
                 raise bad_request(f"{param}: model {model!r} already names an adapter", param)
@@ -58,13 +60,18 @@ class AdapterResolver:
         req = self.engine.lora_request(name)
         return req if req is not None else await self._discover(name, param)
 
-    async def _discover(self, name: str, param: str) -> LoRARequest:
+    def folder(self, name: str) -> str | None:
+        """``--adapter-dir/<name>`` when it is a PEFT folder (names with separators or ``..`` never are)."""
         if self.adapter_dir is None or not _SAFE_NAME.match(name) or ".." in name:
-            raise not_found(name, param)
+            return None
         path = self.adapter_dir / name
-        if not (path / "adapter_config.json").is_file():
+        return str(path) if (path / "adapter_config.json").is_file() else None
+
+    async def _discover(self, name: str, param: str) -> LoRARequest:
+        path = self.folder(name)
+        if path is None:
             raise not_found(name, param)
-        req = LoRARequest(name, lora_path=str(path))
+        req = LoRARequest(name, lora_path=path)
         try:
             await self.engine.load_adapter(req)
         except (ValueError, FileNotFoundError) as e:

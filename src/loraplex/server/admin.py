@@ -1,8 +1,12 @@
-"""Admin routes (vLLM's bodies): load / unload adapters at run time, list them with their tier, pin them.
+"""Admin routes (vLLM's bodies and answers): load / unload adapters at run time, list them with their tier, pin them.
 
-Without ``--enable-runtime-lora`` the load route only takes adapters the operator already vetted: demo adapter
-names, folders under ``--adapter-dir`` and paths given at start-up. Unloading an adapter with requests in flight
-answers 409, or with ``"wait": true`` stops routing to it and waits for them; it never breaks them.
+Load and unload answer vLLM's plain text (``Success: LoRA adapter 'x' added successfully.``); a client that sends
+``Accept: application/json`` gets the adapter's row too. Without ``--enable-runtime-lora`` (or vLLM's
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) the load route only takes adapters the operator already vetted: demo
+adapter names, folders under ``--adapter-dir`` and paths given at start-up. A load by name alone finds the adapter
+through the same resolvers as requests. Loading a known name is a 400 unless ``load_inplace`` (new requests get
+the new weights; those in flight finish on the old). Unloading an adapter with requests in flight answers 409, or
+with ``"wait": true`` stops routing to it and waits for them; it never breaks them.
 """
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from loraplex.lora.demo import resolve_adapter_path
+from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
 from loraplex.server.adapters import not_found
 from loraplex.server.errors import APIError, from_value_error
@@ -22,12 +27,10 @@ router = APIRouter()
 UNLOAD_WAIT_S = 120.0
 
 
-def _vetted(st: ServerState, path: str) -> bool:
-    resolved = Path(resolve_adapter_path(path)).resolve()
-    if str(resolved) in st.startup_paths or resolved.parent == Path(resolve_adapter_path("pirate")).resolve().parent:
-        return True
-    d = st.resolver.adapter_dir
-    return d is not None and resolved.is_relative_to(d)
+def _answer(request: Request, message: str, **detail) -> Response:
+    if "application/json" in request.headers.get("accept", ""):
+        return JSONResponse({"message": message, **detail})
+    return PlainTextResponse(message)
 
 
 async def _row(st: ServerState, name: str) -> dict:
@@ -43,26 +46,39 @@ def _known(request: Request, name: str) -> ServerState:
 
 
 @router.post("/v1/load_lora_adapter")
+@router.post("/load_lora_adapter")  # SGLang's path
 async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     st = state_of(request)
-    if not st.enable_runtime_lora and not _vetted(st, body.lora_path):
-        raise APIError(403, "lora_path: loading arbitrary paths at run time is off; start the server with "
-                            "--enable-runtime-lora", "lora_path", "runtime_lora_disabled")
-    if body.lora_name in st.resolver.base_names or body.lora_name == st.auto_name:
-        raise APIError(400, f"lora_name: {body.lora_name!r} is a reserved model name", "lora_name")
+    name = body.lora_name
+    if name in st.resolver.base_names or name == st.auto_name:
+        raise APIError(400, f"lora_name: {name!r} is a reserved model name", "lora_name")
     if not st.engine.serves_adapters:
         raise APIError(400, "lora_name: the server was started without LoRA support", "lora_name")
+    path = body.lora_path or st.resolver.folder(name) or (name if name in demo_adapters() else None)
+    if path is None:
+        raise APIError(404, f"lora_path: no lora_path given and no adapter named {name!r} found by the resolvers "
+                            "(--adapter-dir, demo adapters)", "lora_path", "adapter_not_found")
+    if not st.may_load(path):
+        raise APIError(403, "lora_path: loading arbitrary paths at run time is off; start the server with "
+                            "--enable-runtime-lora", "lora_path", "runtime_lora_disabled")
+    if not Path(resolve_adapter_path(path)).exists():
+        raise APIError(404, f"lora_path: {path!r} does not exist", "lora_path", "adapter_not_found")
+    known = st.engine.has_adapter(name)
+    if known and not body.load_inplace:
+        raise APIError(400, f"lora_name: The lora adapter '{name}' has already been loaded. Unload it first, or "
+                            "pass load_inplace: true to replace its weights", "lora_name", "adapter_already_loaded")
     try:
-        await st.engine.load_adapter(LoRARequest(body.lora_name, lora_path=body.lora_path), body.pinned)
+        await st.engine.load_adapter(LoRARequest(name, lora_path=path), body.pinned, inplace=known)
     except (ValueError, FileNotFoundError) as e:
         raise from_value_error(e) from None
-    st.set_card(body.lora_name, body.description, body.examples)
-    row = await _row(st, body.lora_name)
-    await st.update_router(body.lora_name, row["path"])
-    return {"status": "loaded", "adapter": row}
+    st.set_card(name, body.description, body.examples)
+    row = await _row(st, name)
+    await st.update_router(name, row["path"])
+    return _answer(request, f"Success: LoRA adapter '{name}' added successfully.", status="loaded", adapter=row)
 
 
 @router.post("/v1/unload_lora_adapter")
+@router.post("/unload_lora_adapter")  # SGLang's path
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
     st = _known(request, body.lora_name)
     deadline = asyncio.get_running_loop().time() + UNLOAD_WAIT_S
@@ -84,7 +100,8 @@ async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
         st.resolver.draining.discard(body.lora_name)
     st.set_card(body.lora_name, None, None)
     await st.update_router(body.lora_name, None)
-    return {"status": "unloaded", "lora_name": body.lora_name}
+    return _answer(request, f"Success: LoRA adapter '{body.lora_name}' removed successfully.", status="unloaded",
+                   lora_name=body.lora_name)
 
 
 @router.get("/v1/lora_adapters")

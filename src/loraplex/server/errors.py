@@ -1,4 +1,8 @@
-"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status."""
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+
+``type`` is the name vLLM gives the error (the openai SDK's exception class for the status: ``NotFoundError``,
+``BadRequestError``, …); ``code`` is always a string (``model_not_found``, or one derived from the status).
+"""
 from __future__ import annotations
 
 import re
@@ -8,9 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error"}
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          409: "ConflictError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError", 429: "RateLimitError",
+          499: "ClientDisconnectedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+_CODES = {400: "bad_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "request_too_large", 422: "unprocessable_entity", 429: "rate_limited",
+          499: "client_disconnected", 500: "internal_error", 503: "unavailable"}
 _PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
 
@@ -34,9 +41,28 @@ def from_value_error(e: Exception, status: int = 400) -> APIError:
     return APIError(status, message, m.group(1) if m else None)
 
 
+async def read_json(request: Request):
+    """The request's JSON body (400 when it is not JSON): for routes that choose the body's schema themselves."""
+    try:
+        return await request.json()
+    except ValueError as e:
+        raise APIError(400, f"malformed JSON body: {e}") from None
+
+
+def parse_body(model, raw):
+    """Validate ``raw`` as ``model``; errors answer like FastAPI's own body validation (400 naming the field)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code if code is not None else status}}
+    default_type = "InternalServerError" if status >= 500 else "BadRequestError"
+    return {"error": {"message": message, "type": _TYPES.get(status, default_type), "param": param,
+                      "code": code if code is not None else _CODES.get(status, f"http_{status}")}}
 
 
 def error_response(err: APIError) -> JSONResponse:

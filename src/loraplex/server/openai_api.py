@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from loraplex.outputs import RequestOutput
 from loraplex.routing import chat_query
+from loraplex.server.adapters import not_found
 from loraplex.server.errors import bad_request
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.server.state import ServerState, Submitted, state_of
@@ -19,17 +20,33 @@ from loraplex.server.state import ServerState, Submitted, state_of
 router = APIRouter()
 
 
-@router.get("/v1/models")
-async def list_models(request: Request):
-    st = state_of(request)
+async def _model_cards(st: ServerState) -> list[dict]:
     created = int(st.started)
     data = [{"id": st.resolver.base_id, "object": "model", "created": created, "owned_by": "loraplex",
-             "root": st.model_path, "parent": None, "max_model_len": st.max_model_len}]
+             "root": st.model_path, "parent": None, "max_model_len": st.engine.max_model_len}]
     for row in await st.adapters():
         data.append({"id": row["name"], "object": "model", "created": created, "owned_by": "loraplex",
                      "root": row["path"], "parent": st.resolver.base_id, "max_model_len": None,
                      **({"card": row["card"]} if row.get("card") else {})})
-    return {"object": "list", "data": data}
+    return data
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": await _model_cards(state_of(request))}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request):
+    """One model: the base (under any of its served names) or an adapter, as in the list."""
+    st = state_of(request)
+    cards = await _model_cards(st)
+    if model_id in st.resolver.base_names:
+        return cards[0]
+    card = next((c for c in cards[1:] if c["id"] == model_id), None)
+    if card is None:
+        raise not_found(model_id)
+    return card
 
 
 def sse(payload: dict | str) -> str:
@@ -58,16 +75,33 @@ def chat_logprobs(entries: list[dict], k: int) -> dict:
     return {"content": content}
 
 
-def completion_logprobs(entries: list[dict], k: int, offset: int) -> dict:
+def completion_logprobs(entries: list, k: int, offset: int, first_token: str | None = None) -> dict:
+    """Legacy completions logprobs. ``entries`` are the generated positions (or, with ``echo``, the prompt's
+    first: ``None``, nothing predicts it — shown as ``first_token`` — then the prompt's and the generated ones).
+    ``top_logprobs`` holds the chosen token and the ``k`` most likely (so ``logprobs: 0`` still shows the chosen)."""
     tokens, lps, tops, offsets = [], [], [], []
     for entry in entries:
-        lp = next(iter(entry.values()))
-        tokens.append(lp.decoded_token)
-        lps.append(lp.logprob)
-        tops.append({t["token"]: t["logprob"] for t in _top(entry, k, False)})
+        if entry is None:
+            tokens.append(first_token)
+            lps.append(None)
+            tops.append(None)
+        else:
+            lp = next(iter(entry.values()))
+            tokens.append(lp.decoded_token)
+            lps.append(lp.logprob)
+            tops.append({lp.decoded_token: lp.logprob, **{t["token"]: t["logprob"] for t in _top(entry, k, False)}})
         offsets.append(offset)
-        offset += len(lp.decoded_token or "")
+        offset += len(tokens[-1] or "")
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_json(plp) -> list | None:
+    """vLLM's ``prompt_logprobs``: per prompt position ``None`` (the first) or ``{token id: {logprob, rank,
+    decoded_token}}`` with the prompt token first."""
+    if plp is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in plp]
 
 
 @router.post("/v1/chat/completions")
@@ -79,8 +113,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
     params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
-                                  st.max_model_len, want_lp)
-    *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: chat_query(body.conversation()))
+                                  st.engine.max_model_len, want_lp)
+    *target, decision = await st.route(body.model, body.lora_path, body.adapter_id,
+                                       lambda: chat_query(body.conversation()))
     sub = await st.submit(*target, prompt_ids, params, None, decision, body.adapters)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": sub.served_name}
@@ -90,8 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": chat_logprobs(o.logprobs, want_lp) if want_lp is not None and o.logprobs is not None else None,
                 "finish_reason": o.finish_reason} for o in out.outputs]
-    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out)},
-                        headers=sub.headers)
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out),
+                         "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)}, headers=sub.headers)
 
 
 async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, with_lp: bool) -> AsyncIterator[str]:
@@ -103,7 +138,8 @@ async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, 
     async for i, delta, entries, _, finish in _deltas(sub, body.n, last):
         lp = chat_logprobs(entries, body.top_logprobs or 0) if with_lp and entries is not None else None
         yield sse({**head, "choices": [{"index": i, "delta": {"content": delta} if delta else {},
-                                        "logprobs": lp, "finish_reason": finish}]})
+                                        "logprobs": lp, "finish_reason": finish}],
+                   **({"usage": usage(last[0])} if body.continuous_usage else {})})
     if body.include_usage and last[0] is not None:
         yield sse({**head, "choices": [], "usage": usage(last[0])})
     yield sse("[DONE]")
@@ -111,13 +147,13 @@ async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, 
 
 def _completion_prompts(st: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
-        return [(prompt, st.tokenizer.encode(prompt))]
+        return [(prompt, st.engine.tokenizer.encode(prompt))]
     if not prompt:
         raise bad_request("prompt: must not be empty", "prompt")
     if all(isinstance(t, int) for t in prompt):
         return [(None, list(prompt))]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, st.tokenizer.encode(p)) for p in prompt]
+        return [(p, st.engine.tokenizer.encode(p)) for p in prompt]
     return [(None, list(p)) for p in prompt]
 
 
@@ -130,11 +166,14 @@ async def completions(body: CompletionRequest, request: Request):
         raise bad_request("prompt: streaming takes one prompt", "prompt")
     # one decision per request (several prompts are read together): the response names one model
     *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: (
-        "\n".join(text if text is not None else st.tokenizer.decode(ids) for text, ids in prompts), None))
+        "\n".join(text if text is not None else st.engine.tokenizer.decode(ids) for text, ids in prompts), None))
     subs = []
     try:
+        # echo with logprobs shows the prompt tokens' logprobs too: the engine scores the prompt
+        echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
         for text, ids in prompts:
-            params = body.sampling_params(body.max_tokens, len(ids), st.max_model_len, body.logprobs)
+            params = body.sampling_params(body.max_tokens, len(ids), st.engine.max_model_len, body.logprobs,
+                                          max(echo_lp, body.prompt_logprobs or 0) if echo_lp is not None else None)
             subs.append(await st.submit(*target, ids, params, text, decision if not subs else None, body.adapters))
     except BaseException:
         for s in subs:
@@ -147,11 +186,19 @@ async def completions(body: CompletionRequest, request: Request):
     outs = await asyncio.gather(*(st.wait(request, s) for s in subs))
     choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for k, ((text, _), out) in enumerate(zip(prompts, outs)):
-        echo = (text if text is not None else st.tokenizer.decode(out.prompt_token_ids)) if body.echo else ""
+        tok = st.engine.tokenizer
+        echo = (text if text is not None else tok.decode(out.prompt_token_ids)) if body.echo else ""
         for o in out.outputs:
-            lp = completion_logprobs(o.logprobs, body.logprobs, len(echo)) if body.logprobs is not None and o.logprobs else None
+            lp = None
+            if body.logprobs is not None and body.echo:
+                lp = completion_logprobs((out.prompt_logprobs or []) + (o.logprobs or []), body.logprobs, 0,
+                                         tok.decode(out.prompt_token_ids[:1]))
+            elif body.logprobs is not None and o.logprobs is not None:
+                lp = completion_logprobs(o.logprobs, body.logprobs, len(echo))
             choices.append({"index": k * body.n + o.index, "text": echo + o.text, "logprobs": lp,
-                            "finish_reason": o.finish_reason})
+                            "finish_reason": o.finish_reason,
+                            "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)
+                            if body.prompt_logprobs is not None else None})
         total = {key: total[key] + v for key, v in usage(out).items()}
     return JSONResponse({**head, "choices": choices, "usage": total}, headers=subs[0].headers)
 
@@ -165,7 +212,8 @@ async def _completion_chunks(head: dict, sub: Submitted, body: CompletionRequest
     async for i, delta, entries, offset, finish in _deltas(sub, body.n, last):
         lp = (completion_logprobs(entries, body.logprobs, offset)
               if body.logprobs is not None and entries is not None else None)
-        yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp, "finish_reason": finish}]})
+        yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp, "finish_reason": finish}],
+                   **({"usage": usage(last[0])} if body.continuous_usage else {})})
     if body.include_usage and last[0] is not None:
         yield sse({**head, "choices": [], "usage": usage(last[0])})
     yield sse("[DONE]")

@@ -15,8 +15,12 @@ from loraplex.server.errors import bad_request
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16  # TGI parameters.stop (advertised by /info)
-UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "prompt_logprobs", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar", "structured_outputs")
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar", "structured_outputs", "allowed_token_ids", "bad_words",
+               "logits_processors", "truncate_prompt_tokens", "guided_decoding_backend", "guided_whitespace_pattern")
+# vLLM sampling fields with a default we follow and other values we do not implement: refused, never ignored
+UNSUPPORTED_VALUES = {"use_beam_search": False, "length_penalty": 1.0, "early_stopping": False,
+                      "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False}
 
 
 class _Body(BaseModel):
@@ -27,6 +31,9 @@ class _Body(BaseModel):
         for name in UNSUPPORTED:
             if extra.get(name) not in (None, [], {}):
                 raise bad_request(f"{name}: not supported by this server", name)
+        for name, default in UNSUPPORTED_VALUES.items():
+            if extra.get(name) not in (None, default):
+                raise bad_request(f"{name}: only {default!r} is supported by this server", name)
         fmt = extra.get("response_format")
         if fmt not in (None, {"type": "text"}):
             raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
@@ -42,6 +49,12 @@ class AdapterWeight(BaseModel):
     weight: float
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
 class _Sampling(_Body):
     """Sampling fields shared by chat and completions (OpenAI names plus vLLM's extras)."""
 
@@ -51,7 +64,7 @@ class _Sampling(_Body):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -66,16 +79,19 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # adapter selection besides ``model``: SGLang / seed 000 and TGI names
     lora_path: str | None = None
     adapter_id: str | None = None
     adapters: list[AdapterWeight] | None = Field(default=None, min_length=1)  # a weighted mixture
 
     def sampling_params(self, max_tokens: int | None, prompt_len: int, max_model_len: int,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Check the length budget (400 naming max_tokens) and build the engine's parameters."""
         if self.best_of not in (None, self.n):
             raise bad_request("best_of: only best_of == n is supported", "best_of")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options: only allowed when stream is true", "stream_options")
         room = max_model_len - prompt_len
         if room < 1:
             raise bad_request(f"prompt: {prompt_len} tokens leave no room to generate within max_model_len "
@@ -90,13 +106,18 @@ class _Sampling(_Body):
                 frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens or room,
                 min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs)
+                include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
         except ValueError as e:
             raise bad_request(str(e), str(e).split(":")[0]) from None
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class ChatMessage(BaseModel):
@@ -135,9 +156,22 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class MergedAdapters(BaseModel):
+    """LoRAX's per-request merge: ``linear`` (our mixture) is the one strategy served."""
+
+    model_config = ConfigDict(extra="allow")
+    ids: list[str] = Field(min_length=1)
+    weights: list[float] = Field(min_length=1)
+    merge_strategy: str | None = None
+
+
 class TGIParameters(_Body):
     adapter_id: str | None = None
+    adapter_source: str | None = None  # LoRAX: "local" = adapter_id is a directory
+    merged_adapters: MergedAdapters | None = None  # LoRAX
     adapters: list[AdapterWeight] | None = Field(default=None, min_length=1)
+    ignore_eos_token: bool = False  # LoRAX
+    return_k_alternatives: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # LoRAX
     max_new_tokens: int | None = Field(default=None, ge=1)
     do_sample: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -164,9 +198,21 @@ class TGIGenerateRequest(_Body):
     stream: bool = False
 
 
+class SGLangGenerateRequest(_Body):
+    """SGLang's native ``POST /generate``: ``text`` (or ``input_ids``), ``sampling_params``, ``lora_path``."""
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    lora_path: str | None = None
+    stream: bool = False
+    return_logprob: bool = False
+
+
 class LoadLoRARequest(_Body):
     lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_path: str | None = Field(default=None, min_length=1)  # absent: the resolvers (--adapter-dir, demo names)
+    load_inplace: bool = False  # a known name gets the new weights (vLLM)
     description: str | None = None
     examples: list[str] | None = None
     pinned: bool = False

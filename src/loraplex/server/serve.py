@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from loraplex.config import LoRAConfig
 from loraplex.engine import LLMEngine
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
-from loraplex.models.registry import resolve_model
 from loraplex.routing import AdapterCard, Router, make_scorer
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.app import build_app
+from loraplex.server.args import vllm_only_flags
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.state import ServerState
@@ -41,6 +42,11 @@ def parse_lora_module(spec: str) -> dict:
     return {"name": Path(spec.rstrip("/")).name, "path": spec}
 
 
+def runtime_lora_env() -> bool:
+    """vLLM's switch for the runtime load/unload API."""
+    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true", "yes")
+
+
 def build_state(args) -> ServerState:
     model = args.model or args.model_flag
     router = build_router(args)  # a bad rules file fails before the model loads
@@ -48,19 +54,23 @@ def build_state(args) -> ServerState:
         lora = LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras)
     except ValueError as e:
         raise SystemExit(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+    if ignored := vllm_only_flags(args):
+        log.info("accepted for vLLM compatibility, no effect here: %s", " ".join(ignored))
     engine = LLMEngine.from_args(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 kv_cache_memory=args.kv_cache_memory, seed=args.seed, lora=lora)
+                                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, seed=args.seed,
+                                 lora=lora)
     modules = [parse_lora_module(s) for s in args.lora_modules]
-    if not args.no_demo_adapters and resolve_model(model).model_id == resolve_model(None).model_id:
-        modules = [{"name": n, "path": n} for n in demo_adapters() if n not in {m["name"] for m in modules}] + modules
+    if not args.no_demo_adapters and model is None and not modules and not args.adapter_dir:
+        modules = [{"name": n, "path": n} for n in demo_adapters()]  # the zero-argument demo run
     names = list(args.served_model_name or [engine.model_id])
     names += [n for n in (engine.model_id, model) if n and n not in names]
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
     async_engine.metrics = ServerMetrics(engine, names[0])
     state = ServerState(async_engine, AdapterResolver(async_engine, names, args.adapter_dir), async_engine.metrics,
                         model_path=str(model or engine.model_id), api_key=args.api_key,
-                        enable_runtime_lora=args.enable_runtime_lora, auto_name=args.router_name,
+                        enable_runtime_lora=args.enable_runtime_lora or runtime_lora_env(),
+                        auto_name=args.router_name,
                         router=router)
     if args.router_name in names:
         raise SystemExit(f"--router-name: {args.router_name!r} is the base model's name")

@@ -8,10 +8,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from loraplex.lora.demo import DEMO_DIR, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.routing import AdapterCard, CardBook, RouteDecision, Router
@@ -124,16 +126,8 @@ class ServerState:
         log.info("route %s -> %s", self.auto_name, decision.summary())
         return decision.adapter or self.resolver.base_id, None, None, decision
 
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
     def encode_chat(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
-        tok = self.tokenizer
+        tok = self.engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
         try:
@@ -142,6 +136,31 @@ class ServerState:
         except Exception as e:  # noqa: BLE001 - template errors are the caller's messages
             raise bad_request(f"messages: the chat template failed: {e}", "messages") from None
         return tok.encode(text, add_special_tokens=False)
+
+    def may_load(self, path: str) -> bool:
+        """May the runtime load route (or LoRAX's ``adapter_source: "local"``) read adapter ``path``? Always with
+        --enable-runtime-lora; else only what the operator vetted: demo adapters, folders under --adapter-dir and
+        paths given at start-up."""
+        if self.enable_runtime_lora:
+            return True
+        resolved = Path(resolve_adapter_path(path)).resolve()
+        if str(resolved) in self.startup_paths or resolved.parent == DEMO_DIR.resolve():
+            return True
+        d = self.resolver.adapter_dir
+        return d is not None and resolved.is_relative_to(d)
+
+    async def load_local(self, path: str, param: str) -> None:
+        """Register the adapter in directory ``path`` under that path as its name (LoRAX's local adapters)."""
+        if not self.may_load(path):
+            raise APIError(403, f"{param}: loading arbitrary paths at run time is off; start the server with "
+                                "--enable-runtime-lora", param, "runtime_lora_disabled")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise APIError(404, f"{param}: no adapter directory at {path!r}", param, "adapter_not_found")
+        try:
+            await self.engine.load_adapter(LoRARequest(path, lora_path=path))
+        except (ValueError, FileNotFoundError) as e:
+            raise from_value_error(e) from None
+        await self.update_router(path, path)
 
     async def adapters(self) -> list[dict]:
         """Known adapters (engine rows) plus folders under --adapter-dir that are not registered yet."""

@@ -1,0 +1,90 @@
+"""SGLang's native ``POST /generate``: ``{"text" | "input_ids", "sampling_params": {...}, "lora_path", "stream"}``.
+
+It shares the path with TGI's ``/generate`` (``{"inputs", "parameters"}``); ``is_sglang_body`` tells them apart by
+their fields. ``lora_path`` names a served adapter (SGLang's meaning), ``"auto"`` routes. Answers SGLang's shape:
+``{"text", "meta_info": {"id", "finish_reason": {"type", ...}, "prompt_tokens", "completion_tokens"}}``; a stream
+sends the cumulative text in each ``data:`` event, then ``data: [DONE]``.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+from loraplex.server.errors import bad_request
+from loraplex.server.protocol import SGLangGenerateRequest
+from loraplex.server.state import state_of
+
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default
+# SGLang sampling_params -> SamplingParams field
+_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
+           "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "stop": "stop", "stop_token_ids": "stop_token_ids",
+           "ignore_eos": "ignore_eos", "repetition_penalty": "repetition_penalty",
+           "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty", "n": "n",
+           "skip_special_tokens": "skip_special_tokens", "seed": "seed"}
+_NO_EFFECT = {"no_stop_trim": False, "spaces_between_special_tokens": True}
+
+def is_sglang_body(raw) -> bool:
+    return isinstance(raw, dict) and "inputs" not in raw and ("text" in raw or "input_ids" in raw)
+
+
+def _params(sp: dict, room: int) -> SamplingParams:
+    kw = {}
+    for key, value in sp.items():
+        if key in _NO_EFFECT and value == _NO_EFFECT[key]:
+            continue
+        if key not in _FIELDS:
+            raise bad_request(f"sampling_params.{key}: not supported by this server", f"sampling_params.{key}")
+        kw[_FIELDS[key]] = value
+    kw.setdefault("max_tokens", min(DEFAULT_MAX_NEW_TOKENS, room))
+    if kw["max_tokens"] is not None and isinstance(kw["max_tokens"], int) and kw["max_tokens"] > room:
+        raise bad_request(f"sampling_params.max_new_tokens: {kw['max_tokens']} exceeds the {room} tokens left in "
+                          "the context", "sampling_params.max_new_tokens")
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as e:
+        name = next((k for k, v in _FIELDS.items() if str(e).startswith(v + ":")), str(e).split(":")[0])
+        raise bad_request(f"sampling_params.{name}: {str(e).split(':', 1)[-1].strip()}",
+                          f"sampling_params.{name}") from None
+
+
+def _meta(out: RequestOutput, rid: str, i: int) -> dict:
+    o = out.outputs[i]
+    reason = None
+    if o.finish_reason == "length":
+        reason = {"type": "length", "length": len(o.token_ids)}
+    elif o.finish_reason is not None:
+        reason = {"type": o.finish_reason, "matched": o.stop_reason}
+    return {"id": rid, "finish_reason": reason, "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": len(o.token_ids), "cached_tokens": 0}
+
+
+async def generate(body: SGLangGenerateRequest, request: Request):
+    st = state_of(request)
+    body.refuse_unsupported()
+    if (body.text is None) == (body.input_ids is None):
+        raise bad_request("text: give text or input_ids (one prompt)", "text")
+    ids = st.engine.tokenizer.encode(body.text) if body.text is not None else list(body.input_ids)
+    room = st.engine.max_model_len - len(ids)
+    if room < 1:
+        raise bad_request(f"text: {len(ids)} tokens leave no room to generate", "text")
+    params = _params(body.sampling_params, room)
+    prompt = body.text if body.text is not None else st.engine.tokenizer.decode(ids)
+    *target, decision = await st.route(st.resolver.base_id, body.lora_path, None, lambda: (prompt, None))
+    sub = await st.submit(*target, ids, params, body.text, decision)
+    rid = uuid.uuid4().hex
+    if body.stream:
+        async def events():
+            async for out in sub.stream:
+                for i, o in enumerate(out.outputs):
+                    yield f"data: {json.dumps({'text': o.text, 'index': i, 'meta_info': _meta(out, rid, i)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return st.streaming(sub, events())
+    out = await st.wait(request, sub)
+    results = [{"text": o.text, "meta_info": _meta(out, rid, i)} for i, o in enumerate(out.outputs)]
+    return JSONResponse(results[0] if len(results) == 1 else results, headers=sub.headers)
