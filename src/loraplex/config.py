@@ -46,10 +46,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache geometry: ``num_blocks`` blocks of ``block_size`` token slots per layer."""
+    """Paged KV cache geometry: ``num_blocks`` blocks of ``block_size`` token slots per layer; full blocks of
+    computed K/V are reused by later requests with the same prefix and adapter (``enable_prefix_caching``)."""
 
     block_size: int = 16
     num_blocks: int = 0
+    enable_prefix_caching: bool = True
 
     @property
     def num_slots(self) -> int:

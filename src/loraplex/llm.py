@@ -21,7 +21,7 @@ IGNORED_VLLM_ARGS = frozenset({
     "pipeline_parallel_size", "quantization", "revision", "tokenizer_revision", "gpu_memory_utilization",
     "swap_space", "cpu_offload_gb", "enforce_eager", "max_seq_len_to_capture", "disable_custom_all_reduce",
     "disable_async_output_proc", "hf_token", "hf_overrides", "mm_processor_kwargs", "task", "override_pooler_config",
-    "compilation_config", "load_format", "download_dir", "distributed_executor_backend", "enable_prefix_caching",
+    "compilation_config", "load_format", "download_dir", "distributed_executor_backend",
     "enable_chunked_prefill", "max_logprobs", "disable_log_stats", "served_model_name", "worker_cls",
     "kv_cache_dtype", "calculate_kv_scales", "lora_dtype",
     "fully_sharded_loras", "long_lora_scaling_factors", "disable_sliding_window", "use_v2_block_manager",
@@ -47,7 +47,8 @@ class LLM:
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, device: str | None = None,
                  block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
                  max_loras: int | None = LoRAConfig.max_loras, max_lora_rank: int = LoRAConfig.max_lora_rank,
-                 max_cpu_loras: int | None = LoRAConfig.max_cpu_loras, **kwargs) -> None:
+                 max_cpu_loras: int | None = LoRAConfig.max_cpu_loras,
+                 enable_prefix_caching: bool = CacheConfig.enable_prefix_caching, **kwargs) -> None:
         unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGS)
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
@@ -61,7 +62,7 @@ class LLM:
         self.llm_engine = LLMEngine.from_args(
             model=model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
-            seed=seed, lora=lora)
+            seed=seed, lora=lora, enable_prefix_caching=enable_prefix_caching)
         self._router: Router | None = None
         self._cards = CardBook()
 

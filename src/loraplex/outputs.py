@@ -45,6 +45,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs is set
+    num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (known once admitted)
     lora_request: object | None = None
     error: str | None = None  # set when the engine could not serve it (e.g. its adapter became unreadable)
     route: object | None = None  # routing.RouteDecision when lora_request="auto" chose the adapter

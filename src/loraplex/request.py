@@ -53,6 +53,8 @@ class Request(UsesAdapters):
     output_text: str = ""
     logprobs: SampleLogprobs | None = None
     prompt_scores: list | None = None  # prompt_logprobs: a SampledToken per prompt position (None for the first)
+    cache_key: object | None = None  # what computes its K/V, for prefix caching (None: never cached)
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at its first admission
     cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:

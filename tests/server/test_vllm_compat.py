@@ -234,3 +234,19 @@ def test_vllm_flags_start_the_server(runtime):
     # the fixture started with --enforce-eager, --gpu-memory-utilization, --tensor-parallel-size, ...
     assert runtime.state.enable_runtime_lora  # from VLLM_ALLOW_RUNTIME_LORA_UPDATING
     assert httpx.get(runtime.url + "/health").status_code == 200
+
+
+def test_prefix_cache_usage_and_metrics(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    long_prompt = "You are a careful assistant. Answer briefly and precisely. " * 2 + "Question one?"
+    first = c.completions.create(model="a16", prompt=long_prompt, max_tokens=2, temperature=0)
+    again = c.completions.create(model="a16", prompt=long_prompt, max_tokens=2, temperature=0)
+    other = c.completions.create(model="a4", prompt=long_prompt, max_tokens=2, temperature=0)
+    assert again.choices[0].text == first.choices[0].text
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 96 and cached % 16 == 0 and cached < again.usage.prompt_tokens
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter never shares the blocks
+    metrics = httpx.get(server.url + "/metrics").text
+    hits = [ln for ln in metrics.splitlines() if ln.startswith('loraplex_prefix_cache_hits_tokens_total{adapter="a16"}')]
+    assert hits and float(hits[0].split()[-1]) >= cached
+    assert "loraplex_prefix_cache_blocks " in metrics

@@ -35,6 +35,7 @@ class EngineStats(NamedTuple):
     kv_usage: float
     kv_blocks: int
     num_preemptions: int
+    cached_blocks: int  # prefix-cache blocks (referenced or free)
 
 
 class AdapterStats(NamedTuple):
@@ -80,7 +81,8 @@ class LLMEngine:
             self.lora_store = AdapterStore(loaded.spec.module_shapes, lc.max_loras, lc.max_lora_rank,
                                            lc.host_capacity, config.model.dtype,
                                            lambda slot, w: loaded.model.set_lora_slot(slot, w.weights))
-        self.scheduler = Scheduler(config.scheduler, BlockManager(config.cache.num_blocks, config.cache.block_size),
+        self.scheduler = Scheduler(config.scheduler, BlockManager(config.cache.num_blocks, config.cache.block_size,
+                                                                  config.cache.enable_prefix_caching),
                                    self.lora_store)
         self.runner = ModelRunner(loaded, config.cache, torch.device(config.model.device), config.model.dtype,
                                   config.model.seed)
@@ -94,7 +96,8 @@ class LLMEngine:
                   max_num_seqs: int = SchedulerConfig.max_num_seqs,
                   max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
                   block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
-                  seed: int = ModelConfig.seed, lora: LoRAConfig | None = None) -> "LLMEngine":
+                  seed: int = ModelConfig.seed, lora: LoRAConfig | None = None,
+                  enable_prefix_caching: bool = CacheConfig.enable_prefix_caching) -> "LLMEngine":
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU)."""
         torch_dtype = parse_dtype(dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +113,7 @@ class LLMEngine:
                             kv_cache_memory)
         config = EngineConfig(
             model=ModelConfig(source.model_id, torch_dtype, device, seed),
-            cache=CacheConfig(block_size, blocks),
+            cache=CacheConfig(block_size, blocks, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             lora=lora,
         )
@@ -142,15 +145,28 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         eos = self.loaded.eos_token_ids
         parent = ParentRequest(request_id, prompt, list(prompt_token_ids))
+        key = self._cache_key(lora_name, lora_mix, xlora, params)
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             parent.children.append(Request(child_id, parent.prompt_token_ids, params, eos, prompt,
                                            lora_name=lora_name, lora_mix=lora_mix, xlora=xlora,
-                                           xlora_experts=experts, parent_id=request_id, index=i))
+                                           xlora_experts=experts, parent_id=request_id, index=i, cache_key=key))
         self.outputs.add(parent)
         for child in parent.children:
             self.scheduler.add_request(child)
         return request_id
+
+    def _cache_key(self, lora_name: str | None, lora_mix, xlora: str | None, params: SamplingParams):
+        """What computes a request's K/V, as prefix caching keys it: the base, an adapter's content digest, a
+        mixture's sorted (digest, weight) pairs. None (never cached): X-LoRA rows (their gate depends on the scaling
+        pass's own track, kept out of the cache) and requests that score their prompt (``prompt_logprobs``)."""
+        if xlora is not None or params.prompt_logprobs is not None:
+            return None
+        if lora_name is not None:
+            return ("lora", self.lora_store.digest(lora_name))
+        if lora_mix:
+            return ("mix", tuple(sorted((self.lora_store.digest(n), w) for n, w in lora_mix)))
+        return "base"
 
     def _resolve_loras(self, lora_request) -> tuple[str | None, tuple[tuple[str, float], ...], str | None]:
         """``None`` (base) | ``LoRARequest`` (an adapter or an X-LoRA) | a mixture ``[(LoRARequest, weight), ...]``
@@ -272,7 +288,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.pool.num_blocks, s.num_preemptions)
+        return EngineStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.pool.num_blocks, s.num_preemptions,
+                           s.kv.pool.num_cached)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -115,4 +115,5 @@ class OutputProcessor:
             for c in parent.children:
                 self.detok.pop(c.request_id, None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
-                             prompt_logprobs=self._prompt_logprobs(parent))
+                             prompt_logprobs=self._prompt_logprobs(parent),
+                             num_cached_tokens=parent.children[0].num_cached_tokens if parent.children else None)

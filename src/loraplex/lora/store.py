@@ -17,6 +17,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,7 @@ class AdapterEntry:
     lora_int_id: int
     plan: LoRAPlan | None
     xlora: XLoRAPlan | None = None
+    digest: str | None = None  # sha256 of its config and weights, computed on first use (prefix-cache identity)
 
 
 class AdapterStore:
@@ -106,6 +108,21 @@ class AdapterStore:
             self.registry.setdefault(n, AdapterEntry(n, plan.path, 0, plan))
         entry = self.registry[req.lora_name] = AdapterEntry(req.lora_name, path, req.lora_int_id, None, xplan)
         return entry
+
+    def digest(self, name: str) -> str:
+        """The content digest of an adapter's config and weights: the same weights under another name or path give
+        the same digest, other weights under the same name another one."""
+        entry = self._known(name)
+        if entry.digest is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for f in (Path(entry.path) / "adapter_config.json", Path(entry.plan.file)):
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+            entry.digest = h.hexdigest()
+        return entry.digest
 
     def expand(self, names) -> list[str]:
         """Adapter names with each X-LoRA replaced by its experts (what takes slots and weights)."""
@@ -172,7 +189,8 @@ class AdapterStore:
         if entry.xlora is not None or self.xlora_owner(name) is not None:
             raise ValueError(f"load_inplace: adapter {name!r} is (part of) an X-LoRA; unload it, then load it again")
         del self.registry[name]
-        self.registry[alias] = AdapterEntry(alias, entry.path, entry.lora_int_id, replace(entry.plan, name=alias))
+        self.registry[alias] = AdapterEntry(alias, entry.path, entry.lora_int_id, replace(entry.plan, name=alias),
+                                            digest=entry.digest)
         for tier in (self.host, self.slots, self.refcount):
             if name in tier:
                 tier[alias] = tier.pop(name)

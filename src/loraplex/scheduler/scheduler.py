@@ -78,6 +78,17 @@ class Scheduler:
         end = req.xlora_scaled if self._xlora_phase(req) is XLoRAPhase.REAL else req.num_tokens
         return min(end - req.num_computed_tokens, budget)
 
+    def _match_prefix(self, req: Request) -> int:
+        """A request that has computed nothing (new, or preempted) starts after the longest cached prefix of its
+        tokens computed under its cache key; returns the number of tokens it skips."""
+        if req.num_computed_tokens or req.cache_key is None:
+            return 0
+        cached = self.kv.match_prefix(req.request_id, req.all_token_ids, req.cache_key)
+        req.num_computed_tokens = cached
+        if req.num_cached_tokens is None:  # reported for the first admission (usage.cached_tokens)
+            req.num_cached_tokens = cached
+        return cached
+
     def _allocate(self, req: Request, num_tokens: int) -> bool:
         """Grow every KV track of ``req`` (one, or two for an X-LoRA) to ``num_tokens``, all or none."""
         return self.kv.allocate(req.request_id, num_tokens, *req.kv_ids(req.request_id)[1:])
@@ -134,8 +145,14 @@ class Scheduler:
                 req = self.waiting[0]
                 names = set(req.lora_names)
                 # FCFS across adapters: the head waits (and blocks those behind it) until its adapters fit.
+                if not self.residency.can_hold(names):
+                    break
+                cached = self._match_prefix(req)
                 n = self._chunk(req, budget)
-                if not self.residency.can_hold(names) or not self._allocate(req, req.num_computed_tokens + n):
+                if not self._allocate(req, req.num_computed_tokens + n):
+                    if cached:  # give the shared blocks back; matched again when it fits
+                        self.kv.free(req.request_id)
+                        req.num_computed_tokens = 0
                     break
                 try:
                     self.residency.hold(names)
@@ -198,6 +215,7 @@ class Scheduler:
                 req.xlora_scaled += s.num_tokens
                 continue
             req.num_computed_tokens += s.num_tokens
+            self.kv.commit(req.request_id, req.num_computed_tokens, req.cache_key, lambda r=req: r.all_token_ids)
             tok = result.sampled.get(s.request_id)
             if tok is None:
                 continue

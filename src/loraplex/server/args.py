@@ -11,7 +11,7 @@ MAX_BODY_BYTES = 8 << 20
 
 # vLLM serve flags that only tune vLLM: accepted (so a vLLM command line starts unchanged), noted in the log.
 VLLM_SWITCHES = ("--enforce-eager", "--trust-remote-code", "--disable-log-requests", "--disable-log-stats",
-                 "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+                 "--enable-chunked-prefill",
                  "--no-enable-chunked-prefill", "--disable-custom-all-reduce", "--fully-sharded-loras",
                  "--enable-auto-tool-choice", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details",
                  "--disable-fastapi-docs", "--enable-log-requests", "--disable-uvicorn-access-log")
@@ -64,6 +64,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=ModelConfig.seed)
     p.add_argument("--log-level", default="info")
     p.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV cache block size (tokens)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=CacheConfig.enable_prefix_caching,
+                   help="reuse the KV of a cached prefix computed by the same adapter (default on)")
     v = p.add_argument_group("vLLM", "vLLM flags that only tune vLLM: accepted with a note in the log")
     for flag in VLLM_SWITCHES:
         v.add_argument(flag, action="store_true", dest=f"vllm_{flag[2:].replace('-', '_')}", help=argparse.SUPPRESS)

@@ -45,6 +45,7 @@ class _Stream:
     arrival: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
     num_tokens: int = 0
+    cache_counted: bool = False
 
 
 class AsyncEngine:
@@ -203,6 +204,9 @@ class AsyncEngine:
             if stream is None:
                 continue
             if self.metrics:
+                if stream.last_token is None and out.num_cached_tokens is not None and not stream.cache_counted:
+                    self.metrics.on_prefix_cache(stream.adapter, len(out.prompt_token_ids), out.num_cached_tokens)
+                    stream.cache_counted = True
                 n = sum(len(o.token_ids) for o in out.outputs)
                 if n > stream.num_tokens:
                     self.metrics.on_tokens(stream.adapter, n - stream.num_tokens,

@@ -30,6 +30,8 @@ class _EngineCollector:
         yield GaugeMetricFamily("loraplex_kv_cache_blocks_total", "KV cache blocks", value=stats.kv_blocks)
         yield CounterMetricFamily("loraplex_preemptions", "Requests preempted (recomputed) for KV blocks",
                                   value=stats.num_preemptions)
+        yield GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks holding cached prefix content",
+                                value=stats.cached_blocks)
         if not e.serves_adapters:
             return
         tier = GaugeMetricFamily("loraplex_adapter_resident", "1 for the tier an adapter is in",
@@ -63,6 +65,10 @@ class ServerMetrics:
                              ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.routes = Counter("loraplex_routes", "Requests sent to each adapter by model='auto'", ["adapter"],
                               registry=r)
+        self.prefix_queries = Counter("loraplex_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix "
+                                      "cache", ["adapter"], registry=r)
+        self.prefix_hits = Counter("loraplex_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache",
+                                   ["adapter"], registry=r)
         r.register(_EngineCollector(engine))
 
     def _label(self, adapter: str | None) -> str:
@@ -72,6 +78,12 @@ class ServerMetrics:
         label = self._label(adapter)
         self.requests.labels(label).inc()
         self.prompt_tokens.labels(label).inc(num_prompt_tokens)
+
+    def on_prefix_cache(self, adapter: str | None, num_prompt_tokens: int, num_cached: int) -> None:
+        """Once per request, when it is admitted: how much of its prompt the prefix cache held."""
+        label = self._label(adapter)
+        self.prefix_queries.labels(label).inc(num_prompt_tokens)
+        self.prefix_hits.labels(label).inc(num_cached)
 
     def on_tokens(self, adapter: str | None, new_tokens: int, elapsed: float, first: bool) -> None:
         """Called by the engine thread when a request's outputs grew by ``new_tokens`` after ``elapsed`` s."""

@@ -56,7 +56,8 @@ def sse(payload: dict | str) -> str:
 def usage(out: RequestOutput) -> dict:
     completion = sum(len(o.token_ids) for o in out.outputs)
     return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
-            "total_tokens": len(out.prompt_token_ids) + completion}
+            "total_tokens": len(out.prompt_token_ids) + completion,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens or 0}}
 
 
 def _top(entry: dict, k: int, chat: bool) -> list:
@@ -184,7 +185,9 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return st.streaming(subs[0], _completion_chunks(head, subs[0], body, prompts[0][0]))
     outs = await asyncio.gather(*(st.wait(request, s) for s in subs))
-    choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    choices = []
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+             "prompt_tokens_details": {"cached_tokens": 0}}
     for k, ((text, _), out) in enumerate(zip(prompts, outs)):
         tok = st.engine.tokenizer
         echo = (text if text is not None else tok.decode(out.prompt_token_ids)) if body.echo else ""
@@ -199,7 +202,10 @@ async def completions(body: CompletionRequest, request: Request):
                             "finish_reason": o.finish_reason,
                             "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)
                             if body.prompt_logprobs is not None else None})
-        total = {key: total[key] + v for key, v in usage(out).items()}
+        u = usage(out)
+        total = {**{key: total[key] + u[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
+                 "prompt_tokens_details": {"cached_tokens": total["prompt_tokens_details"]["cached_tokens"]
+                                           + u["prompt_tokens_details"]["cached_tokens"]}}
     return JSONResponse({**head, "choices": choices, "usage": total}, headers=subs[0].headers)
 
 
