@@ -18,7 +18,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """Map a user-facing dtype name (vLLM spelling; ``"auto"`` = bf16) to a torch dtype."""
+    """Map a user-facing dtype name (vLLM spelling) to a torch dtype. ``"auto"`` = bf16 here; on a CPU the engine
+    replaces it by a measured choice (``engine.cpu_dtype``)."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16
     if isinstance(dtype, torch.dtype):

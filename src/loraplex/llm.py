@@ -69,6 +69,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (e.g. between benchmark runs); False while requests are in flight."""
+        return self.llm_engine.reset_prefix_cache()
+
     # ---- inputs -----------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -112,6 +112,8 @@ def test_same_tokens_with_and_without_caching(tiny_llama_dir, two_adapters):
     bm = on.llm_engine.scheduler.kv
     assert bm.num_free_blocks == bm.pool.num_blocks and not any(bm.pool.refs)
     assert bm.pool.num_cached >= 4 * 5  # one chain per key: base, p, q, the mixture never share
+    assert on.reset_prefix_cache() and bm.pool.num_cached == 0
+    assert _run(on, prompts[:1], loras[:1])[0].num_cached_tokens == 0
 
 
 def test_reloaded_adapter_with_other_weights_does_not_hit(tiny_llama_dir, two_adapters, tmp_path):

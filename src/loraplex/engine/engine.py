@@ -15,6 +15,7 @@ from loraplex.config import (
     SchedulerConfig,
     parse_dtype,
 )
+from loraplex.engine.cpu_dtype import auto_cpu_dtype
 from loraplex.engine.model_runner import ModelRunner, StepAdapters
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager
@@ -101,6 +102,8 @@ class LLMEngine:
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU)."""
         torch_dtype = parse_dtype(dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu" and (dtype is None or dtype == "auto"):
+            torch_dtype = auto_cpu_dtype()  # bf16 only where this CPU multiplies it fast (measured, cached)
         if torch_dtype == torch.float16 and device == "cpu":
             warnings.warn("dtype float16 on CPU: computing in bfloat16 instead (CPU float16 kernels are slow)",
                           stacklevel=2)
@@ -293,6 +296,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (vLLM's name); refused (False) while requests hold blocks."""
+        return self.scheduler.kv.pool.reset_cache()
 
     # ---- the step loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

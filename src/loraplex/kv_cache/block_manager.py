@@ -73,9 +73,13 @@ class BlockPool:
             self.cached[h] = block
             self.hash_of[block] = h
 
-    def reset_cache(self) -> None:
+    def reset_cache(self) -> bool:
+        """Forget every cached block's content; only when no block is referenced (False otherwise)."""
+        if any(self.refs):
+            return False
         self.cached.clear()
         self.hash_of.clear()
+        return True
 
 
 class BlockManager:
