@@ -20,11 +20,14 @@ from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
 from loraplex.server.adapters import not_found
 from loraplex.server.errors import APIError, from_value_error
+from loraplex.server.openapi import TEXT, errors, with_content
 from loraplex.server.protocol import LoadLoRARequest, UnloadLoRARequest
 from loraplex.server.state import ServerState, state_of
 
 router = APIRouter()
 UNLOAD_WAIT_S = 120.0
+LOAD_RESPONSES = {**with_content({**TEXT, "application/json": {}}), **errors(400, 403, 404, 413)}
+UNLOAD_RESPONSES = {**with_content({**TEXT, "application/json": {}}), **errors(400, 404, 409, 413)}
 
 
 def _answer(request: Request, message: str, **detail) -> Response:
@@ -45,8 +48,8 @@ def _known(request: Request, name: str) -> ServerState:
     return st
 
 
-@router.post("/v1/load_lora_adapter")
-@router.post("/load_lora_adapter")  # SGLang's path
+@router.post("/v1/load_lora_adapter", responses=LOAD_RESPONSES)
+@router.post("/load_lora_adapter", responses=LOAD_RESPONSES)  # SGLang's path
 async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     st = state_of(request)
     name = body.lora_name
@@ -77,8 +80,8 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request):
     return _answer(request, f"Success: LoRA adapter '{name}' added successfully.", status="loaded", adapter=row)
 
 
-@router.post("/v1/unload_lora_adapter")
-@router.post("/unload_lora_adapter")  # SGLang's path
+@router.post("/v1/unload_lora_adapter", responses=UNLOAD_RESPONSES)
+@router.post("/unload_lora_adapter", responses=UNLOAD_RESPONSES)  # SGLang's path
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
     st = _known(request, body.lora_name)
     deadline = asyncio.get_running_loop().time() + UNLOAD_WAIT_S
@@ -110,7 +113,7 @@ async def list_lora_adapters(request: Request):
     return {"object": "list", "data": await st.adapters()}
 
 
-@router.post("/v1/pin_lora_adapter")
+@router.post("/v1/pin_lora_adapter", responses=errors(400, 404, 413))
 async def pin_lora_adapter(body: UnloadLoRARequest, request: Request):
     """``{"lora_name", "pinned": true|false}``: keep an adapter in a device slot (or release it)."""
     st = _known(request, body.lora_name)

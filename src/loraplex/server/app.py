@@ -12,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from loraplex.server import admin, openai_api, tgi_api
 from loraplex.server.args import MAX_BODY_BYTES
 from loraplex.server.errors import error_body, install_error_handlers
+from loraplex.server.openapi import PROMETHEUS, errors, finalize, with_content
+from loraplex.server.protocol import SGLangGenerateRequest, TGIGenerateRequest
 from loraplex.server.state import ServerState
 
 OPEN_PATHS = ("/health", "/metrics")  # everything else needs the API key when one is set
@@ -76,15 +78,17 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     for module in (openai_api, tgi_api, admin):
         app.include_router(module.router)
 
-    @app.get("/health")
+    @app.get("/health", responses=errors(503))
     async def health():
         if not state.engine.is_running:
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=with_content(PROMETHEUS, "Prometheus text format"))
     async def metrics(_: Request):
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes)
+    app.state.extra_schemas = (SGLangGenerateRequest, TGIGenerateRequest)
+    finalize(app, state.api_key, OPEN_PATHS)
     return app

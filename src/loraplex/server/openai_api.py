@@ -14,6 +14,7 @@ from loraplex.outputs import RequestOutput
 from loraplex.routing import chat_query
 from loraplex.server.adapters import not_found
 from loraplex.server.errors import bad_request
+from loraplex.server.openapi import GENERATION, SSE, errors, with_content
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.server.state import ServerState, Submitted, state_of
 
@@ -36,7 +37,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": await _model_cards(state_of(request))}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def retrieve_model(model_id: str, request: Request):
     """One model: the base (under any of its served names) or an adapter, as in the list."""
     st = state_of(request)
@@ -105,7 +106,7 @@ def prompt_logprobs_json(plp) -> list | None:
                                     for t, lp in e.items()} for e in plp]
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={**with_content(SSE), **GENERATION})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = state_of(request)
     body.refuse_unsupported()
@@ -158,7 +159,7 @@ def _completion_prompts(st: ServerState, prompt) -> list[tuple[str | None, list[
     return [(None, list(p)) for p in prompt]
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={**with_content(SSE), **GENERATION})
 async def completions(body: CompletionRequest, request: Request):
     st = state_of(request)
     body.refuse_unsupported()

@@ -6,7 +6,7 @@ do not implement (tools, response_format, logit_bias, …) are refused with a 40
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +15,8 @@ from loraplex.server.errors import bad_request
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16  # TGI parameters.stop (advertised by /info)
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], Field(min_length=1)]
 UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "guided_json", "guided_regex",
                "guided_choice", "guided_grammar", "structured_outputs", "allowed_token_ids", "bad_words",
                "logits_processors", "truncate_prompt_tokens", "guided_decoding_backend", "guided_whitespace_pattern")
@@ -65,7 +67,7 @@ class _Sampling(_Body):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -150,7 +152,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -180,16 +183,16 @@ class TGIParameters(_Body):
     repetition_penalty: float | None = Field(default=None, gt=0)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[NonEmptyStr] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool | None = False
     top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)  # one sequence per request here
     truncate: int | None = None
     watermark: bool = False
     typical_p: float | None = None
-    grammar: Any = None
+    grammar: None = None  # grammars are not served (a 400, never ignored)
 
 
 class TGIGenerateRequest(_Body):
@@ -198,12 +201,38 @@ class TGIGenerateRequest(_Body):
     stream: bool = False
 
 
-class SGLangGenerateRequest(_Body):
-    """SGLang's native ``POST /generate``: ``text`` (or ``input_ids``), ``sampling_params``, ``lora_path``."""
+class SGLangSamplingParams(BaseModel):
+    """SGLang's ``sampling_params`` (the fields served; anything else is a 400 naming it)."""
 
-    text: str | None = None
-    input_ids: list[int] | None = None
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    min_new_tokens: int = Field(default=0, ge=0)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = -1
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    skip_special_tokens: bool = True
+    seed: int | None = None
+    no_stop_trim: bool = Field(default=False, le=False)  # only the default is served
+    spaces_between_special_tokens: bool = Field(default=True, ge=True)
+
+
+class SGLangGenerateRequest(_Body):
+    """SGLang's native ``POST /generate``: ``text`` or ``input_ids`` (exactly one), ``sampling_params``,
+    ``lora_path``."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"oneOf": [{"required": ["text"]},
+                                                                          {"required": ["input_ids"]}]})
+    text: str | None = Field(default=None, min_length=1)
+    input_ids: TokenIds | None = None
+    sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)
     lora_path: str | None = None
     stream: bool = False
     return_logprob: bool = False

@@ -16,40 +16,31 @@ from fastapi.responses import JSONResponse
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import bad_request
-from loraplex.server.protocol import SGLangGenerateRequest
+from loraplex.server.protocol import SGLangGenerateRequest, SGLangSamplingParams
 from loraplex.server.state import state_of
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default
-# SGLang sampling_params -> SamplingParams field
-_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
-           "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "stop": "stop", "stop_token_ids": "stop_token_ids",
-           "ignore_eos": "ignore_eos", "repetition_penalty": "repetition_penalty",
-           "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty", "n": "n",
-           "skip_special_tokens": "skip_special_tokens", "seed": "seed"}
-_NO_EFFECT = {"no_stop_trim": False, "spaces_between_special_tokens": True}
+
 
 def is_sglang_body(raw) -> bool:
     return isinstance(raw, dict) and "inputs" not in raw and ("text" in raw or "input_ids" in raw)
 
 
-def _params(sp: dict, room: int) -> SamplingParams:
-    kw = {}
-    for key, value in sp.items():
-        if key in _NO_EFFECT and value == _NO_EFFECT[key]:
-            continue
-        if key not in _FIELDS:
-            raise bad_request(f"sampling_params.{key}: not supported by this server", f"sampling_params.{key}")
-        kw[_FIELDS[key]] = value
-    kw.setdefault("max_tokens", min(DEFAULT_MAX_NEW_TOKENS, room))
-    if kw["max_tokens"] is not None and isinstance(kw["max_tokens"], int) and kw["max_tokens"] > room:
-        raise bad_request(f"sampling_params.max_new_tokens: {kw['max_tokens']} exceeds the {room} tokens left in "
-                          "the context", "sampling_params.max_new_tokens")
+def _params(sp: SGLangSamplingParams, room: int) -> SamplingParams:
+    max_new = sp.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, room)
+    if max_new > room:
+        raise bad_request(f"sampling_params.max_new_tokens: {max_new} exceeds the {room} tokens left in the context",
+                          "sampling_params.max_new_tokens")
     try:
-        return SamplingParams(**kw)
-    except (ValueError, TypeError) as e:
-        name = next((k for k, v in _FIELDS.items() if str(e).startswith(v + ":")), str(e).split(":")[0])
-        raise bad_request(f"sampling_params.{name}: {str(e).split(':', 1)[-1].strip()}",
-                          f"sampling_params.{name}") from None
+        return SamplingParams(max_tokens=max_new, min_tokens=sp.min_new_tokens, temperature=sp.temperature,
+                              top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, stop=sp.stop,
+                              stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+                              repetition_penalty=sp.repetition_penalty, frequency_penalty=sp.frequency_penalty,
+                              presence_penalty=sp.presence_penalty, n=sp.n, skip_special_tokens=sp.skip_special_tokens,
+                              seed=sp.seed)
+    except ValueError as e:
+        name = str(e).split(":")[0]
+        raise bad_request(f"sampling_params.{e}", f"sampling_params.{name}") from None
 
 
 def _meta(out: RequestOutput, rid: str, i: int) -> dict:

@@ -15,10 +15,14 @@ from loraplex.outputs import CompletionOutput, RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.server import sglang_api
 from loraplex.server.errors import bad_request, parse_body, read_json
+from loraplex.server.openapi import GENERATION, SSE, errors, with_content
 from loraplex.server.protocol import MAX_STOP_SEQUENCES, AdapterWeight, TGIGenerateRequest
 from loraplex.server.state import ServerState, Submitted, state_of
 
 router = APIRouter()
+# /generate takes TGI's body or SGLang's (told apart by their fields)
+GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"$ref": "#/components/schemas/TGIGenerateRequest"}, {"$ref": "#/components/schemas/SGLangGenerateRequest"}]}}}}}
 DEFAULT_MAX_NEW_TOKENS = 100
 _FINISH = {"stop": "stop_sequence", "length": "length"}
 
@@ -32,10 +36,6 @@ def _finish_reason(o: CompletionOutput, eos_ids) -> str:
 def _params(body: TGIGenerateRequest, st: ServerState, prompt_len: int) -> SamplingParams:
     p = body.parameters
     p.refuse_unsupported()
-    if p.best_of not in (None, 1):
-        raise bad_request("parameters.best_of: only 1 is supported", "parameters.best_of")
-    if p.grammar is not None:
-        raise bad_request("parameters.grammar: not supported by this server", "parameters.grammar")
     sample = p.do_sample or (p.temperature not in (None, 0)) or p.top_p is not None or p.top_k is not None
     room = st.engine.max_model_len - prompt_len
     max_new = p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, room)
@@ -129,9 +129,12 @@ def _details(st: ServerState, out: RequestOutput, body: TGIGenerateRequest) -> d
     return details
 
 
-@router.post("/generate")
+@router.post("/generate", responses={**with_content(SSE), **GENERATION, **errors(403)},
+             openapi_extra=GENERATE_BODY)
 async def generate(request: Request):
     raw = await read_json(request)
+    if isinstance(raw, dict) and "inputs" in raw and ("text" in raw or "input_ids" in raw):
+        raise bad_request("inputs: give TGI's inputs or SGLang's text / input_ids, not both", "inputs")
     if sglang_api.is_sglang_body(raw):
         return await sglang_api.generate(parse_body(sglang_api.SGLangGenerateRequest, raw), request)
     return await _generate(parse_body(TGIGenerateRequest, raw), request)
@@ -147,7 +150,7 @@ async def _generate(body: TGIGenerateRequest, request: Request):
     return JSONResponse(result, headers=sub.headers)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", responses={**with_content(SSE), **GENERATION, **errors(403)})
 async def generate_stream(body: TGIGenerateRequest, request: Request):
     st, sub, _ = await _submit(body, request)
 
@@ -172,7 +175,7 @@ async def generate_stream(body: TGIGenerateRequest, request: Request):
     return st.streaming(sub, events())
 
 
-@router.post("/")
+@router.post("/", responses={**with_content(SSE), **GENERATION, **errors(403)})
 async def compat_generate(body: TGIGenerateRequest, request: Request):
     """TGI's root route (what ``InferenceClient(url).text_generation`` posts to): stream or not by ``stream``."""
     if body.stream:
