@@ -31,7 +31,7 @@ PARAGRAPH = ("You are a meticulous assistant for a regional utility company. Ans
 def run(engine, prompts: list[list[int]], loras: list, sp: SamplingParams, in_flight: int) -> tuple[float, float]:
     """Continuous arrivals; returns (TTFT p50 in seconds, generated tok/s)."""
     engine.reset_prefix_cache()
-    t0, nxt, live, started, ttft = time.perf_counter(), 0, {}, 0, []
+    t0, nxt, live, ttft = time.perf_counter(), 0, {}, []
     done = 0
     while done < len(prompts):
         while len(live) < in_flight and nxt < len(prompts):
