@@ -228,8 +228,9 @@ class SGLangGenerateRequest(_Body):
     """SGLang's native ``POST /generate``: ``text`` or ``input_ids`` (exactly one), ``sampling_params``,
     ``lora_path``."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"oneOf": [{"required": ["text"]},
-                                                                          {"required": ["input_ids"]}]})
+    model_config = ConfigDict(extra="allow", json_schema_extra={"oneOf": [
+        {"required": ["text"], "properties": {"text": {"type": "string"}}},
+        {"required": ["input_ids"], "properties": {"input_ids": {"type": "array"}}}]})
     text: str | None = Field(default=None, min_length=1)
     input_ids: TokenIds | None = None
     sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)

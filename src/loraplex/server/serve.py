@@ -104,7 +104,8 @@ def build_router(args) -> Router:
 def serve(args) -> None:
     import uvicorn
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # the CLI configured WARNING before dispatching
     state = build_state(args)
     app = build_app(state, args.max_body_bytes)
     log.info("serving %s with adapters %s on http://%s:%d", state.resolver.base_id,
