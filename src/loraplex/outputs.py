@@ -15,6 +15,12 @@ class Logprob:
 
 # One dict per generated position: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+def most_likely(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The ``k`` most likely tokens at one position (``(token id, Logprob)``, most likely first); the chosen token is
+    among them when its rank is ``<= k``."""
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank and lp.rank <= k), key=lambda x: x[1].rank)
+
+
 # One per prompt position, None for the first (nothing predicts it): the prompt token plus the top-k.
 PromptLogprobs = list[dict[int, Logprob] | None]
 

@@ -13,6 +13,7 @@ rarely waits for its adapter's I/O.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Set
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -114,8 +115,6 @@ class AdapterStore:
         the same digest, other weights under the same name another one."""
         entry = self._known(name)
         if entry.digest is None:
-            import hashlib
-
             h = hashlib.sha256()
             for f in (Path(entry.path) / "adapter_config.json", Path(entry.plan.file)):
                 with open(f, "rb") as fh:

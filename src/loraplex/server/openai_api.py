@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from loraplex.outputs import RequestOutput
+from loraplex.outputs import RequestOutput, most_likely
 from loraplex.routing import chat_query
 from loraplex.server.adapters import not_found
 from loraplex.server.errors import bad_request
@@ -62,10 +62,9 @@ def usage(out: RequestOutput) -> dict:
 
 
 def _top(entry: dict, k: int, chat: bool) -> list:
-    """The ``k`` most likely tokens at one position (the sampled one is among them when its rank is <= k)."""
-    ranked = sorted((lp for lp in entry.values() if lp.rank and lp.rank <= k), key=lambda lp: lp.rank)
+    """The ``k`` most likely tokens at one position, as OpenAI lists them."""
     return [{"token": lp.decoded_token, "logprob": lp.logprob,
-             **({"bytes": list((lp.decoded_token or "").encode())} if chat else {})} for lp in ranked]
+             **({"bytes": list((lp.decoded_token or "").encode())} if chat else {})} for _, lp in most_likely(entry, k)]
 
 
 def chat_logprobs(entries: list[dict], k: int) -> dict:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from loraplex import __version__
-from loraplex.outputs import CompletionOutput, RequestOutput
+from loraplex.outputs import CompletionOutput, RequestOutput, most_likely
 from loraplex.sampling_params import SamplingParams
 from loraplex.server import sglang_api
 from loraplex.server.errors import bad_request, parse_body, read_json
@@ -65,18 +65,13 @@ def _token(st: ServerState, out: CompletionOutput, i: int, p) -> dict:
     tok = _as_token(st, tid, entry[tid].logprob if tid in entry else None)
     if p.return_k_alternatives:
         tok["alternative_tokens"] = [{"id": t, "text": lp.decoded_token, "logprob": lp.logprob}
-                                     for t, lp in _ranked(entry, p.return_k_alternatives)]
+                                     for t, lp in most_likely(entry, p.return_k_alternatives)]
     return tok
-
-
-def _ranked(entry: dict, k: int) -> list:
-    """The ``k`` most likely tokens at one position, most likely first."""
-    return sorted(((t, lp) for t, lp in entry.items() if lp.rank and lp.rank <= k), key=lambda x: x[1].rank)
 
 
 def _top_tokens(st: ServerState, out: CompletionOutput, i: int, n: int) -> list[dict]:
     """TGI's ``top_n_tokens`` at generated position ``i``."""
-    return [_as_token(st, t, lp.logprob) for t, lp in _ranked(out.logprobs[i] if out.logprobs else {}, n)]
+    return [_as_token(st, t, lp.logprob) for t, lp in most_likely(out.logprobs[i] if out.logprobs else {}, n)]
 
 
 def _prefill(st: ServerState, out: RequestOutput) -> list[dict]:
