@@ -120,6 +120,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.loaded.spec.vocab_size
+
+    @property
     def eos_token_ids(self) -> frozenset[int]:
         return self.engine.loaded.eos_token_ids
 

@@ -152,9 +152,12 @@ def _completion_prompts(st: ServerState, prompt) -> list[tuple[str | None, list[
     if not prompt:
         raise bad_request("prompt: must not be empty", "prompt")
     if all(isinstance(t, int) for t in prompt):
+        st.check_token_ids(prompt, "prompt")
         return [(None, list(prompt))]
     if all(isinstance(p, str) for p in prompt):
         return [(p, st.engine.tokenizer.encode(p)) for p in prompt]
+    for p in prompt:
+        st.check_token_ids(p, "prompt")
     return [(None, list(p)) for p in prompt]
 
 

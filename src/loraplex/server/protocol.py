@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI, TGI and admin APIs (pydantic), and their mapping to :class:`SamplingParams`.
+"""Request bodies of the OpenAI, TGI and admin APIs (pydantic, strict: ``true`` is not a number, ``"1"`` not an
+integer — what the OpenAPI document says is what is accepted), and their mapping to :class:`SamplingParams`.
 
 Fields OpenAI or vLLM clients send and that we honour are declared; fields that would change the result and that we
 do not implement (tools, response_format, logit_bias, …) are refused with a 400 naming them; anything else unknown
@@ -26,7 +27,7 @@ UNSUPPORTED_VALUES = {"use_beam_search": False, "length_penalty": 1.0, "early_st
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     def refuse_unsupported(self) -> None:
         extra = self.model_extra or {}
@@ -46,13 +47,13 @@ class _Body(BaseModel):
 class AdapterWeight(BaseModel):
     """One member of a per-request mixture: ``{"name": "law", "weight": 0.7}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1)
     weight: float
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
@@ -123,7 +124,7 @@ class _Sampling(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -162,7 +163,7 @@ class CompletionRequest(_Sampling):
 class MergedAdapters(BaseModel):
     """LoRAX's per-request merge: ``linear`` (our mixture) is the one strategy served."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     ids: list[str] = Field(min_length=1)
     weights: list[float] = Field(min_length=1)
     merge_strategy: str | None = None
@@ -204,7 +205,7 @@ class TGIGenerateRequest(_Body):
 class SGLangSamplingParams(BaseModel):
     """SGLang's ``sampling_params`` (the fields served; anything else is a 400 naming it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     max_new_tokens: int | None = Field(default=None, ge=1)
     min_new_tokens: int = Field(default=0, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -228,7 +229,7 @@ class SGLangGenerateRequest(_Body):
     """SGLang's native ``POST /generate``: ``text`` or ``input_ids`` (exactly one), ``sampling_params``,
     ``lora_path``."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"oneOf": [
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"oneOf": [
         {"required": ["text"], "properties": {"text": {"type": "string"}}},
         {"required": ["input_ids"], "properties": {"input_ids": {"type": "array"}}}]})
     text: str | None = Field(default=None, min_length=1)

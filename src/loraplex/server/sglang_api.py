@@ -64,8 +64,9 @@ async def generate(body: SGLangGenerateRequest, request: Request):
     if room < 1:
         raise bad_request(f"text: {len(ids)} tokens leave no room to generate", "text")
     params = _params(body.sampling_params, room)
-    prompt = body.text if body.text is not None else st.engine.tokenizer.decode(ids)
-    *target, decision = await st.route(st.resolver.base_id, body.lora_path, None, lambda: (prompt, None))
+    st.check_token_ids(ids, "input_ids")
+    *target, decision = await st.route(st.resolver.base_id, body.lora_path, None, lambda: (
+        body.text if body.text is not None else st.engine.tokenizer.decode(ids), None))
     sub = await st.submit(*target, ids, params, body.text, decision)
     rid = uuid.uuid4().hex
     if body.stream:

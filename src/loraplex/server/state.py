@@ -126,6 +126,12 @@ class ServerState:
         log.info("route %s -> %s", self.auto_name, decision.summary())
         return decision.adapter or self.resolver.base_id, None, None, decision
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token-id prompts: every id in the vocabulary (a 400 naming ``param``, before anything decodes them)."""
+        vocab = self.engine.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise bad_request(f"{param}: every token id must be in [0, {vocab})", param)
+
     def encode_chat(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
         tok = self.engine.tokenizer
         if not getattr(tok, "chat_template", None):
