@@ -46,11 +46,14 @@ def tiny_config(family: str):
     raise KeyError(family)
 
 
-def save_tiny_model(family: str, path) -> None:
+def save_tiny_model(family: str, path, **config_overrides) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(zlib.crc32(family.encode()))
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    config = tiny_config(family)
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # make norms and biases non-trivial so a wrong formula shows
         for name, p in model.named_parameters():
             if "norm" in name:

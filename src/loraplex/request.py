@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from loraplex.lora.request import UsesAdapters
 from loraplex.outputs import SampleLogprobs
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import GrammarState, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -56,6 +56,7 @@ class Request(UsesAdapters):
     cache_key: object | None = None  # what computes its K/V, for prefix caching (None: never cached)
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at its first admission
     cumulative_logprob: float = 0.0
+    grammar: GrammarState | None = None  # constrained decoding: advanced by every appended token
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
@@ -93,6 +94,9 @@ class Request(UsesAdapters):
         """After appending a token: set a finished status if a token-level stop condition holds."""
         sp = self.sampling_params
         last = self.output_token_ids[-1]
+        if self.grammar is not None and self.grammar.is_terminated():  # the constrained text is complete
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
         if self.num_output_tokens >= sp.min_tokens:
             if not sp.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED

@@ -1,9 +1,58 @@
 """Per-request sampling parameters with vLLM's names and validation (pure Python, no torch)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's shape; exactly one field set): ``json`` — a JSON schema (dict or
+    its text); ``json_object`` — any JSON object; ``regex``; ``choice`` — one of these strings; ``grammar`` — an
+    EBNF (GBNF) grammar whose start rule is ``root``. Compiled by xgrammar; checked when the request is added."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    any_whitespace: bool = False  # JSON: compact output (a random model cannot pad it with whitespace forever)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        set_ = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        set_ += ["json_object"] if self.json_object else []
+        if len(set_) != 1:
+            raise ValueError(f"structured_outputs: exactly one of json, regex, choice, grammar, json_object must be "
+                             f"set, got {set_ or 'none'}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice: must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured_outputs.{name}: must be a string")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("structured_outputs.json: must be a JSON schema (an object or its text)")
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (the compile cache's key)."""
+        schema = self.json if not isinstance(self.json, dict) else json.dumps(self.json, sort_keys=True)
+        return (schema, self.regex, self.choice, self.grammar, self.json_object, self.any_whitespace)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
+
+
+class GrammarState(Protocol):
+    """One sequence's position in its grammar (the sampler masks with it, the scheduler advances it)."""
+
+    def fill_bitmask(self, bitmask: Any, row: int) -> None: ...
+    def accept(self, token_id: int) -> bool: ...
+    def is_terminated(self) -> bool: ...
 
 
 @dataclass
@@ -33,6 +82,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the prompt tokens' log-probabilities (and this many alternatives each)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (JSON schema, regex, …)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +126,8 @@ class SamplingParams:
             bad("seed", "must be an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

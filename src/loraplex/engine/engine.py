@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -25,7 +26,8 @@ from loraplex.models.loader import LoadedModel, load_model
 from loraplex.models.registry import resolve_model
 from loraplex.outputs import RequestOutput
 from loraplex.request import Request
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling.grammar import GrammarCompiler
+from loraplex.sampling_params import SamplingParams, StructuredOutputsParams
 from loraplex.scheduler import Scheduler, SchedulerOutput
 
 class EngineStats(NamedTuple):
@@ -90,6 +92,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(loaded.tokenizer)
         self._ids = itertools.count()
         self._retired: set[str] = set()  # adapters swapped in place, kept until their last request is done
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_args(cls, *, model: str | None = None, dtype: str | torch.dtype | None = "auto",
@@ -127,6 +131,15 @@ class LLMEngine:
         return self.config.scheduler.max_model_len
 
     # ---- requests ---------------------------------------------------------------------------------------------
+    def compile_grammar(self, spec: StructuredOutputsParams):
+        """Compile (or fetch from the cache) a constraint; thread-safe, so a server calls it off the engine thread
+        before :meth:`add_request`. ``ValueError`` naming the field for a constraint that does not compile."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.loaded.spec.vocab_size,
+                                                 sorted(self.loaded.eos_token_ids))
+        return self._grammars.compile(spec)
+
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     prompt: str | None = None, lora_request: LoRARequest | None = None) -> str:
         """Validate and queue a request (``n`` children for ``params.n``); returns its id."""
@@ -146,6 +159,7 @@ class LLMEngine:
         request_id = request_id or str(next(self._ids))
         if request_id in self.outputs.parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        compiled = None if params.structured_outputs is None else self.compile_grammar(params.structured_outputs)
         eos = self.loaded.eos_token_ids
         parent = ParentRequest(request_id, prompt, list(prompt_token_ids))
         key = self._cache_key(lora_name, lora_mix, xlora, params)
@@ -153,7 +167,8 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             parent.children.append(Request(child_id, parent.prompt_token_ids, params, eos, prompt,
                                            lora_name=lora_name, lora_mix=lora_mix, xlora=xlora,
-                                           xlora_experts=experts, parent_id=request_id, index=i, cache_key=key))
+                                           xlora_experts=experts, parent_id=request_id, index=i, cache_key=key,
+                                           grammar=None if compiled is None else self._grammars.matcher(compiled)))
         self.outputs.add(parent)
         for child in parent.children:
             self.scheduler.add_request(child)

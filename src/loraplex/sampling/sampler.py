@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from loraplex.sampling.grammar import allocate_bitmask, apply_grammar_masks
 from loraplex.sampling.penalties import apply_penalties
 from loraplex.scheduler.output import SampledToken, ScheduledRequest
 
@@ -34,6 +35,7 @@ class Sampler:
         self.generators: dict[str, torch.Generator] = {}
         self.shared = torch.Generator(device=device)
         self.shared.manual_seed(seed)
+        self._bitmask: torch.Tensor | None = None  # grammar masks, reused across steps (grows with the batch)
 
     def drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -55,6 +57,8 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.sampling_params.needs_penalties:
                 apply_penalties(logits[i], r.sampling_params, r.prompt_token_ids, r.output_token_ids)
+        if any(r.grammar is not None for r in rows):
+            self._mask(logits, [r.grammar for r in rows])
 
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(rows) if not r.sampling_params.greedy]
@@ -70,6 +74,12 @@ class Sampler:
                 continue
             out.append(score_tokens(raw_lp[i:i + 1], [tok], r.sampling_params.logprobs)[0])
         return out
+
+    def _mask(self, logits: torch.Tensor, grammars: list) -> None:
+        rows, vocab = logits.shape
+        if self._bitmask is None or self._bitmask.shape[0] < rows or self._bitmask.shape[1] * 32 < vocab:
+            self._bitmask = allocate_bitmask(max(rows, 8), vocab)
+        apply_grammar_masks(logits, grammars, self._bitmask)
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
         params = [r.sampling_params for r in rows]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from loraplex.lora.request import UsesAdapters
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import GrammarState, SamplingParams
 
 
 class XLoRAPhase(enum.Enum):
@@ -43,6 +43,7 @@ class ScheduledRequest(UsesAdapters):
     xlora: str | None = None
     xlora_experts: tuple[str, ...] = ()
     xlora_phase: XLoRAPhase | None = None  # X-LoRA rows only
+    grammar: GrammarState | None = None  # constrained decoding: masks this row's next token
 
     @property
     def num_tokens(self) -> int:

@@ -186,6 +186,7 @@ class Scheduler:
                 xlora=req.xlora,
                 xlora_experts=req.xlora_experts,
                 xlora_phase=phase,
+                grammar=req.grammar,
             ))
         return out
 
@@ -221,6 +222,9 @@ class Scheduler:
                 continue
             req.output_token_ids.append(tok.token_id)
             touched.append((req, tok))
-            if req.check_token_stop(self.config.max_model_len):
+            if req.grammar is not None and not req.grammar.accept(tok.token_id):  # the mask forbids it: a bug
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, "grammar_rejected"
+                self.finish(req.request_id, req.status)
+            elif req.check_token_stop(self.config.max_model_len):
                 self.finish(req.request_id, req.status)
         return touched

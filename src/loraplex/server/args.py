@@ -6,6 +6,7 @@ import argparse
 
 from loraplex.config import DEFAULT_MAX_LORAS, CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.models.registry import DEFAULT_MODEL
+from loraplex.server.tool_parsers import PARSERS
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -20,7 +21,7 @@ VLLM_VALUED = ("--gpu-memory-utilization", "--tensor-parallel-size", "--pipeline
                "--tokenizer", "--tokenizer-mode", "--revision", "--tokenizer-revision", "--max-seq-len-to-capture",
                "--distributed-executor-backend", "--lora-dtype", "--max-logprobs", "--long-lora-scaling-factors",
                "--lora-extra-vocab-size", "--num-scheduler-steps", "--scheduler-delay-factor", "--preemption-mode",
-               "--compilation-config", "--generation-config", "--tool-call-parser", "--reasoning-parser",
+               "--compilation-config", "--generation-config", "--reasoning-parser",
                "--chat-template", "--response-role", "--allowed-origins", "--root-path", "--uvicorn-log-level",
                "--worker-cls", "--hf-overrides", "--override-generation-config", "--limit-mm-per-prompt",
                "--max-parallel-loading-workers", "--task", "--runner", "--config")
@@ -64,6 +65,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=ModelConfig.seed)
     p.add_argument("--log-level", default="info")
     p.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV cache block size (tokens)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help='how tool_choice "auto" answers are parsed into tool_calls (default: from the chat template; '
+                        "hermes when it says nothing)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=CacheConfig.enable_prefix_caching,
                    help="reuse the KV of a cached prefix computed by the same adapter (default on)")

@@ -89,6 +89,8 @@ class AsyncEngine:
         """Validate and queue a request (errors raise here, before any response is sent); iterate the returned
         stream for its outputs."""
         request_id = request_id or uuid.uuid4().hex
+        if params.structured_outputs is not None:  # compiled here, so the engine thread only finds it cached
+            await self.compile_grammar(params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), adapter_label(lora_request))
 
         def add() -> None:
@@ -101,6 +103,10 @@ class AsyncEngine:
         if self.metrics:
             self.metrics.on_request(stream.adapter, len(prompt_token_ids))
         return RequestStream(self, request_id, stream.queue)
+
+    async def compile_grammar(self, spec) -> None:
+        """Compile a structured-output constraint on a worker thread (``ValueError`` when it does not compile)."""
+        await asyncio.to_thread(self.engine.compile_grammar, spec)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (between two steps) and free its KV blocks; its stream gets nothing more."""

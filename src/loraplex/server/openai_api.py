@@ -17,6 +17,7 @@ from loraplex.server.errors import bad_request
 from loraplex.server.openapi import GENERATION, SSE, errors, with_content
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.server.state import ServerState, Submitted, state_of
+from loraplex.server.tools import ToolPlan, ToolStream, plan_tools, render_messages, tool_calls_json
 
 router = APIRouter()
 
@@ -105,42 +106,83 @@ def prompt_logprobs_json(plp) -> list | None:
                                     for t, lp in e.items()} for e in plp]
 
 
+async def _chat_constraint(st: ServerState, body: ChatCompletionRequest, plan: ToolPlan):
+    """The request's one constraint (``response_format`` / vLLM's fields, or the grammar of a forced tool call),
+    compiled now: a tool schema, JSON schema, regex or grammar that does not compile is a 400 naming its field."""
+    own, forced = body.constraint(), plan.constraint()
+    if own is not None and forced is not None:
+        raise bad_request(f"tool_choice: a forced tool call cannot be combined with {own[1]}", "tool_choice")
+    for spec, param in plan.schemas():
+        await st.compile_grammar(spec, param)
+    constraint = forced or own
+    if constraint is not None:
+        await st.compile_grammar(*constraint)
+    return None if constraint is None else constraint[0]
+
+
+def _finish(o, calls: list) -> str | None:
+    return "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
+
+
 @router.post("/v1/chat/completions", responses={**with_content(SSE), **GENERATION})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = state_of(request)
     body.refuse_unsupported()
-    prompt_ids = st.encode_chat(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+    template = getattr(st.engine.tokenizer, "chat_template", None)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, template, st.tool_call_parser)
+    structured = await _chat_constraint(st, body, plan)
+    conversation, tools = render_messages(body.conversation(), plan, template)
+    prompt_ids = st.encode_chat(conversation, body.add_generation_prompt, body.chat_template_kwargs, tools)
     want_lp = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
+    keep_special = plan.mode == "auto" and not plan.parser.skip_special_tokens  # its call marker is a special token
     params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
-                                  st.engine.max_model_len, want_lp)
+                                  st.engine.max_model_len, want_lp, structured=structured,
+                                  skip_special_tokens=False if keep_special else None)
     *target, decision = await st.route(body.model, body.lora_path, body.adapter_id,
                                        lambda: chat_query(body.conversation()))
     sub = await st.submit(*target, prompt_ids, params, None, decision, body.adapters)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": sub.served_name}
     if body.stream:
-        return st.streaming(sub, _chat_chunks(head, sub, body, want_lp is not None))
+        return st.streaming(sub, _chat_chunks(head, sub, body, want_lp is not None, plan))
     out = await st.wait(request, sub)
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": chat_logprobs(o.logprobs, want_lp) if want_lp is not None and o.logprobs is not None else None,
-                "finish_reason": o.finish_reason} for o in out.outputs]
+    choices = []
+    for o in out.outputs:
+        content, calls = plan.parse(o.text)
+        message = {"role": "assistant", "content": content, **({"tool_calls": tool_calls_json(calls)} if calls else {})}
+        choices.append({"index": o.index, "message": message, "finish_reason": _finish(o, calls),
+                        "logprobs": chat_logprobs(o.logprobs, want_lp)
+                        if want_lp is not None and o.logprobs is not None else None})
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(out),
                          "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)}, headers=sub.headers)
 
 
-async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, with_lp: bool) -> AsyncIterator[str]:
+async def _chat_chunks(head: dict, sub: Submitted, body: ChatCompletionRequest, with_lp: bool,
+                       plan: ToolPlan) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     for i in range(body.n):
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
     last: list = [None]
+    texts, tool_streams = [""] * body.n, [ToolStream(plan) for _ in range(body.n)]
     async for i, delta, entries, _, finish in _deltas(sub, body.n, last):
         lp = chat_logprobs(entries, body.top_logprobs or 0) if with_lp and entries is not None else None
-        yield sse({**head, "choices": [{"index": i, "delta": {"content": delta} if delta else {},
-                                        "logprobs": lp, "finish_reason": finish}],
-                   **({"usage": usage(last[0])} if body.continuous_usage else {})})
+        if plan.mode == "none":
+            deltas = [{"content": delta}] if delta else []
+        else:
+            texts[i] += delta
+            deltas = tool_streams[i].feed(texts[i], finish is not None)
+        if finish is not None and tool_streams[i].called and finish == "stop":
+            finish = "tool_calls"
+        deltas = deltas or [{}]
+        for k, d in enumerate(deltas):
+            if not d and finish is None and lp is None:
+                continue  # held back (it may be the start of a tool call): nothing to send yet
+            yield sse({**head, "choices": [{"index": i, "delta": d, "logprobs": lp if k == 0 else None,
+                                            "finish_reason": finish if k == len(deltas) - 1 else None}],
+                       **({"usage": usage(last[0])} if body.continuous_usage else {})})
     if body.include_usage and last[0] is not None:
         yield sse({**head, "choices": [], "usage": usage(last[0])})
     yield sse("[DONE]")
@@ -168,6 +210,9 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = _completion_prompts(st, body.prompt)
     if body.stream and len(prompts) > 1:
         raise bad_request("prompt: streaming takes one prompt", "prompt")
+    constraint = body.constraint()
+    if constraint is not None:
+        await st.compile_grammar(*constraint)
     # one decision per request (several prompts are read together): the response names one model
     *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: (
         "\n".join(text if text is not None else st.engine.tokenizer.decode(ids) for text, ids in prompts), None))
@@ -177,7 +222,8 @@ async def completions(body: CompletionRequest, request: Request):
         echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
         for text, ids in prompts:
             params = body.sampling_params(body.max_tokens, len(ids), st.engine.max_model_len, body.logprobs,
-                                          max(echo_lp, body.prompt_logprobs or 0) if echo_lp is not None else None)
+                                          max(echo_lp, body.prompt_logprobs or 0) if echo_lp is not None else None,
+                                          structured=constraint and constraint[0])
             subs.append(await st.submit(*target, ids, params, text, decision if not subs else None, body.adapters))
     except BaseException:
         for s in subs:

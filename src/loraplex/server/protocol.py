@@ -2,7 +2,7 @@
 integer — what the OpenAPI document says is what is accepted), and their mapping to :class:`SamplingParams`.
 
 Fields OpenAI or vLLM clients send and that we honour are declared; fields that would change the result and that we
-do not implement (tools, response_format, logit_bias, …) are refused with a 400 naming them; anything else unknown
+do not implement (``logit_bias``, ``functions``, …) are refused with a 400 naming them; anything else unknown
 (``user``, ``metadata``, …) does not affect generation and is accepted.
 """
 from __future__ import annotations
@@ -11,16 +11,24 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.sampling_params import MAX_LOGPROBS, SamplingParams
+from loraplex.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from loraplex.server.errors import bad_request
+from loraplex.server.structured import (
+    ResponseFormat,
+    TGIGrammar,
+    VLLMStructuredOutputs,
+    openai_constraint,
+    sglang_constraint,
+    tgi_constraint,
+)
+from loraplex.server.tools import ChatTool, ToolChoice
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16  # TGI parameters.stop (advertised by /info)
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], Field(min_length=1)]
-UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar", "structured_outputs", "allowed_token_ids", "bad_words",
-               "logits_processors", "truncate_prompt_tokens", "guided_decoding_backend", "guided_whitespace_pattern")
+UNSUPPORTED = ("functions", "function_call", "logit_bias", "suffix", "allowed_token_ids", "bad_words",
+               "logits_processors", "truncate_prompt_tokens", "guided_whitespace_pattern")
 # vLLM sampling fields with a default we follow and other values we do not implement: refused, never ignored
 UNSUPPORTED_VALUES = {"use_beam_search": False, "length_penalty": 1.0, "early_stopping": False,
                       "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False}
@@ -37,11 +45,6 @@ class _Body(BaseModel):
         for name, default in UNSUPPORTED_VALUES.items():
             if extra.get(name) not in (None, default):
                 raise bad_request(f"{name}: only {default!r} is supported by this server", name)
-        fmt = extra.get("response_format")
-        if fmt not in (None, {"type": "text"}):
-            raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
-        if extra.get("tool_choice") not in (None, "none"):
-            raise bad_request("tool_choice: tools are not supported", "tool_choice")
 
 
 class AdapterWeight(BaseModel):
@@ -87,9 +90,18 @@ class _Sampling(_Body):
     lora_path: str | None = None
     adapter_id: str | None = None
     adapters: list[AdapterWeight] | None = Field(default=None, min_length=1)  # a weighted mixture
+    # structured outputs: OpenAI's, vLLM's (guided_json, guided_regex, … are read from the extra fields)
+    response_format: ResponseFormat | None = None
+    structured_outputs: VLLMStructuredOutputs | None = None
+
+    def constraint(self):
+        """The request's structured-output constraint and the field it came from, or None."""
+        return openai_constraint(self.model_extra or {}, self.response_format, self.structured_outputs)
 
     def sampling_params(self, max_tokens: int | None, prompt_len: int, max_model_len: int,
-                        logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        structured: StructuredOutputsParams | None = None,
+                        skip_special_tokens: bool | None = None) -> SamplingParams:
         """Check the length budget (400 naming max_tokens) and build the engine's parameters."""
         if self.best_of not in (None, self.n):
             raise bad_request("best_of: only best_of == n is supported", "best_of")
@@ -108,8 +120,9 @@ class _Sampling(_Body):
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens or room,
                 min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
+                ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+                logprobs=logprobs, structured_outputs=structured,
                 prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
         except ValueError as e:
             raise bad_request(str(e), str(e).split(":")[0]) from None
@@ -127,6 +140,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -147,9 +163,15 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages as chat templates take them (role, content, and tool fields where given)."""
+        return [{"role": m.role, "content": m.text(),
+                 **{k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                      ("name", m.name)) if v is not None}} for m in self.messages]
 
 
 class CompletionRequest(_Sampling):
@@ -193,7 +215,10 @@ class TGIParameters(_Body):
     truncate: int | None = None
     watermark: bool = False
     typical_p: float | None = None
-    grammar: None = None  # grammars are not served (a 400, never ignored)
+    grammar: TGIGrammar | None = None
+
+    def constraint(self):
+        return tgi_constraint(self.grammar)
 
 
 class TGIGenerateRequest(_Body):
@@ -223,6 +248,12 @@ class SGLangSamplingParams(BaseModel):
     seed: int | None = None
     no_stop_trim: bool = Field(default=False, le=False)  # only the default is served
     spaces_between_special_tokens: bool = Field(default=True, ge=True)
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+
+    def constraint(self):
+        return sglang_constraint(self.json_schema, self.regex, self.ebnf)
 
 
 class SGLangGenerateRequest(_Body):

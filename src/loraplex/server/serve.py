@@ -71,7 +71,7 @@ def build_state(args) -> ServerState:
                         model_path=str(model or engine.model_id), api_key=args.api_key,
                         enable_runtime_lora=args.enable_runtime_lora or runtime_lora_env(),
                         auto_name=args.router_name,
-                        router=router)
+                        router=router, tool_call_parser=args.tool_call_parser)
     if args.router_name in names:
         raise SystemExit(f"--router-name: {args.router_name!r} is the base model's name")
     for mod in modules:

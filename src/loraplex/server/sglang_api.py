@@ -26,7 +26,7 @@ def is_sglang_body(raw) -> bool:
     return isinstance(raw, dict) and "inputs" not in raw and ("text" in raw or "input_ids" in raw)
 
 
-def _params(sp: SGLangSamplingParams, room: int) -> SamplingParams:
+def _params(sp: SGLangSamplingParams, room: int, structured=None) -> SamplingParams:
     max_new = sp.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, room)
     if max_new > room:
         raise bad_request(f"sampling_params.max_new_tokens: {max_new} exceeds the {room} tokens left in the context",
@@ -37,7 +37,7 @@ def _params(sp: SGLangSamplingParams, room: int) -> SamplingParams:
                               stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
                               repetition_penalty=sp.repetition_penalty, frequency_penalty=sp.frequency_penalty,
                               presence_penalty=sp.presence_penalty, n=sp.n, skip_special_tokens=sp.skip_special_tokens,
-                              seed=sp.seed)
+                              seed=sp.seed, structured_outputs=structured)
     except ValueError as e:
         name = str(e).split(":")[0]
         raise bad_request(f"sampling_params.{e}", f"sampling_params.{name}") from None
@@ -63,7 +63,10 @@ async def generate(body: SGLangGenerateRequest, request: Request):
     room = st.engine.max_model_len - len(ids)
     if room < 1:
         raise bad_request(f"text: {len(ids)} tokens leave no room to generate", "text")
-    params = _params(body.sampling_params, room)
+    constraint = body.sampling_params.constraint()
+    if constraint is not None:
+        await st.compile_grammar(*constraint)
+    params = _params(body.sampling_params, room, constraint and constraint[0])
     st.check_token_ids(ids, "input_ids")
     *target, decision = await st.route(st.resolver.base_id, body.lora_path, None, lambda: (
         body.text if body.text is not None else st.engine.tokenizer.decode(ids), None))

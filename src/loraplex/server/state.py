@@ -17,7 +17,7 @@ from loraplex.lora.demo import DEMO_DIR, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.routing import AdapterCard, CardBook, RouteDecision, Router
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import SamplingParams, StructuredOutputsParams
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.async_engine import (
     AsyncEngine,
@@ -61,6 +61,7 @@ class ServerState:
     cards: CardBook = field(default_factory=CardBook)  # given at load time, else the adapter folder's
     router: Router | None = None  # model == auto_name: picks the adapter (or the base) from the request's text
     started: float = field(default_factory=time.time)
+    tool_call_parser: str | None = None  # --tool-call-parser; None: chosen from the chat template
 
     def set_card(self, name: str, description: str | None, examples: list[str] | None) -> None:
         """The card given at load time (validated by the request schema); none given: the folder's."""
@@ -132,13 +133,22 @@ class ServerState:
         if any(not 0 <= t < vocab for t in ids):
             raise bad_request(f"{param}: every token id must be in [0, {vocab})", param)
 
-    def encode_chat(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+    async def compile_grammar(self, spec: StructuredOutputsParams, param: str) -> None:
+        """Compile a constraint off the event loop and the engine thread (cached by the engine, so the request's
+        own add finds it); one that does not compile is a 400 naming ``param``."""
+        try:
+            await self.engine.compile_grammar(spec)
+        except ValueError as e:
+            raise bad_request(f"{param}: {str(e).split(': ', 1)[-1]}", param) from None
+
+    def encode_chat(self, conversation: list[dict], add_generation_prompt: bool, kwargs: dict | None,
+                    tools: list[dict] | None = None) -> list[int]:
         tok = self.engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
         try:
-            text = tok.apply_chat_template(conversation, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **({"tools": tools} if tools else {}), **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 - template errors are the caller's messages
             raise bad_request(f"messages: the chat template failed: {e}", "messages") from None
         return tok.encode(text, add_special_tokens=False)

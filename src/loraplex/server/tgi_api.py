@@ -33,9 +33,8 @@ def _finish_reason(o: CompletionOutput, eos_ids) -> str:
     return _FINISH.get(o.finish_reason, o.finish_reason or "length")
 
 
-def _params(body: TGIGenerateRequest, st: ServerState, prompt_len: int) -> SamplingParams:
+def _params(body: TGIGenerateRequest, st: ServerState, prompt_len: int, structured=None) -> SamplingParams:
     p = body.parameters
-    p.refuse_unsupported()
     sample = p.do_sample or (p.temperature not in (None, 0)) or p.top_p is not None or p.top_k is not None
     room = st.engine.max_model_len - prompt_len
     max_new = p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, room)
@@ -48,7 +47,8 @@ def _params(body: TGIGenerateRequest, st: ServerState, prompt_len: int) -> Sampl
                               frequency_penalty=p.frequency_penalty or 0.0, seed=p.seed, max_tokens=max_new,
                               stop=p.stop, logprobs=max(p.top_n_tokens or 0, p.return_k_alternatives or 0),
                               prompt_logprobs=0 if p.decoder_input_details else None,
-                              ignore_eos=p.ignore_eos_token, skip_special_tokens=False)
+                              ignore_eos=p.ignore_eos_token, skip_special_tokens=False,
+                              structured_outputs=structured)
     except ValueError as e:
         raise bad_request(f"parameters.{e}", "parameters." + str(e).split(":")[0]) from None
 
@@ -105,8 +105,12 @@ async def _adapter(st: ServerState, p) -> tuple[str | None, list | None]:
 async def _submit(body: TGIGenerateRequest, request: Request) -> tuple[ServerState, Submitted, list[int]]:
     st = state_of(request)
     body.refuse_unsupported()
+    body.parameters.refuse_unsupported()
     ids = st.engine.tokenizer.encode(body.inputs)
-    params = _params(body, st, len(ids))
+    constraint = body.parameters.constraint()
+    if constraint is not None:
+        await st.compile_grammar(*constraint)
+    params = _params(body, st, len(ids), constraint and constraint[0])
     adapter_id, mixture = await _adapter(st, body.parameters)
     *target, decision = await st.route(st.resolver.base_id, None, adapter_id, lambda: (body.inputs, None))
     sub = await st.submit(*target, ids, params, body.inputs, decision, mixture)
