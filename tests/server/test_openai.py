@@ -109,7 +109,8 @@ def test_stop_strings_and_max_completion_tokens(server, reference):
 @pytest.mark.parametrize("kwargs, param", [
     (dict(temperature=3), "temperature"), (dict(top_p=0), "top_p"), (dict(n=100), "n"),
     (dict(max_tokens=100_000), "max_tokens"), (dict(top_logprobs=50, logprobs=True), "top_logprobs"),
-    (dict(max_tokens="many"), "max_tokens"), (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (dict(max_tokens="many"), "max_tokens"), (dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools.0.function.name"),
+    (dict(functions=[{"name": "f"}]), "functions"),
 ])
 def test_bad_parameters_are_400_naming_them(server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
