@@ -118,14 +118,15 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them (with ``tools`` for templates that
+        take them), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
         prompts = [tok.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
                                            add_generation_prompt=add_generation_prompt and not continue_final_message,
                                            continue_final_message=continue_final_message,
-                                           **(chat_template_kwargs or {}))
+                                           **({"tools": tools} if tools else {}), **(chat_template_kwargs or {}))
                    for conv in conversations]
         # NOTE: the template already holds the special tokens, so no BOS is added when encoding.
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts]

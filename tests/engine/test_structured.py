@@ -67,6 +67,15 @@ def test_mask_matches_its_torch_reference(llm):
     apply_grammar_masks_reference(ref, matchers, allocate_bitmask(8, logits.shape[1]))
     assert torch.equal(fast, ref)
     assert torch.equal(fast[1], logits[1]) and torch.isinf(fast[0]).sum() > 0
+    # greedy rows: a row whose argmax is allowed may stay unmasked; every greedy argmax equals the masked one
+    for trial in range(20):
+        logits = torch.randn(len(specs), logits.shape[1])
+        if trial % 2:  # make some argmax allowed
+            logits[2, llm.get_tokenizer().convert_tokens_to_ids("a")] = 100.0
+        fast, ref = logits.clone(), logits.clone()
+        apply_grammar_masks(fast, matchers, allocate_bitmask(8, logits.shape[1]), [True] * len(specs))
+        apply_grammar_masks_reference(ref, matchers, allocate_bitmask(8, logits.shape[1]))
+        assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     allowed = (~torch.isinf(fast[3])).nonzero().flatten().tolist()
     assert sorted(llm.get_tokenizer().decode([t]) for t in allowed) == ["n", "y"]
 

@@ -107,16 +107,25 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-def apply_grammar_masks(logits: torch.Tensor, grammars: list, bitmask: torch.Tensor) -> None:
+def apply_grammar_masks(logits: torch.Tensor, grammars: list, bitmask: torch.Tensor,
+                        greedy: list[bool] | None = None) -> None:
     """``logits: [S, V]``; ``grammars[i]``: row i's :class:`Matcher` or None. Rows with a grammar get ``-inf`` on
-    every token their grammar forbids now (one C++ fill per row, one masking call for the step)."""
+    every token their grammar forbids now (one C++ fill per row, one masking call for the step). A ``greedy`` row
+    whose argmax is already allowed is left as it is: masking could not change its argmax (the common case inside a
+    JSON string, where masking the whole vocabulary is most of the cost)."""
     import xgrammar as xgr
 
     rows = [i for i, g in enumerate(grammars) if g is not None]
     for i in rows:
         grammars[i].fill_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask[:len(grammars)].to(logits.device), indices=rows,
-                                    vocab_size=logits.shape[-1])
+    if greedy is not None and (easy := [i for i in rows if greedy[i]]):
+        top = logits[easy].argmax(dim=-1)
+        allowed = ((bitmask[easy, top // 32] >> (top % 32)) & 1).tolist()
+        skip = {i for i, ok in zip(easy, allowed) if ok}
+        rows = [i for i in rows if i not in skip]
+    if rows:
+        xgr.apply_token_bitmask_inplace(logits, bitmask[:len(grammars)].to(logits.device), indices=rows,
+                                        vocab_size=logits.shape[-1])
 
 
 def apply_grammar_masks_reference(logits: torch.Tensor, grammars: list, bitmask: torch.Tensor) -> None:

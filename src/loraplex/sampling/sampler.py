@@ -58,7 +58,7 @@ class Sampler:
             if r.sampling_params.needs_penalties:
                 apply_penalties(logits[i], r.sampling_params, r.prompt_token_ids, r.output_token_ids)
         if any(r.grammar is not None for r in rows):
-            self._mask(logits, [r.grammar for r in rows])
+            self._mask(logits, rows)
 
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(rows) if not r.sampling_params.greedy]
@@ -75,11 +75,12 @@ class Sampler:
             out.append(score_tokens(raw_lp[i:i + 1], [tok], r.sampling_params.logprobs)[0])
         return out
 
-    def _mask(self, logits: torch.Tensor, grammars: list) -> None:
-        rows, vocab = logits.shape
-        if self._bitmask is None or self._bitmask.shape[0] < rows or self._bitmask.shape[1] * 32 < vocab:
-            self._bitmask = allocate_bitmask(max(rows, 8), vocab)
-        apply_grammar_masks(logits, grammars, self._bitmask)
+    def _mask(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> None:
+        n, vocab = logits.shape
+        if self._bitmask is None or self._bitmask.shape[0] < n or self._bitmask.shape[1] * 32 < vocab:
+            self._bitmask = allocate_bitmask(max(n, 8), vocab)
+        apply_grammar_masks(logits, [r.grammar for r in rows], self._bitmask,
+                            [r.sampling_params.greedy for r in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
         params = [r.sampling_params for r in rows]
