@@ -31,11 +31,13 @@ class LoRAStack(nn.Module):
         self.lora_a = torch.zeros(max_loras + 1, len(self.modules_) * max_rank, in_features, dtype=dtype, device=device)
         self.lora_b = [torch.zeros(max_loras + 1, n, max_rank, dtype=dtype, device=device) for n in out_sizes]
         self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
+        self.ranks = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)  # true rank per slot (kernels)
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one adapter's (A, B·scale) per module name into ``slot``; absent modules stay zero."""
         self.lora_a[slot].zero_()
         self.occupied.discard(slot)
+        self.ranks[slot] = max((a.shape[0] for m, (a, _) in weights.items() if m in self.modules_), default=0)
         for i, module in enumerate(self.modules_):
             self.lora_b[i][slot].zero_()
             if module in weights:
@@ -48,7 +50,7 @@ class LoRAStack(nn.Module):
     def forward(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> None:
         if self.occupied.isdisjoint(batch.used_slots):  # e.g. attention-only adapters skip the MLP stacks
             return
-        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch)
+        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch, self.ranks)
         for group in batch.xlora:
             ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group,
                                group.weights[:, self.layer, self.module_pos])

@@ -1,6 +1,10 @@
-"""One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms
-(torch implementations for now; each fast kernel sits beside its reference in ``lora_torch``)."""
+"""One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms:
+CUDA tensors take the Triton kernels (``lora_triton``) for BGMV and SGMV when Triton is importable, everything else
+the torch implementations (``lora_torch``, each beside its reference)."""
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -29,12 +33,31 @@ def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         bgmv_expand(y.narrow(-1, start, size), h[..., i * r:(i + 1) * r], lora_b, slots)
 
 
+# LORAPLEX_TRITON=1: CPU tensors take the Triton kernels too — under TRITON_INTERPRET=1, how CI runs whole models
+# through them without a GPU
+TRITON_ON_CPU = os.environ.get("LORAPLEX_TRITON") == "1"
+
+
+@functools.cache
+def _triton():
+    """The Triton kernels module, or None where Triton is not installed."""
+    try:
+        from loraplex.ops import lora_triton
+    except ImportError:
+        return None
+    return lora_triton
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-             out_slices: list[tuple[int, int]], batch: LoRABatch) -> None:
+             out_slices: list[tuple[int, int]], batch: LoRABatch, ranks: torch.Tensor | None = None) -> None:
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
-    tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment."""
+    tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment. ``ranks``
+    (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank."""
     nd = batch.num_decodes
+    fast = _triton() if x.is_cuda or TRITON_ON_CPU else None
     match batch.decodes:
+        case Bgmv(slots, weights) if fast is not None:
+            fast.add_lora_bgmv_triton(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights, ranks)
         case Bgmv(slots, weights):
             add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights)
         case Dense(slots, index):
@@ -43,6 +66,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
             dense_lora_weighted(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights)
         case None:
             pass
+    if fast is not None and batch.segments:
+        fast.add_lora_segments_triton(y, x, lora_a, lora_bs, out_slices, batch.segments, ranks)
+        return
     for start, end, slot, weight in batch.segments:
         add_lora_segment(y[start:end], x[start:end], lora_a, lora_bs, out_slices, slot, weight)
 
