@@ -13,7 +13,8 @@ import torch
 
 from loraplex.config import CacheConfig
 from loraplex.engine.lora_batch import build_lora_batch
-from loraplex.layers.attention import AttentionMetadata, PrefillChunk
+from loraplex import ops
+from loraplex.layers.attention import AttentionMetadata, PagedRows, PrefillChunk
 from loraplex.layers.xlora_gate import XLoRAGate
 from loraplex.lora.xlora import XLoRAPlan
 from loraplex.models.loader import LoadedModel
@@ -150,6 +151,21 @@ class ModelRunner:
         valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         return slots, valid
 
+    def _paged_rows(self, rows: list[ScheduledRequest]) -> PagedRows:
+        bs = self.block_size
+        tables = [r.block_table[:-(-(r.start_pos + r.num_tokens) // bs)] for r in rows]
+        width = max(len(t) for t in tables)
+        starts = [0]
+        for r in rows[:-1]:
+            starts.append(starts[-1] + r.num_tokens)
+
+        def ints(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+        return PagedRows(ints([t + [0] * (width - len(t)) for t in tables]), ints(starts),
+                         ints([r.num_tokens for r in rows]), ints([r.start_pos for r in rows]),
+                         max(r.num_tokens for r in rows), bs)
+
     def prepare(self, rows: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """``rows`` must list decodes first. Returns input_ids, positions, metadata and the index of each
         sampling row's last token."""
@@ -159,13 +175,14 @@ class ModelRunner:
         sample_idx: list[int] = []
         prefills: list[PrefillChunk] = []
         decode_rows = [r for r in rows if r.num_tokens == 1]
+        kernel = ops.use_triton(self.device)  # paged attention reads the block tables itself: no gathered slots
         for r in rows:
             q_start = len(input_ids)
             end = r.start_pos + r.num_tokens
             input_ids += r.token_ids
             positions += range(r.start_pos, end)
             slot_mapping += self._slots(r.block_table, r.start_pos, end)
-            if r.num_tokens > 1:
+            if r.num_tokens > 1 and not kernel:
                 chunk = PrefillChunk(q_start, len(input_ids), r.start_pos)
                 if r.start_pos > 0:
                     slots, _ = self._context_slots([r.block_table], [end])
@@ -176,7 +193,9 @@ class ModelRunner:
             if r.sample:
                 sample_idx.append(len(input_ids) - 1)
         meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), len(decode_rows), prefills=prefills)
-        if decode_rows:
+        if kernel:
+            meta.rows = self._paged_rows(rows)
+        elif decode_rows:
             slots, valid = self._context_slots([r.block_table for r in decode_rows],
                                                [r.start_pos + 1 for r in decode_rows])
             meta.decode_kv_slots = slots.to(self.device)

@@ -33,6 +33,19 @@ class AttentionMetadata:
     decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_context] (padded with slot 0)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
+    rows: "PagedRows | None" = None  # set when the step runs the Triton kernel (then the fields above are unused)
+
+
+@dataclass
+class PagedRows:
+    """The Triton kernel's view of a step: per row its block table and where its queries sit (int32 tensors)."""
+
+    block_tables: torch.Tensor  # [R, max_blocks]
+    q_start: torch.Tensor  # [R] first step token of the row
+    q_len: torch.Tensor  # [R]
+    start_pos: torch.Tensor  # [R] position of its first query
+    max_q_len: int
+    block_size: int
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -44,6 +57,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.rows is not None:
+        from loraplex.ops.attention_triton import paged_attention_triton
+
+        r = meta.rows
+        return paged_attention_triton(q, k_cache, v_cache, r.block_tables, r.q_start, r.q_len, r.start_pos,
+                                      r.max_q_len, r.block_size, scale)
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[2]
     parts = []
     nd = meta.num_decodes

@@ -17,7 +17,8 @@ from loraplex.ops.lora_torch import (
     dense_lora_weighted,
 )
 
-__all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "XLoRAGroup", "add_lora", "add_lora_gated"]
+__all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "XLoRAGroup", "add_lora", "add_lora_gated",
+           "use_triton"]
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
@@ -48,13 +49,18 @@ def _triton():
     return lora_triton
 
 
+def use_triton(device: torch.device) -> bool:
+    """Do tensors on ``device`` take the Triton kernels (CUDA, or CPU with ``LORAPLEX_TRITON=1``; Triton installed)?"""
+    return (device.type == "cuda" or TRITON_ON_CPU) and _triton() is not None
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
              out_slices: list[tuple[int, int]], batch: LoRABatch, ranks: torch.Tensor | None = None) -> None:
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment. ``ranks``
     (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank."""
     nd = batch.num_decodes
-    fast = _triton() if x.is_cuda or TRITON_ON_CPU else None
+    fast = _triton() if use_triton(x.device) else None
     match batch.decodes:
         case Bgmv(slots, weights) if fast is not None:
             fast.add_lora_bgmv_triton(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights, ranks)
