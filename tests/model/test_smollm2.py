@@ -63,3 +63,36 @@ def test_streamed_chinese_is_intact_with_the_real_tokenizer(llm):
     deltas = [detok.step(t) for t in ids]
     assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
     assert sum(1 for d in deltas if d == "") > 0  # some tokens carried partial characters and were held back
+
+
+def test_structured_outputs_hold_on_the_real_model(llm):
+    """The constraint holds on real weights: a nested schema validates, a choice is one of the choices, a regex
+    matches — in one batch with a free row, whose greedy tokens stay those it gets alone."""
+    import json
+    import re
+
+    import jsonschema
+
+    from loraplex.sampling_params import StructuredOutputsParams as SO
+
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20},
+        "population_millions": {"type": "number"}, "landmarks": {"type": "array", "maxItems": 3,
+                                                                "items": {"type": "string", "maxLength": 30}},
+        "continent": {"enum": ["Europe", "Asia", "Africa", "Americas", "Oceania"]}},
+        "required": ["city", "country", "population_millions", "landmarks", "continent"],
+        "additionalProperties": False}
+    conv = [[{"role": "user", "content": q}] for q in (
+        "Describe Paris as JSON.", "Is the sea salty? Answer yes or no.", "Give a phone number.", QUESTIONS[0])]
+    free = SamplingParams(temperature=0, max_tokens=N_NEW)
+    params = [SamplingParams(temperature=0, max_tokens=200, structured_outputs=SO(json=schema)),
+              SamplingParams(temperature=0, max_tokens=8, structured_outputs=SO(choice=["yes", "no"])),
+              SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(regex=r"\+33 [0-9]{9}")), free]
+    outs = llm.chat(conv, params, use_tqdm=False)
+    data = json.loads(outs[0].outputs[0].text)
+    jsonschema.validate(data, schema)
+    assert outs[0].outputs[0].finish_reason == "stop"
+    assert outs[1].outputs[0].text in ("yes", "no")
+    assert re.fullmatch(r"\+33 [0-9]{9}", outs[2].outputs[0].text)
+    alone = llm.chat(conv[3], free, use_tqdm=False)[0]
+    assert outs[3].outputs[0].token_ids == alone.outputs[0].token_ids
