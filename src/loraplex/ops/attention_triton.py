@@ -51,7 +51,7 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, q_start_ptr, q_len_ptr,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i = 0 only in a tile past the chunk (never stored)
     tl.store(o_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
