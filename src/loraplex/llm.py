@@ -18,7 +18,7 @@ AUTO = "auto"  # lora_request="auto": the router picks the adapter (or the base)
 # vLLM engine arguments that have no meaning here: accepted (so vLLM scripts run) with a warning.
 IGNORED_VLLM_ARGS = frozenset({
     "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "allowed_local_media_path", "tensor_parallel_size",
-    "pipeline_parallel_size", "quantization", "revision", "tokenizer_revision", "gpu_memory_utilization",
+    "pipeline_parallel_size", "revision", "tokenizer_revision", "gpu_memory_utilization",
     "swap_space", "cpu_offload_gb", "enforce_eager", "max_seq_len_to_capture", "disable_custom_all_reduce",
     "disable_async_output_proc", "hf_token", "hf_overrides", "mm_processor_kwargs", "task", "override_pooler_config",
     "compilation_config", "load_format", "download_dir", "distributed_executor_backend",
@@ -48,7 +48,8 @@ class LLM:
                  block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
                  max_loras: int | None = LoRAConfig.max_loras, max_lora_rank: int = LoRAConfig.max_lora_rank,
                  max_cpu_loras: int | None = LoRAConfig.max_cpu_loras,
-                 enable_prefix_caching: bool = CacheConfig.enable_prefix_caching, **kwargs) -> None:
+                 enable_prefix_caching: bool = CacheConfig.enable_prefix_caching, quantization: str | None = None,
+                 **kwargs) -> None:
         unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGS)
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
@@ -62,7 +63,7 @@ class LLM:
         self.llm_engine = LLMEngine.from_args(
             model=model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
-            seed=seed, lora=lora, enable_prefix_caching=enable_prefix_caching)
+            seed=seed, lora=lora, enable_prefix_caching=enable_prefix_caching, quantization=quantization)
         self._router: Router | None = None
         self._cards = CardBook()
 

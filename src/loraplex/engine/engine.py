@@ -17,6 +17,7 @@ from loraplex.config import (
     parse_dtype,
 )
 from loraplex.engine.cpu_dtype import auto_cpu_dtype
+from loraplex.engine.quant_plan import int8_plan
 from loraplex.engine.model_runner import ModelRunner, StepAdapters
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager
@@ -49,6 +50,7 @@ class AdapterStats(NamedTuple):
 
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU
+QUANTIZATIONS = (None, "int8")  # --quantization: weight-only int8 (per output channel) base projections
 GPU_KV_CACHE_FRACTION = 0.8  # of the free device memory after loading weights
 
 
@@ -102,8 +104,12 @@ class LLMEngine:
                   max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
                   block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
                   seed: int = ModelConfig.seed, lora: LoRAConfig | None = None,
-                  enable_prefix_caching: bool = CacheConfig.enable_prefix_caching) -> "LLMEngine":
-        """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU)."""
+                  enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+                  quantization: str | None = None) -> "LLMEngine":
+        """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU);
+        ``quantization="int8"``: weight-only int8 decoder projections (vLLM's argument name)."""
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: {quantization!r} is not supported (one of {QUANTIZATIONS[1:]})")
         torch_dtype = parse_dtype(dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu" and (dtype is None or dtype == "auto"):
@@ -115,6 +121,8 @@ class LLMEngine:
         SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)  # bad limits fail before loading
         source = resolve_model(model)
         loaded = load_model(source, torch_dtype, device, max_model_len)
+        if quantization is not None:
+            loaded.model.quantize(quantization, lambda n_in, n_out: int8_plan(n_in, n_out, torch_dtype, device))
         max_model_len = loaded.max_model_len
         blocks = _kv_blocks(loaded, torch_dtype, torch.device(device), block_size, max_model_len, max_num_seqs,
                             kv_cache_memory)

@@ -5,7 +5,7 @@ through :class:`AttentionMetadata`. q/k/v and gate/up projections are stacked in
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from loraplex.layers.attention import AttentionMetadata, paged_attention
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
+from loraplex.layers.quant_linear import Int8Linear
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
 from loraplex.ops.lora_batch import LoRABatch
@@ -138,6 +139,23 @@ class DecoderLM(nn.Module):
         for layer, w in zip(self.layers, per_layer):
             for p in PROJECTIONS:
                 getattr(layer, p.block).lora[p.name].set_slot(slot, w)
+
+    def quantize(self, method: str, plan_for: Callable[[int, int], list[tuple[int, str]]]) -> None:
+        """Weight-only quantization of every decoder projection (q|k|v, o, gate|up, down) after loading; the
+        embeddings and the LM head keep the compute dtype (the head decides every token; it is one matmul per
+        sampled row). ``plan_for(in, out)``: which ``ops.quant`` path serves which batch size for that shape (see
+        ``Int8Linear``)."""
+        if method != "int8":
+            raise ValueError(f"quantization: {method!r} is not supported (int8)")
+        plans: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        for layer in self.layers:
+            for block, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
+                                ("mlp", "down_proj")):
+                module, linear = getattr(layer, block), getattr(getattr(layer, block), name)
+                shape = (linear.in_features, linear.out_features)
+                if shape not in plans:
+                    plans[shape] = plan_for(*shape)
+                setattr(module, name, Int8Linear.from_linear(linear, plans[shape]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""

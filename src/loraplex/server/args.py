@@ -17,7 +17,7 @@ VLLM_SWITCHES = ("--enforce-eager", "--trust-remote-code", "--disable-log-reques
                  "--enable-auto-tool-choice", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details",
                  "--disable-fastapi-docs", "--enable-log-requests", "--disable-uvicorn-access-log")
 VLLM_VALUED = ("--gpu-memory-utilization", "--tensor-parallel-size", "--pipeline-parallel-size", "--swap-space",
-               "--cpu-offload-gb", "--kv-cache-dtype", "--quantization", "--load-format", "--download-dir",
+               "--cpu-offload-gb", "--kv-cache-dtype", "--load-format", "--download-dir",
                "--tokenizer", "--tokenizer-mode", "--revision", "--tokenizer-revision", "--max-seq-len-to-capture",
                "--distributed-executor-backend", "--lora-dtype", "--max-logprobs", "--long-lora-scaling-factors",
                "--lora-extra-vocab-size", "--num-scheduler-steps", "--scheduler-delay-factor", "--preemption-mode",
@@ -59,6 +59,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
+    p.add_argument("--quantization", "-q", default=None, choices=["int8"],
+                   help="weight-only int8 decoder projections (per output channel; LoRA adds on top in --dtype)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default 1 GiB on CPU)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)

@@ -1,0 +1,100 @@
+"""int8 weight-only base vs the unquantized base, side by side in one run (embedded SmolLM2).
+
+    python benchmarks/bench_quant.py [--dtype auto] [--prompts 32] [--new-tokens 64]
+
+Reported: batch-1 decode tok/s and ``--prompts``-prompt throughput for each, the weight bytes and the
+weight-bandwidth floor at batch 1 (copy bandwidth measured in the run), and accuracy: greedy token agreement with
+the unquantized model (teacher-forced on its tokens, so one early flip does not count the whole tail) and the mean
+per-token KL(unquantized ‖ int8) over the same positions.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loraplex import LLM, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import QUESTIONS, copy_bandwidth  # noqa: E402
+
+
+def rate(llm: LLM, prompts: list[list[int]], n: int) -> float:
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    t = time.perf_counter()
+    llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+    return len(prompts) * n / (time.perf_counter() - t)
+
+
+def accuracy(ref: LLM, quant: LLM, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    """Teacher-forced on the reference's greedy tokens: top-1 agreement and mean KL(ref ‖ quant) per position."""
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    outs = ref.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+    agree = total = 0
+    kl = 0.0
+    for prompt, out in zip(prompts, outs):
+        seq = prompt + out.outputs[0].token_ids
+        lp = {}
+        for name, llm in (("ref", ref), ("q", quant)):
+            eng, model = llm.llm_engine, llm.llm_engine.runner.model
+            with torch.inference_mode():
+                hidden = _forward(eng, seq)
+                lp[name] = torch.log_softmax(model.compute_logits(hidden[len(prompt) - 1:-1]), dim=-1)
+        agree += (lp["ref"].argmax(-1) == lp["q"].argmax(-1)).sum().item()
+        total += n
+        kl += (lp["ref"].exp() * (lp["ref"] - lp["q"])).sum(-1).sum().item()
+    return agree / total, kl / total
+
+
+def _forward(engine, ids: list[int]) -> torch.Tensor:
+    """All hidden states of one sequence through the engine's own runner (a one-row prefill on scratch KV)."""
+    from loraplex.scheduler.output import ScheduledRequest
+
+    bs = engine.config.cache.block_size
+    table = list(range(-(-len(ids) // bs)))
+    row = ScheduledRequest("acc", ids, 0, table, True, SamplingParams(), None, ids, [])
+    runner = engine.runner
+    input_ids, pos, meta, _ = runner.prepare([row])
+    hidden = runner.model(input_ids, pos, runner.kv_caches, meta, None)
+    engine.reset_prefix_cache()  # those blocks now hold this scratch sequence
+    return hidden
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    ref = LLM(dtype=args.dtype, max_model_len=1024)
+    quant = LLM(dtype=args.dtype, max_model_len=1024, quantization="int8")
+    tok = ref.get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"{q} ({i})"}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for i in range(args.prompts // len(QUESTIONS) + 1) for q in QUESTIONS][:args.prompts]
+    bw = copy_bandwidth() / 2
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; dtype {str(ref.llm_engine.config.model.dtype).removeprefix('torch.')}")
+    print("| base | weight MB | batch-1 tok/s | floor tok/s | of floor | "
+          f"{args.prompts} prompts tok/s | vs unquantized (b1 / batch) |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for name, llm in (("unquantized", ref), ("int8", quant)):
+        model = llm.llm_engine.runner.model
+        nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        b1, many = rate(llm, prompts[:1], args.new_tokens), rate(llm, prompts, args.new_tokens // 2)
+        base = base or (b1, many)
+        print(f"| {name} | {nbytes / 1e6:.0f} | {b1:.1f} | {bw / nbytes:.1f} | {b1 / (bw / nbytes):.0%} | "
+              f"{many:.1f} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
+    agree, kl = accuracy(ref, quant, prompts, args.new_tokens)
+    print(f"\nint8 vs unquantized, teacher-forced over {args.prompts} x {args.new_tokens} tokens: greedy agreement "
+          f"{agree:.1%}, mean KL {kl:.4f}; copy bandwidth {bw / 1e9:.1f} GB/s read")
+
+
+if __name__ == "__main__":
+    main()
