@@ -1,4 +1,4 @@
-"""int8 weight-only base vs the unquantized base, side by side in one run (embedded SmolLM2).
+"""int8 and int4 weight-only bases vs the unquantized base, side by side in one run (embedded SmolLM2).
 
     python benchmarks/bench_quant.py [--dtype auto] [--prompts 32] [--new-tokens 64]
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     ref = LLM(dtype=args.dtype, max_model_len=1024)
-    quant = LLM(dtype=args.dtype, max_model_len=1024, quantization="int8")
+    quants = {m: LLM(dtype=args.dtype, max_model_len=1024, quantization=m) for m in ("int8", "int4")}
     tok = ref.get_tokenizer()
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"{q} ({i})"}], tokenize=False,
                                                   add_generation_prompt=True), add_special_tokens=False)
@@ -84,16 +84,18 @@ def main() -> None:
           f"{args.prompts} prompts tok/s | vs unquantized (b1 / batch) |")
     print("|---|---|---|---|---|---|---|")
     base = None
-    for name, llm in (("unquantized", ref), ("int8", quant)):
+    for name, llm in (("unquantized", ref), *quants.items()):
         model = llm.llm_engine.runner.model
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         b1, many = rate(llm, prompts[:1], args.new_tokens), rate(llm, prompts, args.new_tokens // 2)
         base = base or (b1, many)
         print(f"| {name} | {nbytes / 1e6:.0f} | {b1:.1f} | {bw / nbytes:.1f} | {b1 / (bw / nbytes):.0%} | "
               f"{many:.1f} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
-    agree, kl = accuracy(ref, quant, prompts, args.new_tokens)
-    print(f"\nint8 vs unquantized, teacher-forced over {args.prompts} x {args.new_tokens} tokens: greedy agreement "
-          f"{agree:.1%}, mean KL {kl:.4f}; copy bandwidth {bw / 1e9:.1f} GB/s read")
+    print(f"\ncopy bandwidth {bw / 1e9:.1f} GB/s read")
+    for name, quant in quants.items():
+        agree, kl = accuracy(ref, quant, prompts, args.new_tokens)
+        print(f"{name} vs unquantized, teacher-forced over {args.prompts} x {args.new_tokens} tokens: greedy "
+              f"agreement {agree:.1%}, mean KL {kl:.4f}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
     seed: int = 0
+    quantization: str | None = None  # weight-only: "int8" | "int4" (decoder projections)
 
 
 @dataclass(frozen=True)

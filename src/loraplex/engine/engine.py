@@ -17,7 +17,7 @@ from loraplex.config import (
     parse_dtype,
 )
 from loraplex.engine.cpu_dtype import auto_cpu_dtype
-from loraplex.engine.quant_plan import int8_plan
+from loraplex.engine.quant_plan import quant_plan
 from loraplex.engine.model_runner import ModelRunner, StepAdapters
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager
@@ -50,7 +50,7 @@ class AdapterStats(NamedTuple):
 
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU
-QUANTIZATIONS = (None, "int8")  # --quantization: weight-only int8 (per output channel) base projections
+QUANTIZATIONS = (None, "int8", "int4")  # --quantization: weight-only int8 (per channel) / int4 (per group, CPU)
 GPU_KV_CACHE_FRACTION = 0.8  # of the free device memory after loading weights
 
 
@@ -107,7 +107,7 @@ class LLMEngine:
                   enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
                   quantization: str | None = None) -> "LLMEngine":
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU);
-        ``quantization="int8"``: weight-only int8 decoder projections (vLLM's argument name)."""
+        ``quantization="int8" | "int4"``: weight-only quantized decoder projections (vLLM's argument name)."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: {quantization!r} is not supported (one of {QUANTIZATIONS[1:]})")
         torch_dtype = parse_dtype(dtype)
@@ -122,12 +122,13 @@ class LLMEngine:
         source = resolve_model(model)
         loaded = load_model(source, torch_dtype, device, max_model_len)
         if quantization is not None:
-            loaded.model.quantize(quantization, lambda n_in, n_out: int8_plan(n_in, n_out, torch_dtype, device))
+            loaded.model.quantize(quantization,
+                                  lambda n_in, n_out: quant_plan(quantization, n_in, n_out, torch_dtype, device))
         max_model_len = loaded.max_model_len
         blocks = _kv_blocks(loaded, torch_dtype, torch.device(device), block_size, max_model_len, max_num_seqs,
                             kv_cache_memory)
         config = EngineConfig(
-            model=ModelConfig(source.model_id, torch_dtype, device, seed),
+            model=ModelConfig(source.model_id, torch_dtype, device, seed, quantization),
             cache=CacheConfig(block_size, blocks, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             lora=lora,
@@ -311,6 +312,16 @@ class LLMEngine:
         if store is None:
             return []
         return [AdapterStats(n, store.tier(n), store.loads[n], store.evictions[n]) for n in self.adapter_names()]
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held: the base weights (as stored: quantized ones at their packed size), the KV cache, the LoRA
+        device slots."""
+        model = self.runner.model
+        stacks = [m for m in model.modules() if hasattr(m, "lora_a") and hasattr(m, "lora_b")]
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"weights": nbytes([*model.parameters(), *model.buffers()]),
+                "kv_cache": nbytes([t for kv in self.runner.kv_caches for t in kv]),
+                "lora_slots": nbytes([t for s in stacks for t in (s.lora_a, *s.lora_b)])}
 
     def stats(self) -> EngineStats:
         s = self.scheduler

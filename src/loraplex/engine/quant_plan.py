@@ -1,5 +1,5 @@
-"""Which int8 path (``ops.quant``) serves which batch size — measured on this machine for the model's own shape,
-once, then cached in ``$LORAPLEX_CACHE/int8_plan.json`` beside the dtype measurement."""
+"""Which quantized-linear path (``ops.quant``) serves which batch size — measured on this machine for each of the
+model's projection shapes, once, then cached in ``$LORAPLEX_CACHE/quant_plan.json`` beside the dtype measurement."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,16 @@ import time
 import torch
 
 from loraplex.engine.cpu_dtype import _cache_file, machine_key
-from loraplex.ops.quant import INT8_PATHS, int8_linear, quantize_int8
+from loraplex.ops.quant import (
+    INT4_PATHS,
+    INT8_PATHS,
+    int4_group_size,
+    int4_linear,
+    int8_linear,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+)
 
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
@@ -25,21 +34,34 @@ def _time(fn, budget: float = 0.05) -> float:
     return best
 
 
-def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
+def _kernels(method: str, n_in: int, n_out: int, device: str):
+    """(paths, ``run(x, path)``) for a random ``n_in → n_out`` weight quantized by ``method``."""
+    w = torch.randn(n_out, n_in)
+    if method == "int4":
+        group = int4_group_size(n_in, 128)
+        q, sz = quantize_int4(w, group)
+        packed = pack_int4(q)
+        return list(INT4_PATHS), lambda x, path: int4_linear(x, packed, group, sz, None, path)
+    wq, scales = quantize_int8(w)
+    wq, scales = wq.to(device), scales.to(device)
+    return list(INT8_PATHS), lambda x, path: int8_linear(x, wq, scales, None, path)
+
+
+def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
+                 method: str = "int8") -> list[tuple[int, str]]:
     """Fastest path per batch size for an ``n_in → n_out`` linear; a path 3× slower than the best is dropped for
     larger batches (it only gets slower)."""
-    wq, scales = quantize_int8(torch.randn(n_out, n_in))
-    wq, scales = wq.to(device), scales.to(device)
-    alive, plan = list(INT8_PATHS), []
+    paths, run = _kernels(method, n_in, n_out, device)
+    alive, plan = paths, []
     if device != "cpu" or dtype == torch.bfloat16:
-        alive.remove("int8mm_bf16")  # the same as int8mm there
+        alive = [p for p in alive if not p.endswith("_bf16")]  # the same as the plain path there
     with torch.inference_mode():
         for m in BATCHES:
             x = torch.randn(m, n_in, device=device).to(dtype)
             times = {}
             for path in alive:
                 try:
-                    times[path] = _time(lambda: int8_linear(x, wq, scales, None, path))
+                    times[path] = _time(lambda: run(x, path))
                 except RuntimeError:  # a kernel this build lacks for this device / dtype
                     times[path] = float("inf")
             best = min(times, key=times.get)
@@ -51,17 +73,17 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list
     return plan
 
 
-def int8_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
-    """The cached plan for this machine, dtype and shape (measured on first use, ~1 s)."""
-    key = f"{machine_key()} | {device} | {dtype} | {n_in}x{n_out}"
-    path = _cache_file().with_name("int8_plan.json")
+def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
+    """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
+    key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out}"
+    path = _cache_file().with_name("quant_plan.json")
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     plan = cache.get(key)
     if plan is None:
-        plan = measure_plan(n_in, n_out, dtype, device)
+        plan = measure_plan(n_in, n_out, dtype, device, method)
         cache[key] = plan
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,5 +91,5 @@ def int8_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tu
         except OSError:
             pass
     plan = [(int(m), p) for m, p in plan]
-    log.info("int8 weights: %s", ", ".join(f"batch <= {m}: {p}" for m, p in plan))
+    log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
     return plan

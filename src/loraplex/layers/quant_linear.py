@@ -1,10 +1,10 @@
-"""A base linear with int8 weights (weight-only quantization); LoRA stacks still add on top of its output."""
+"""Base linears with int8 / int4 weights (weight-only quantization); LoRA stacks still add on top of their output."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from loraplex.ops.quant import int8_linear, quantize_int8
+from loraplex.ops.quant import int4_group_size, int4_linear, int8_linear, pack_int4, quantize_int4, quantize_int8
 
 
 class Int8Linear(nn.Module):
@@ -32,3 +32,29 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.wq, self.scales, self.bias, self.path_for(x.shape[0]))
+
+
+class Int4Linear(Int8Linear):
+    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights (packed, tinygemm layout; CPU)."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
+                 plan: list[tuple[int, str]], shape: tuple[int, int]) -> None:
+        nn.Module.__init__(self)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.group = group
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.plan = plan
+        self.out_features, self.in_features = shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, plan: list[tuple[int, str]], group: int = 128) -> "Int4Linear":
+        if linear.weight.device.type != "cpu":
+            raise ValueError("quantization: int4 runs on CPU only for now (use int8 on CUDA)")
+        group = int4_group_size(linear.in_features, group)
+        q, sz = quantize_int4(linear.weight.data, group)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(pack_int4(q), sz, group, bias, plan, tuple(linear.weight.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.packed, self.group, self.scales_zeros, self.bias, self.path_for(x.shape[0]))

@@ -15,7 +15,7 @@ from loraplex.layers.attention import AttentionMetadata, paged_attention
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
-from loraplex.layers.quant_linear import Int8Linear
+from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
 from loraplex.ops.lora_batch import LoRABatch
@@ -141,12 +141,14 @@ class DecoderLM(nn.Module):
                 getattr(layer, p.block).lora[p.name].set_slot(slot, w)
 
     def quantize(self, method: str, plan_for: Callable[[int, int], list[tuple[int, str]]]) -> None:
-        """Weight-only quantization of every decoder projection (q|k|v, o, gate|up, down) after loading; the
+        """``int8`` (per output channel) or ``int4`` (groups of 128 input columns, or the largest of 64 / 32 that
+        divides the width) weight-only quantization of every decoder projection (q|k|v, o, gate|up, down) after loading; the
         embeddings and the LM head keep the compute dtype (the head decides every token; it is one matmul per
         sampled row). ``plan_for(in, out)``: which ``ops.quant`` path serves which batch size for that shape (see
         ``Int8Linear``)."""
-        if method != "int8":
-            raise ValueError(f"quantization: {method!r} is not supported (int8)")
+        kinds = {"int8": Int8Linear, "int4": Int4Linear}
+        if method not in kinds:
+            raise ValueError(f"quantization: {method!r} is not supported (one of {sorted(kinds)})")
         plans: dict[tuple[int, int], list[tuple[int, str]]] = {}
         for layer in self.layers:
             for block, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
@@ -155,7 +157,7 @@ class DecoderLM(nn.Module):
                 shape = (linear.in_features, linear.out_features)
                 if shape not in plans:
                     plans[shape] = plan_for(*shape)
-                setattr(module, name, Int8Linear.from_linear(linear, plans[shape]))
+                setattr(module, name, kinds[method].from_linear(linear, plans[shape]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""

@@ -59,8 +59,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
-    p.add_argument("--quantization", "-q", default=None, choices=["int8"],
-                   help="weight-only int8 decoder projections (per output channel; LoRA adds on top in --dtype)")
+    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],
+                   help="weight-only int8 (per output channel) or int4 (groups of 128, CPU) decoder projections; "
+                        "LoRA adds on top in --dtype")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default 1 GiB on CPU)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)

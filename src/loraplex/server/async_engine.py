@@ -142,10 +142,11 @@ class AsyncEngine:
         return self.engine.serves_adapters
 
     def info(self) -> dict:
-        """Engine facts for /info: dtype, device, token budget per step."""
+        """Engine facts for /info: dtype, device, token budget per step, quantization, bytes held."""
         c = self.engine.config
         return {"dtype": str(c.model.dtype).removeprefix("torch."), "device": c.model.device,
-                "max_num_batched_tokens": c.scheduler.max_num_batched_tokens}
+                "max_num_batched_tokens": c.scheduler.max_num_batched_tokens, "quantization": c.model.quantization,
+                "memory_bytes": self.engine.memory()}
 
     def has_adapter(self, name: str) -> bool:
         return self.engine.adapter(name) is not None

@@ -109,6 +109,9 @@ def serve(args) -> None:
                         force=True)  # the CLI configured WARNING before dispatching
     state = build_state(args)
     app = build_app(state, args.max_body_bytes)
+    mem = state.engine.info()["memory_bytes"]
+    log.info("memory: weights %.0f MB%s, KV cache %.0f MB, LoRA slots %.0f MB", mem["weights"] / 1e6,
+             f" ({args.quantization})" if args.quantization else "", mem["kv_cache"] / 1e6, mem["lora_slots"] / 1e6)
     log.info("serving %s with adapters %s on http://%s:%d", state.resolver.base_id,
              ", ".join(state.engine.adapter_names()) or "(none)", args.host, args.port)
     log.info("model %r routes among %s (%s scorer, threshold %s, margin %s, %d rules)", state.auto_name,

@@ -195,4 +195,5 @@ async def info(request: Request):
             "max_input_tokens": st.engine.max_model_len - 1, "max_total_tokens": st.engine.max_model_len,
             "max_batch_total_tokens": e["max_num_batched_tokens"], "validation_workers": 1,
             "max_client_batch_size": 1, "router": "loraplex", "version": __version__, "sha": None,
-            "docker_label": None, "lora_adapters": st.engine.adapter_names()}
+            "docker_label": None, "lora_adapters": st.engine.adapter_names(),
+            "quantization": e["quantization"], "memory_bytes": e["memory_bytes"]}  # loraplex's own fields
