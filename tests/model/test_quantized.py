@@ -77,6 +77,9 @@ def dequantized_hf(model_dir, adapter_dir=None, method: str = "int8"):
         for name, mod in hf.named_modules():
             if name.rsplit(".", 1)[-1] in HF_LINEARS:
                 mod.weight.copy_(_round_trip(mod.weight, method))
+        # the embedding and the LM head: int8 per vocabulary row, whatever the method (a tied pair once)
+        for w in {id(p): p for p in (hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)}.values():
+            w.copy_(_round_trip(w, "int8"))
     if adapter_dir is None:
         return hf
     from peft import PeftModel

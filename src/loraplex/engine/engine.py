@@ -123,7 +123,7 @@ class LLMEngine:
         loaded = load_model(source, torch_dtype, device, max_model_len)
         if quantization is not None:
             loaded.model.quantize(quantization,
-                                  lambda n_in, n_out: quant_plan(quantization, n_in, n_out, torch_dtype, device))
+                                  lambda kind, n_in, n_out: quant_plan(kind, n_in, n_out, torch_dtype, device))
         max_model_len = loaded.max_model_len
         blocks = _kv_blocks(loaded, torch_dtype, torch.device(device), block_size, max_model_len, max_num_seqs,
                             kv_cache_memory)

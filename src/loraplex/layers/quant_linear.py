@@ -23,9 +23,16 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: list[tuple[int, str]]) -> "Int8Linear":
-        wq, scales = quantize_int8(linear.weight.data)
-        bias = None if linear.bias is None else linear.bias.data
-        return cls(wq.to(linear.weight.device), scales.to(linear.weight.device), bias, plan)
+        return cls.from_weight(linear.weight.data, None if linear.bias is None else linear.bias.data, plan)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, plan: list[tuple[int, str]]) -> "Int8Linear":
+        wq, scales = quantize_int8(weight)
+        return cls(wq.to(weight.device), scales.to(weight.device), bias, plan)
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the dequantized weight (an embedding table quantized per row): ``Wq[ids] · s[ids]``."""
+        return self.wq[ids].to(dtype) * self.scales[ids].to(dtype).unsqueeze(-1)
 
     def path_for(self, m: int) -> str:
         return next((p for limit, p in self.plan if m <= limit), self.plan[-1][1])

@@ -102,6 +102,8 @@ class DecoderLM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: str | torch.device, max_positions: int) -> None:
         super().__init__()
         self.spec = spec
+        self.dtype, self.device = dtype, torch.device(device)
+        self.head: Int8Linear | None = None  # quantized models: the LM head (and the tied embedding) in int8
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.requires_grad_(False)
@@ -117,7 +119,7 @@ class DecoderLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 lora: LoRABatch | None = None) -> torch.Tensor:
         """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``; ``lora`` None = base only."""
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids) if self.embed_tokens is not None else self.embed_q.embed(input_ids, self.dtype)
         rope = self.rotary.tables(positions)
         for layer, kv in zip(self.layers, kv_caches):
             h = layer(rope, h, kv, meta, lora)
@@ -125,7 +127,7 @@ class DecoderLM(nn.Module):
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
         """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every projection of every layer."""
-        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        dtype, device = self.dtype, self.device
         shapes = self.spec.module_shapes
         for i, layer in enumerate(self.layers):
             for p in PROJECTIONS:
@@ -140,12 +142,11 @@ class DecoderLM(nn.Module):
             for p in PROJECTIONS:
                 getattr(layer, p.block).lora[p.name].set_slot(slot, w)
 
-    def quantize(self, method: str, plan_for: Callable[[int, int], list[tuple[int, str]]]) -> None:
+    def quantize(self, method: str, plan_for: Callable[[str, int, int], list[tuple[int, str]]]) -> None:
         """``int8`` (per output channel) or ``int4`` (groups of 128 input columns, or the largest of 64 / 32 that
-        divides the width) weight-only quantization of every decoder projection (q|k|v, o, gate|up, down) after loading; the
-        embeddings and the LM head keep the compute dtype (the head decides every token; it is one matmul per
-        sampled row). ``plan_for(in, out)``: which ``ops.quant`` path serves which batch size for that shape (see
-        ``Int8Linear``)."""
+        divides the width) weight-only quantization of every decoder projection (q|k|v, o, gate|up, down) after
+        loading; the embedding and the LM head go to int8 per vocabulary row. ``plan_for(method, in, out)``: which
+        ``ops.quant`` path serves which batch size for that shape (see ``Int8Linear``)."""
         kinds = {"int8": Int8Linear, "int4": Int4Linear}
         if method not in kinds:
             raise ValueError(f"quantization: {method!r} is not supported (one of {sorted(kinds)})")
@@ -156,11 +157,22 @@ class DecoderLM(nn.Module):
                 module, linear = getattr(layer, block), getattr(getattr(layer, block), name)
                 shape = (linear.in_features, linear.out_features)
                 if shape not in plans:
-                    plans[shape] = plan_for(*shape)
+                    plans[shape] = plan_for(method, *shape)
                 setattr(module, name, kinds[method].from_linear(linear, plans[shape]))
+        # The LM head (read whole every decode step) and the embedding go to int8 per vocabulary row, whatever the
+        # method (4 bits lose too much there); a tied pair shares one table.
+        head = self.lm_head_weight.data
+        self.head = Int8Linear.from_weight(head, None, plan_for("int8", head.shape[1], head.shape[0]))
+        self.embed_q = self.head if self.spec.tie_word_embeddings else \
+            Int8Linear.from_weight(self.embed_tokens.weight.data, None, self.head.plan)
+        self.embed_tokens = self.lm_head_weight = None
+        if hasattr(self, "lm_head"):
+            del self.lm_head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""
+        if self.head is not None:
+            return self.head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
