@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,22 +62,28 @@ def choose(rates: dict[str, float]) -> torch.dtype:
     return torch.bfloat16 if rates["bfloat16"] >= BF16_MIN_RELATIVE_RATE * rates["float32"] else torch.float32
 
 
-def auto_cpu_dtype() -> torch.dtype:
-    """The compute dtype for ``dtype="auto"`` on this CPU (measured once, then read from the cache)."""
-    key, path = machine_key(), _cache_file()
+def cached_measurement(file_name: str, key: str, measure: Callable[[], Any]) -> Any:
+    """``measure()`` once per ``key``, its JSON result kept in ``$LORAPLEX_CACHE/file_name`` (a read-only or missing
+    cache only means measuring again)."""
+    path = _cache_file().with_name(file_name)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    rates = cache.get(key)
-    if rates is None:
-        rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
-        cache[key] = rates
+    if key not in cache:
+        cache[key] = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=1))
         except OSError:
             pass
+    return cache[key]
+
+
+def auto_cpu_dtype() -> torch.dtype:
+    """The compute dtype for ``dtype="auto"`` on this CPU (measured once, then read from the cache)."""
+    rates = cached_measurement(_cache_file().name, machine_key(), lambda: {
+        "float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)})
     dtype = choose(rates)
     log.info("dtype auto: %s on this CPU (batch-32 matmul: bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s)",
              str(dtype).removeprefix("torch."), rates["bfloat16"], rates["float32"])

@@ -2,13 +2,12 @@
 model's projection shapes, once, then cached in ``$LORAPLEX_CACHE/quant_plan.json`` beside the dtype measurement."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import torch
 
-from loraplex.engine.cpu_dtype import _cache_file, machine_key
+from loraplex.engine.cpu_dtype import cached_measurement, machine_key
 from loraplex.ops.quant import (
     INT4_PATHS,
     INT8_PATHS,
@@ -76,20 +75,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
 def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
     key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out}"
-    path = _cache_file().with_name("quant_plan.json")
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    plan = cache.get(key)
-    if plan is None:
-        plan = measure_plan(n_in, n_out, dtype, device, method)
-        cache[key] = plan
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache, indent=1))
-        except OSError:
-            pass
+    plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
     return plan

@@ -28,12 +28,15 @@ def _call(obj, args_keys=("arguments", "parameters")) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _held_tail(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into ``marker``."""
+def _before_marker(text: str, marker: str) -> int:
+    """How much of ``text`` is surely content: up to ``marker``, or all but a tail that could still grow into it."""
+    i = text.find(marker)
+    if i != -1:
+        return i
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-k:]):
-            return k
-    return 0
+            return len(text) - k
+    return len(text)
 
 
 class HermesParser:
@@ -45,8 +48,7 @@ class HermesParser:
     skip_special_tokens = True
 
     def safe_prefix(self, text: str) -> int:
-        i = text.find(self.open)
-        return i if i != -1 else len(text) - _held_tail(text, self.open)
+        return _before_marker(text, self.open)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         i = text.find(self.open)
@@ -108,8 +110,7 @@ class MistralParser:
     skip_special_tokens = False
 
     def safe_prefix(self, text: str) -> int:
-        i = text.find(self.marker)
-        return i if i != -1 else len(text) - _held_tail(text, self.marker)
+        return _before_marker(text, self.marker)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         i = text.find(self.marker)
