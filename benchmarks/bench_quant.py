@@ -1,11 +1,12 @@
 """int8 and int4 weight-only bases vs the unquantized base, side by side in one run (embedded SmolLM2).
 
-    python benchmarks/bench_quant.py [--dtype auto] [--prompts 32] [--new-tokens 64]
+    python benchmarks/bench_quant.py [--dtype auto] [--prompts 32] [--new-tokens 64] [--adapters 8]
 
 Reported: batch-1 decode tok/s and ``--prompts``-prompt throughput for each, the weight bytes and the
 weight-bandwidth floor at batch 1 (copy bandwidth measured in the run), and accuracy: greedy token agreement with
 the unquantized model (teacher-forced on its tokens, so one early flip does not count the whole tail) and the mean
-per-token KL(unquantized ‖ int8) over the same positions.
+per-token KL(unquantized ‖ int8) over the same positions. With ``--adapters N``, the speeds are measured again
+with every request on one of N random rank-16 all-linear adapters (LoRA on top of the quantized base).
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from loraplex import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import QUESTIONS, copy_bandwidth  # noqa: E402
+from bench_lora import write_random_adapter  # noqa: E402
 
 
-def rate(llm: LLM, prompts: list[list[int]], n: int) -> float:
+def rate(llm: LLM, prompts: list[list[int]], n: int, loras: list | None = None) -> float:
     sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    per = None if not loras else [loras[i % len(loras)] for i in range(len(prompts))]
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False,
+                 lora_request=None if per is None else per[:1])
     t = time.perf_counter()
-    llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+    llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False, lora_request=per)
     return len(prompts) * n / (time.perf_counter() - t)
 
 
@@ -70,9 +74,21 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=0)
     args = ap.parse_args()
-    ref = LLM(dtype=args.dtype, max_model_len=1024)
-    quants = {m: LLM(dtype=args.dtype, max_model_len=1024, quantization=m) for m in ("int8", "int4")}
+    kw = dict(dtype=args.dtype, max_model_len=1024, enable_lora=args.adapters > 0, max_loras=max(args.adapters, 1))
+    ref = LLM(**kw)
+    quants = {m: LLM(quantization=m, **kw) for m in ("int8", "int4")}
+    loras = []
+    if args.adapters:
+        import tempfile
+
+        from loraplex import LoRARequest
+
+        tmp = Path(tempfile.mkdtemp(prefix="loraplex-quant-"))
+        for i in range(args.adapters):
+            write_random_adapter(tmp / f"a{i}", ref.llm_engine.loaded.spec, 16, seed=i)
+            loras.append(LoRARequest(f"a{i}", i + 1, str(tmp / f"a{i}")))
     tok = ref.get_tokenizer()
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"{q} ({i})"}], tokenize=False,
                                                   add_generation_prompt=True), add_special_tokens=False)
@@ -91,6 +107,14 @@ def main() -> None:
         base = base or (b1, many)
         print(f"| {name} | {nbytes / 1e6:.0f} | {b1:.1f} | {bw / nbytes:.1f} | {b1 / (bw / nbytes):.0%} | "
               f"{many:.1f} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
+    if loras:
+        print(f"\nwith {len(loras)} rank-16 all-linear adapters (request i on adapter i mod {len(loras)}):")
+        print("| base | batch-1 tok/s | 32 prompts tok/s | vs unquantized (b1 / batch) |\n|---|---|---|---|")
+        base = None
+        for name, llm in (("unquantized", ref), *quants.items()):
+            b1, many = rate(llm, prompts[:1], args.new_tokens, loras), rate(llm, prompts, args.new_tokens // 2, loras)
+            base = base or (b1, many)
+            print(f"| {name} | {b1:.1f} | {many:.1f} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
     print(f"\ncopy bandwidth {bw / 1e9:.1f} GB/s read")
     for name, quant in quants.items():
         agree, kl = accuracy(ref, quant, prompts, args.new_tokens)
