@@ -7,19 +7,29 @@ from torch import nn
 from loraplex.ops.quant import int4_group_size, int4_linear, int8_linear, pack_int4, quantize_int4, quantize_int8
 
 
-class Int8Linear(nn.Module):
-    """Drop-in for a frozen ``nn.Linear``: ``Wq`` int8 ``[out, in]``, per-row scales, optional bias. ``plan`` is a
-    list of ``(max_batch, path)`` (ascending; the last entry covers every larger batch) saying which
-    ``ops.quant`` path serves a batch of M rows."""
+class QuantLinear(nn.Module):
+    """What every weight-only quantized linear shares: a frozen optional bias, the shape, and ``plan`` — a list of
+    ``(max_batch, path)`` (ascending; the last entry covers every larger batch) saying which ``ops.quant`` path
+    serves a batch of M rows."""
+
+    def __init__(self, shape: tuple[int, int], bias: torch.Tensor | None, plan: list[tuple[int, str]]) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.plan = plan
+
+    def path_for(self, m: int) -> str:
+        return next((p for limit, p in self.plan if m <= limit), self.plan[-1][1])
+
+
+class Int8Linear(QuantLinear):
+    """Drop-in for a frozen ``nn.Linear``: ``Wq`` int8 ``[out, in]``, per-row scales."""
 
     def __init__(self, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  plan: list[tuple[int, str]]) -> None:
-        super().__init__()
+        super().__init__(tuple(wq.shape), bias, plan)
         self.register_buffer("wq", wq)
         self.register_buffer("scales", scales)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.plan = plan
-        self.in_features, self.out_features = wq.shape[1], wq.shape[0]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: list[tuple[int, str]]) -> "Int8Linear":
@@ -34,25 +44,19 @@ class Int8Linear(nn.Module):
         """Rows ``ids`` of the dequantized weight (an embedding table quantized per row): ``Wq[ids] · s[ids]``."""
         return self.wq[ids].to(dtype) * self.scales[ids].to(dtype).unsqueeze(-1)
 
-    def path_for(self, m: int) -> str:
-        return next((p for limit, p in self.plan if m <= limit), self.plan[-1][1])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.wq, self.scales, self.bias, self.path_for(x.shape[0]))
 
 
-class Int4Linear(Int8Linear):
+class Int4Linear(QuantLinear):
     """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights (packed, tinygemm layout; CPU)."""
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
                  plan: list[tuple[int, str]], shape: tuple[int, int]) -> None:
-        nn.Module.__init__(self)
+        super().__init__(shape, bias, plan)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.group = group
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.plan = plan
-        self.out_features, self.in_features = shape
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: list[tuple[int, str]], group: int = 128) -> "Int4Linear":

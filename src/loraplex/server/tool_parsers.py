@@ -39,6 +39,11 @@ def _before_marker(text: str, marker: str) -> int:
     return len(text)
 
 
+def _content_before(text: str, i: int) -> str | None:
+    """The content a model wrote before its calls (which start at ``i``), right-stripped; None when blank."""
+    return text[:i].rstrip() or None
+
+
 class HermesParser:
     """``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` blocks (Hermes, Qwen2.5/3, SmolLM3; and the format
     loraplex itself describes to a model whose chat template knows no tools)."""
@@ -64,7 +69,7 @@ class HermesParser:
             if call is None:
                 return text, []  # not well formed: the text is content, as written
             calls.append(call)
-        return text[:i].rstrip() or None, calls
+        return _content_before(text, i), calls
 
 
 class Llama3JsonParser:
@@ -124,7 +129,7 @@ class MistralParser:
         calls = [_call(o) for o in (obj if isinstance(obj, list) else [obj])]
         if not calls or None in calls:
             return text, []
-        return text[:i].rstrip() or None, calls
+        return _content_before(text, i), calls
 
 
 PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser())}
