@@ -21,6 +21,7 @@ from loraplex.engine.quant_plan import quant_plan
 from loraplex.engine.model_runner import ModelRunner, StepAdapters
 from loraplex.engine.output_processor import OutputProcessor, ParentRequest
 from loraplex.kv_cache import BlockManager
+from loraplex.lora.peft_format import inspect_peft_lora, read_lora
 from loraplex.lora.request import LoRARequest
 from loraplex.lora.store import AdapterEntry, AdapterStore
 from loraplex.models.loader import LoadedModel, load_model
@@ -241,6 +242,17 @@ class LLMEngine:
         store = self._store()
         store.prefetch([store.register(lora_request).name])
         return True
+
+    def check_lora(self, name: str, path: str) -> int:
+        """Every check loading makes (config, targets, ranks, shapes against the base) plus reading every tensor
+        (a truncated or corrupt file, or non-finite weights, fail here); registers nothing. Returns the rank;
+        raises ``ValueError``. Touches no engine state, so it may run on any thread."""
+        store = self._store()
+        weights = read_lora(inspect_peft_lora(name, path, store.shapes, store.max_lora_rank))
+        for (layer, module), (a, b) in weights.weights.items():
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"adapter {name!r}: layer {layer} {module} has non-finite weights")
+        return weights.rank
 
     def replace_lora(self, lora_request: LoRARequest) -> bool:
         """Load new weights under a known name (vLLM's ``load_inplace``): requests already queued or running finish

@@ -7,6 +7,7 @@ best card wins if its score reaches ``threshold`` and leads the runner-up by ``m
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,11 +88,14 @@ class Router:
             self._cards.pop(name, None)
             self.scorer.remove(name)
 
-    def route(self, prompt: str, system: str | None = None) -> RouteDecision:
-        """Route the request's text: the prompt (last user message) with the system prompt before it."""
+    def route(self, prompt: str, system: str | None = None,
+              allowed: Callable[[str], bool] | None = None) -> RouteDecision:
+        """Route the request's text: the prompt (last user message) with the system prompt before it, among the
+        adapters ``allowed(name)`` admits (all when None: a tenant's request routes among what it may use)."""
         text = f"{system.strip()}\n{prompt}" if system and system.strip() else prompt
         for rule in self.rules:
-            if rule.adapter is not None and rule.adapter not in self._cards:
+            if rule.adapter is not None and (rule.adapter not in self._cards
+                                             or (allowed is not None and not allowed(rule.adapter))):
                 continue
             hit = rule.match(text)
             if hit is not None:
@@ -99,7 +103,8 @@ class Router:
         if not text.strip():
             return RouteDecision(None, 0.0, [], "empty prompt")
         sims = self.scorer.similarities(text)
-        ranked = sorted(((n, card_score(s, self.example_weight)) for n, s in sims.items() if n in self._cards),
+        ranked = sorted(((n, card_score(s, self.example_weight)) for n, s in sims.items() if n in self._cards
+                         and (allowed is None or allowed(n))),
                         key=lambda x: -x[1])
         if not ranked:
             return RouteDecision(None, 0.0, [], "no adapter has a card")

@@ -7,6 +7,7 @@ for (names with path separators or ``..`` are refused as unknown).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from loraplex.lora.request import LoRARequest
@@ -34,8 +35,9 @@ class AdapterResolver:
         return self.base_names[0]
 
 
-    async def resolve(self, model: str, lora_path: str | None = None,
-                      adapter_id: str | None = None) -> tuple[str, LoRARequest | None]:
+    async def resolve(self, model: str, lora_path: str | None = None, adapter_id: str | None = None,
+                      visible: Callable[[str], bool] | None = None) -> tuple[str, LoRARequest | None]:
+        """``visible(name)``: may the caller use that adapter (else it is unknown to them: 404)."""
         extra = lora_path or adapter_id
         param = "lora_path" if lora_path else "adapter_id"
         if lora_path and adapter_id and lora_path != adapter_id:
@@ -52,9 +54,12 @@ class AdapterResolver:
             if extra and extra != model:
                 raise bad_request(f"{param}: model {model!r} already names an adapter", param)
             name, param = model, "model"
-        return name, await self.lora_request(name, param)
+        return name, await self.lora_request(name, param, visible)
 
-    async def lora_request(self, name: str, param: str = "model") -> LoRARequest:
+    async def lora_request(self, name: str, param: str = "model",
+                           visible: Callable[[str], bool] | None = None) -> LoRARequest:
+        if visible is not None and not visible(name):
+            raise not_found(name, param)
         if name in self.draining:
             raise APIError(404, f"The model `{name}` is being unloaded.", param, "model_not_found")
         req = self.engine.lora_request(name)

@@ -22,7 +22,7 @@ from loraplex.server.adapters import not_found
 from loraplex.server.errors import APIError, from_value_error
 from loraplex.server.openapi import TEXT, errors, with_content
 from loraplex.server.protocol import LoadLoRARequest, UnloadLoRARequest
-from loraplex.server.state import ServerState, state_of
+from loraplex.server.state import Caller, ServerState, state_of
 
 router = APIRouter()
 UNLOAD_WAIT_S = 120.0
@@ -37,7 +37,7 @@ def _answer(request: Request, message: str, **detail) -> Response:
 
 
 async def _row(st: ServerState, name: str) -> dict:
-    return next(r for r in await st.adapters() if r["name"] == name)
+    return next(r for r in await st.adapters(Caller()) if r["name"] == name)
 
 
 def _known(request: Request, name: str) -> ServerState:
@@ -110,7 +110,7 @@ async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
 @router.get("/v1/lora_adapters")
 async def list_lora_adapters(request: Request):
     st = state_of(request)
-    return {"object": "list", "data": await st.adapters()}
+    return {"object": "list", "data": await st.adapters(Caller())}  # an admin route
 
 
 @router.post("/v1/pin_lora_adapter", responses=errors(400, 404, 413))

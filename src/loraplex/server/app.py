@@ -1,7 +1,6 @@
 """The FastAPI application: routers, health and metrics, API-key and body-size guards, engine lifespan."""
 from __future__ import annotations
 
-import hmac
 import json
 from contextlib import asynccontextmanager
 
@@ -9,14 +8,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from loraplex.server import admin, openai_api, tgi_api
+from loraplex.server import admin, openai_api, platform_api, tgi_api, upload_api
+from loraplex.platform import Platform
 from loraplex.server.args import MAX_BODY_BYTES
+from loraplex.server.auth import OPEN_PATHS, Denied, principal_for
 from loraplex.server.errors import error_body, install_error_handlers
 from loraplex.server.openapi import PROMETHEUS, errors, finalize, with_content
 from loraplex.server.protocol import SGLangGenerateRequest, TGIGenerateRequest
 from loraplex.server.state import ServerState
 
-OPEN_PATHS = ("/health", "/metrics")  # everything else needs the API key when one is set
+UPLOAD_PATHS = ("/v1/adapters",)  # their bodies may reach --max-upload-bytes
 
 
 async def _reject(send, status: int, message: str, headers: list | None = None) -> None:
@@ -26,25 +27,29 @@ async def _reject(send, status: int, message: str, headers: list | None = None) 
 
 
 class GuardMiddleware:
-    """Pure ASGI (streams and disconnects pass through untouched): API key checked in constant time, request
-    bodies over ``max_body_bytes`` refused with 413 — by Content-Length, or while reading a chunked body."""
+    """Pure ASGI (streams and disconnects pass through untouched): the caller's key (``server.auth``) becomes
+    ``request.state.principal``; request bodies over ``max_body_bytes`` (uploads: ``max_upload_bytes``) are refused
+    with 413 — by Content-Length, or while reading a chunked body."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, platform: Platform | None = None) -> None:
+        self.app, self.api_key, self.max_body_bytes, self.platform = app, api_key, max_body_bytes, platform
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            token = given[7:] if given.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode()
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return await _reject(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                     [(b"www-authenticate", b"Bearer")])
+        try:
+            scope.setdefault("state", {})["principal"] = principal_for(self.api_key, self.platform, headers,
+                                                                        scope["method"], scope["path"])
+        except Denied as e:
+            extra = [(b"www-authenticate", b"Bearer")] if e.status == 401 else []
+            return await _reject(send, e.status, e.message, extra)
+        cap = self.max_body_bytes
+        if self.platform is not None and scope["path"] in UPLOAD_PATHS:
+            cap = self.platform.max_upload_bytes
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _reject(send, 413, f"request body over {self.max_body_bytes} bytes")
+        if length is not None and length.isdigit() and int(length) > cap:
+            return await _reject(send, 413, f"request body over {cap} bytes")
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             chunks, size, more = [], 0, True
             while more:
@@ -54,8 +59,8 @@ class GuardMiddleware:
                 chunks.append(msg.get("body", b""))
                 size += len(chunks[-1])
                 more = msg.get("more_body", False)
-                if size > self.max_body_bytes:
-                    return await _reject(send, 413, f"request body over {self.max_body_bytes} bytes")
+                if size > cap:
+                    return await _reject(send, 413, f"request body over {cap} bytes")
             replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
             async def receive_again():
@@ -71,11 +76,14 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         state.engine.start()
         yield
         state.engine.shutdown()  # uvicorn has drained in-flight requests by now
+        if state.platform is not None:
+            state.platform.close()  # the ledger's last rows written
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.loraplex = state
     install_error_handlers(app)
-    for module in (openai_api, tgi_api, admin):
+    modules = (openai_api, tgi_api, admin) + ((platform_api, upload_api) if state.platform is not None else ())
+    for module in modules:
         app.include_router(module.router)
 
     @app.get("/health", responses=errors(503))
@@ -88,7 +96,7 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     async def metrics(_: Request):
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes, platform=state.platform)
     app.state.extra_schemas = (SGLangGenerateRequest, TGIGenerateRequest)
     finalize(app, state.api_key, OPEN_PATHS)
     return app

@@ -9,6 +9,8 @@ from loraplex.models.registry import DEFAULT_MODEL
 from loraplex.server.tool_parsers import PARSERS
 
 MAX_BODY_BYTES = 8 << 20
+MAX_UPLOAD_BYTES = 1 << 30
+PLATFORM_DIR = "loraplex-data"
 
 # vLLM serve flags that only tune vLLM: accepted (so a vLLM command line starts unchanged), noted in the log.
 VLLM_SWITCHES = ("--enforce-eager", "--trust-remote-code", "--disable-log-requests", "--disable-log-stats",
@@ -79,6 +81,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         v.add_argument(flag, action="store_true", dest=f"vllm_{flag[2:].replace('-', '_')}", help=argparse.SUPPRESS)
     for flag in VLLM_VALUED:
         v.add_argument(flag, default=None, dest=f"vllm_{flag[2:].replace('-', '_')}", help=argparse.SUPPRESS)
+    f = p.add_argument_group("platform", "tenants, their keys and uploaded adapters, deployments, a token ledger "
+                                         "(off unless --platform or --db; needs --api-key, the admin key)")
+    f.add_argument("--platform", action="store_true", help="serve the platform routes (/v1/tenants, /v1/adapters, "
+                                                           "/v1/deployments, /v1/usage)")
+    f.add_argument("--platform-dir", default=PLATFORM_DIR,
+                   help=f"where uploaded adapters (and the default database) live (default ./{PLATFORM_DIR})")
+    f.add_argument("--db", default=None, help="the ledger's database: an SQLite file or a SQLAlchemy URL "
+                                              "(postgresql://…); default PLATFORM_DIR/platform.db; implies --platform")
+    f.add_argument("--max-upload-bytes", type=int, default=MAX_UPLOAD_BYTES, help="cap on one adapter upload")
     r = p.add_argument_group("routing", 'model "auto": the adapter (or the base) is chosen from the request\'s text '
                                         "by the adapters' cards (adapter_card.json, or description/examples)")
     r.add_argument("--router-name", default="auto", help='the model name that asks for routing (default "auto")')

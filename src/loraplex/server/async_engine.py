@@ -171,6 +171,10 @@ class AsyncEngine:
         if pinned:
             await self.run(self.engine.pin_lora, req.lora_name)
 
+    async def check_adapter(self, name: str, path: str) -> int:
+        """Validate an adapter directory fully (all tensors read) on a worker thread; its rank, or ``ValueError``."""
+        return await asyncio.to_thread(self.engine.check_lora, name, path)
+
     async def unload_adapter(self, name: str) -> None:
         """``RuntimeError`` while requests use it, ``KeyError`` when unknown."""
         await self.run(self.engine.remove_lora, name)
@@ -231,13 +235,20 @@ class AsyncEngine:
 
 class RequestStream:
     """The outputs of one request, cumulative (several engine steps may be coalesced into one item). Leaving the
-    iteration early — the client went away, the task was cancelled — aborts the request and frees its KV blocks."""
+    iteration early — the client went away, the task was cancelled — aborts the request and frees its KV blocks.
+
+    ``on_close(status, last output or None)`` is called once when the stream ends: ``finished``, ``aborted``
+    (left early, or aborted before it was read) or ``failed`` (the engine reported an error)."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
         self.engine, self.request_id, self._queue = engine, request_id, outputs
         self.finished = False
+        self.last: RequestOutput | None = None
+        self.on_close: Callable[[str, RequestOutput | None], None] | None = None
+        self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        status = "aborted"
         try:
             while not self.finished:
                 item = await self._queue.get()
@@ -245,12 +256,17 @@ class RequestStream:
                     nxt = self._queue.get_nowait()
                     item = item if isinstance(item, BaseException) else nxt
                 if isinstance(item, BaseException):
-                    self.finished = True
+                    self.finished, status = True, "failed"
                     raise item
-                self.finished = item.finished
+                self.finished, self.last = item.finished, item
+                if item.finished:
+                    status = "finished"
                 yield item
         finally:
-            self.abort()
+            if not self.finished:
+                self.finished = True
+                self.engine.abort(self.request_id)
+            self._close(status)
 
     async def final(self) -> RequestOutput:
         out = None
@@ -262,3 +278,14 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self.engine.abort(self.request_id)
+        self._close("aborted")
+
+    def _close(self, status: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.on_close is not None:
+            try:
+                self.on_close(status, self.last)
+            except Exception:  # noqa: BLE001 - accounting must not break the response
+                log.exception("on_close of request %s failed", self.request_id)

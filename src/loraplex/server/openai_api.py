@@ -16,17 +16,17 @@ from loraplex.server.adapters import not_found
 from loraplex.server.errors import bad_request
 from loraplex.server.openapi import GENERATION, SSE, errors, with_content
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest
-from loraplex.server.state import ServerState, Submitted, state_of
+from loraplex.server.state import Caller, ServerState, Submitted, caller_of, state_of
 from loraplex.server.tools import ToolPlan, ToolStream, plan_tools, render_messages, tool_calls_json
 
 router = APIRouter()
 
 
-async def _model_cards(st: ServerState) -> list[dict]:
+async def _model_cards(st: ServerState, who: Caller) -> list[dict]:
     created = int(st.started)
     data = [{"id": st.resolver.base_id, "object": "model", "created": created, "owned_by": "loraplex",
              "root": st.model_path, "parent": None, "max_model_len": st.engine.max_model_len}]
-    for row in await st.adapters():
+    for row in await st.adapters(who):
         data.append({"id": row["name"], "object": "model", "created": created, "owned_by": "loraplex",
                      "root": row["path"], "parent": st.resolver.base_id, "max_model_len": None,
                      **({"card": row["card"]} if row.get("card") else {})})
@@ -35,14 +35,14 @@ async def _model_cards(st: ServerState) -> list[dict]:
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": await _model_cards(state_of(request))}
+    return {"object": "list", "data": await _model_cards(state_of(request), caller_of(request))}
 
 
 @router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def retrieve_model(model_id: str, request: Request):
     """One model: the base (under any of its served names) or an adapter, as in the list."""
     st = state_of(request)
-    cards = await _model_cards(st)
+    cards = await _model_cards(st, caller_of(request))
     if model_id in st.resolver.base_names:
         return cards[0]
     card = next((c for c in cards[1:] if c["id"] == model_id), None)
@@ -140,9 +140,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = body.sampling_params(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
                                   st.engine.max_model_len, want_lp, structured=structured,
                                   skip_special_tokens=False if keep_special else None)
+    who = caller_of(request)
     *target, decision = await st.route(body.model, body.lora_path, body.adapter_id,
-                                       lambda: chat_query(body.conversation()))
-    sub = await st.submit(*target, prompt_ids, params, None, decision, body.adapters)
+                                       lambda: chat_query(body.conversation()), who)
+    sub = await st.submit(*target, prompt_ids, params, None, decision, body.adapters, who=who)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": sub.served_name}
     if body.stream:
@@ -214,8 +215,9 @@ async def completions(body: CompletionRequest, request: Request):
     if constraint is not None:
         await st.compile_grammar(*constraint)
     # one decision per request (several prompts are read together): the response names one model
+    who = caller_of(request)
     *target, decision = await st.route(body.model, body.lora_path, body.adapter_id, lambda: (
-        "\n".join(text if text is not None else st.engine.tokenizer.decode(ids) for text, ids in prompts), None))
+        "\n".join(text if text is not None else st.engine.tokenizer.decode(ids) for text, ids in prompts), None), who)
     subs = []
     try:
         # echo with logprobs shows the prompt tokens' logprobs too: the engine scores the prompt
@@ -224,7 +226,8 @@ async def completions(body: CompletionRequest, request: Request):
             params = body.sampling_params(body.max_tokens, len(ids), st.engine.max_model_len, body.logprobs,
                                           max(echo_lp, body.prompt_logprobs or 0) if echo_lp is not None else None,
                                           structured=constraint and constraint[0])
-            subs.append(await st.submit(*target, ids, params, text, decision if not subs else None, body.adapters))
+            subs.append(await st.submit(*target, ids, params, text, decision if not subs else None, body.adapters,
+                                        who=who))
     except BaseException:
         for s in subs:
             s.stream.abort()

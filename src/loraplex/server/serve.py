@@ -10,6 +10,7 @@ from loraplex.config import LoRAConfig
 from loraplex.engine import LLMEngine
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
+from loraplex.platform import Platform
 from loraplex.routing import AdapterCard, Router, make_scorer
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.app import build_app
@@ -73,6 +74,7 @@ def build_state(args) -> ServerState:
                         enable_runtime_lora=args.enable_runtime_lora or runtime_lora_env(),
                         auto_name=args.router_name,
                         router=router, tool_call_parser=args.tool_call_parser)
+    state.platform = open_platform(args, engine)
     if args.router_name in names:
         raise SystemExit(f"--router-name: {args.router_name!r} is the base model's name")
     for mod in modules:
@@ -93,6 +95,30 @@ def build_state(args) -> ServerState:
         if rule.adapter is not None and rule.adapter not in state.router.names:
             log.warning("--router-rules: adapter %r is not served; its rule applies once it is loaded", rule.adapter)
     return state
+
+
+def open_platform(args, engine: LLMEngine) -> Platform | None:
+    """``--platform`` / ``--db``: open the database and serve every adapter uploaded before (under its name)."""
+    if not (args.platform or args.db):
+        return None
+    if not args.api_key:
+        raise SystemExit("--platform: needs --api-key (the admin key that creates tenants and their keys)")
+    if not engine.serves_adapters:
+        raise SystemExit("--platform: the model was loaded without LoRA support")
+    db = args.db or str(Path(args.platform_dir) / "platform.db")
+    try:
+        platform = Platform.open(db, args.platform_dir, args.max_upload_bytes)
+    except Exception as e:  # noqa: BLE001 - a bad URL, an unreachable server, a missing driver
+        raise SystemExit(f"--db: cannot open {db!r}: {e}") from None
+    for name, a in platform.adapters.items():
+        folder = platform.adapter_root / a.digest
+        try:
+            engine.add_lora(LoRARequest(name, lora_path=str(folder)))
+        except (ValueError, FileNotFoundError) as e:
+            log.error("platform: uploaded adapter %s cannot be served (%s)", name, e)
+    log.info("platform: %d tenants, %d uploaded adapters, %d deployments (database %s)", len(platform.tenants),
+             len(platform.adapters), len(platform.deployments), db.split("@")[-1])
+    return platform
 
 
 def build_router(args) -> Router:

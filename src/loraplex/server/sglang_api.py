@@ -17,7 +17,7 @@ from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import bad_request
 from loraplex.server.protocol import SGLangGenerateRequest, SGLangSamplingParams
-from loraplex.server.state import state_of
+from loraplex.server.state import caller_of, state_of
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default
 
@@ -68,9 +68,10 @@ async def generate(body: SGLangGenerateRequest, request: Request):
         await st.compile_grammar(*constraint)
     params = _params(body.sampling_params, room, constraint and constraint[0])
     st.check_token_ids(ids, "input_ids")
+    who = caller_of(request)
     *target, decision = await st.route(st.resolver.base_id, body.lora_path, None, lambda: (
-        body.text if body.text is not None else st.engine.tokenizer.decode(ids), None))
-    sub = await st.submit(*target, ids, params, body.text, decision)
+        body.text if body.text is not None else st.engine.tokenizer.decode(ids), None), who)
+    sub = await st.submit(*target, ids, params, body.text, decision, who=who)
     rid = uuid.uuid4().hex
     if body.stream:
         async def events():

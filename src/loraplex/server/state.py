@@ -16,6 +16,8 @@ from fastapi.responses import StreamingResponse
 from loraplex.lora.demo import DEMO_DIR, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
+from loraplex.platform import Platform, UsageRow
+from loraplex.platform.keys import ADMIN, Principal
 from loraplex.routing import AdapterCard, CardBook, RouteDecision, Router
 from loraplex.sampling_params import SamplingParams, StructuredOutputsParams
 from loraplex.server.adapters import AdapterResolver
@@ -32,6 +34,19 @@ DISCONNECT_POLL_S = 0.2
 log = logging.getLogger("loraplex.server")
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request (the key's principal) and through which deployment, if any."""
+
+    principal: Principal = ADMIN
+    deployment: str | None = None
+
+
+def caller_of(request: Request) -> Caller:
+    """Set by the API-key guard (``principal``) and the deployment routes (``deployment``)."""
+    return Caller(getattr(request.state, "principal", ADMIN), getattr(request.state, "deployment", None))
+
+
 @dataclass
 class Submitted:
     served_name: str  # the adapter that serves it, or the base id: the response's ``model``
@@ -42,7 +57,7 @@ class Submitted:
     @property
     def headers(self) -> dict[str, str]:
         """Response headers naming the adapter that serves the request (and the router's score)."""
-        h = {"x-loraplex-adapter": self.served_name}
+        h = {"x-loraplex-adapter": self.served_name, "x-request-id": self.stream.request_id}
         if self.decision is not None:
             h["x-loraplex-route-score"] = f"{self.decision.score:.4f}"
         return h
@@ -62,6 +77,13 @@ class ServerState:
     router: Router | None = None  # model == auto_name: picks the adapter (or the base) from the request's text
     started: float = field(default_factory=time.time)
     tool_call_parser: str | None = None  # --tool-call-parser; None: chosen from the chat template
+    platform: Platform | None = None  # --platform: tenants, uploads, deployments, the token ledger
+
+    def visible(self, who: Caller | Principal, name: str) -> bool:
+        """May ``who`` see (list, call, route to) adapter ``name``? Its own and the operator's; never another
+        tenant's (asking for one is a 404, as for an unknown name)."""
+        principal = who.principal if isinstance(who, Caller) else who
+        return self.platform is None or principal.owns(self.platform.owner(name))
 
     def set_card(self, name: str, description: str | None, examples: list[str] | None) -> None:
         """The card given at load time (validated by the request schema); none given: the folder's."""
@@ -105,20 +127,22 @@ class ServerState:
         return any(model == f"{b}:{auto}" for b in bases)
 
     async def route(self, model: str, lora_path: str | None, adapter_id: str | None,
-                    query: Callable[[], tuple[str, str | None]]
+                    query: Callable[[], tuple[str, str | None]], who: Caller
                     ) -> tuple[str, str | None, str | None, RouteDecision | None]:
         """For ``auto`` requests: the router's choice as ``(model, None, None, decision)``, where ``model`` is the
-        adapter or the base id; other requests pass through unchanged. ``query()`` gives (prompt, system)."""
+        adapter or the base id, among the adapters ``who`` may see; other requests pass through unchanged.
+        ``query()`` gives (prompt, system)."""
         if not self.is_auto(model, lora_path, adapter_id):
             return model, lora_path, adapter_id, None
         if self.router is None:
             decision = RouteDecision(None, 0.0, [], "no router")
         else:
             prompt, system = query()
+            allowed = None if self.platform is None else (lambda n: self.visible(who, n))
             if self.router.blocking:  # an embedding forward pass: the event loop keeps serving meanwhile
-                decision = await asyncio.to_thread(self.router.route, prompt, system)
+                decision = await asyncio.to_thread(self.router.route, prompt, system, allowed)
             else:
-                decision = self.router.route(prompt, system)
+                decision = self.router.route(prompt, system, allowed)
         name = decision.adapter
         if name is not None and (name in self.resolver.draining or
                                  (not self.engine.has_adapter(name) and name not in self.resolver.discoverable())):
@@ -165,8 +189,11 @@ class ServerState:
         d = self.resolver.adapter_dir
         return d is not None and resolved.is_relative_to(d)
 
-    async def load_local(self, path: str, param: str) -> None:
+    async def load_local(self, path: str, param: str, who: Caller) -> None:
         """Register the adapter in directory ``path`` under that path as its name (LoRAX's local adapters)."""
+        if not who.principal.is_admin:
+            raise APIError(403, f"{param}: tenant keys cannot load server paths; upload the adapter to "
+                                "/v1/adapters", param, "forbidden")
         if not self.may_load(path):
             raise APIError(403, f"{param}: loading arbitrary paths at run time is off; start the server with "
                                 "--enable-runtime-lora", param, "runtime_lora_disabled")
@@ -178,11 +205,12 @@ class ServerState:
             raise from_value_error(e) from None
         await self.update_router(path, path)
 
-    async def adapters(self) -> list[dict]:
-        """Known adapters (engine rows) plus folders under --adapter-dir that are not registered yet."""
+    async def adapters(self, who: Caller) -> list[dict]:
+        """Known adapters (engine rows) plus folders under --adapter-dir that are not registered yet; those ``who``
+        may see."""
         if not self.engine.serves_adapters:
             return []
-        rows = await self.engine.list_adapters()
+        rows = [r for r in await self.engine.list_adapters() if self.visible(who, r["name"])]
         rows += [{"name": n, "path": str(self.resolver.adapter_dir / n), "lora_int_id": None, "rank": None,
                   "tier": "disk", "pinned": False, "in_flight": 0} for n in self.resolver.discoverable()]
         for row in rows:
@@ -191,15 +219,16 @@ class ServerState:
 
     async def submit(self, model: str, lora_path: str | None, adapter_id: str | None, prompt_ids: list[int],
                      params: SamplingParams, prompt: str | None, decision: RouteDecision | None = None,
-                     adapters: list | None = None) -> Submitted:
+                     adapters: list | None = None, *, who: Caller) -> Submitted:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_dead")
-        served, lora = await self.resolver.resolve(model, lora_path, adapter_id)
+        visible = lambda name: self.visible(who, name)  # noqa: E731
+        served, lora = await self.resolver.resolve(model, lora_path, adapter_id, visible)
         if adapters:
             if lora is not None or decision is not None:
                 raise bad_request("adapters: a mixture is asked with model = the base id and no other adapter",
                                   "adapters")
-            lora = [(await self.resolver.lora_request(a.name, "adapters"), a.weight) for a in adapters]
+            lora = [(await self.resolver.lora_request(a.name, "adapters", visible), a.weight) for a in adapters]
             served = adapter_label(lora)
         try:
             stream = await self.engine.add_request(prompt_ids, params, lora, prompt)
@@ -209,7 +238,20 @@ class ServerState:
             raise from_value_error(e) from None
         if decision is not None:
             self.metrics.routes.labels(served).inc()
+        if self.platform is not None:
+            stream.on_close = self._ledger_entry(who, served, stream.request_id, len(prompt_ids))
         return Submitted(served, lora, stream, decision)
+
+    def _ledger_entry(self, who: Caller, served: str, request_id: str, prompt_tokens: int):
+        """The stream's ``on_close``: one ledger row with the tokens its response reports as ``usage``."""
+        ledger, started, p = self.platform.ledger, time.time(), who.principal
+
+        def on_close(status: str, out: RequestOutput | None) -> None:
+            done = sum(len(o.token_ids) for o in out.outputs) if out is not None else 0
+            ledger.append(UsageRow(request_id, p.tenant, p.key_id, who.deployment, served, prompt_tokens,
+                                   (out.num_cached_tokens or 0) if out is not None else 0, done, started,
+                                   time.time(), status))
+        return on_close
 
     async def wait(self, request: Request, sub: Submitted) -> RequestOutput:
         """The final output; if the client disconnects first, the request is aborted."""

@@ -17,7 +17,7 @@ from loraplex.server import sglang_api
 from loraplex.server.errors import bad_request, parse_body, read_json
 from loraplex.server.openapi import GENERATION, SSE, errors, with_content
 from loraplex.server.protocol import MAX_STOP_SEQUENCES, AdapterWeight, TGIGenerateRequest
-from loraplex.server.state import ServerState, Submitted, state_of
+from loraplex.server.state import Caller, ServerState, Submitted, caller_of, state_of
 
 router = APIRouter()
 # /generate takes TGI's body or SGLang's (told apart by their fields)
@@ -81,7 +81,7 @@ def _prefill(st: ServerState, out: RequestOutput) -> list[dict]:
             for t, e in zip(out.prompt_token_ids, plp)]
 
 
-async def _adapter(st: ServerState, p) -> tuple[str | None, list | None]:
+async def _adapter(st: ServerState, p, who: Caller) -> tuple[str | None, list | None]:
     """``(adapter_id, mixture)`` from TGI / LoRAX parameters."""
     if p.merged_adapters is not None:
         m = p.merged_adapters
@@ -98,7 +98,7 @@ async def _adapter(st: ServerState, p) -> tuple[str | None, list | None]:
         raise bad_request(f"parameters.adapter_source: {p.adapter_source!r} is not served here (only 'local' "
                           "directories and served adapter names)", "parameters.adapter_source")
     if p.adapter_source == "local" and p.adapter_id and not st.engine.has_adapter(p.adapter_id):
-        await st.load_local(p.adapter_id, "parameters.adapter_id")
+        await st.load_local(p.adapter_id, "parameters.adapter_id", who)
     return p.adapter_id, p.adapters
 
 
@@ -111,9 +111,10 @@ async def _submit(body: TGIGenerateRequest, request: Request) -> tuple[ServerSta
     if constraint is not None:
         await st.compile_grammar(*constraint)
     params = _params(body, st, len(ids), constraint and constraint[0])
-    adapter_id, mixture = await _adapter(st, body.parameters)
-    *target, decision = await st.route(st.resolver.base_id, None, adapter_id, lambda: (body.inputs, None))
-    sub = await st.submit(*target, ids, params, body.inputs, decision, mixture)
+    who = caller_of(request)
+    adapter_id, mixture = await _adapter(st, body.parameters, who)
+    *target, decision = await st.route(st.resolver.base_id, None, adapter_id, lambda: (body.inputs, None), who)
+    sub = await st.submit(*target, ids, params, body.inputs, decision, mixture, who=who)
     return st, sub, ids
 
 
