@@ -45,7 +45,7 @@ def tar_of(members: dict[str, bytes], links: dict[str, str] | None = None) -> by
 
 def zip_of(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for name, data in members.items():
             z.writestr(name, data)
     return buf.getvalue()

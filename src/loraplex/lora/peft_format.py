@@ -74,7 +74,12 @@ def inspect_peft_lora(name: str, path: str | Path, shapes: ModuleShapes, max_lor
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise refuse("no adapter_config.json (not a PEFT adapter directory)")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise refuse(f"adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise refuse("adapter_config.json must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise refuse(f"peft_type {cfg.get('peft_type')!r} is not LoRA")
     if cfg.get("use_dora"):
@@ -97,8 +102,11 @@ def inspect_peft_lora(name: str, path: str | Path, shapes: ModuleShapes, max_lor
 
     from safetensors import safe_open
 
-    with safe_open(str(weights_file), framework="pt") as f:
-        key_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            key_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a truncated or corrupt file
+        raise refuse(f"adapter_model.safetensors is not a readable safetensors file ({e})") from None
     layers = cfg.get("layers_to_transform")
     layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
     pairs: dict[tuple[int, str], dict[str, str]] = {}

@@ -80,8 +80,8 @@ def _extract_zip(src: BinaryIO, dest: Path, budget: list[int], label: str) -> No
                 if info.is_dir() and len(info.filename.strip("/").split("/")) == 1 and ".." not in info.filename:
                     continue
                 name = _member_name(info.filename, label)
-                mode = info.external_attr >> 16
-                if mode and not stat.S_ISREG(mode):
+                kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no file type
+                if kind and kind != stat.S_IFREG:
                     raise UploadError(f"file: {label} member {info.filename!r} is not a regular file (links are "
                                       "refused)")
                 if info.flag_bits & 0x1:

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.platform.store import PlatformError
+
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
           409: "ConflictError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError", 429: "RateLimitError",
           499: "ClientDisconnectedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -79,6 +81,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(_: Request, exc: APIError):
         return error_response(exc)
+
+    @app.exception_handler(PlatformError)
+    async def _platform(_: Request, exc: PlatformError):
+        return error_response(APIError(exc.status, exc.message, exc.param, exc.code))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
