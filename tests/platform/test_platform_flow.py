@@ -2,6 +2,8 @@
 then persistence across a restart, key revocation and deletion rules."""
 from __future__ import annotations
 
+import time
+
 import openai
 
 from loraplex import SamplingParams
@@ -141,3 +143,34 @@ def test_restart_keeps_adapters_keys_deployments_and_ledger(tiny_llama_dir, adap
         assert t.get("/v1/models").status_code == 401
     finally:
         srv.stop()
+
+
+def test_delete_refuses_while_requests_are_in_flight(platform, admin, adapter_dir):
+    t = Client(platform.url, make_tenant(admin, "busy"))
+    assert t.post("/v1/adapters", data={"name": "e"}, files=files_of(adapter_dir / "a4")).status_code == 201
+    body = {"model": "busy/e", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with t.http.stream("POST", "/v1/completions", json=body) as s:
+        lines = s.iter_lines()  # kept: dropping the iterator would close the stream
+        next(lines)  # generating now
+        platform.state.engine.call(time.sleep, 0.5)  # hold the step loop: the request is surely still in flight
+        r = t.delete("/v1/adapters/e")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_in_use"
+    assert platform.idle()
+    assert t.delete("/v1/adapters/e").status_code == 200
+    rows = t.get("/v1/usage", params={"group_by": "status"}).json()["data"]
+    assert [r["status"] for r in rows] == ["aborted"]  # the client hung up mid-stream: billed as aborted
+
+
+def test_off_unless_asked_and_needs_the_admin_key(tiny_llama_dir, tmp_path):
+    import pytest
+
+    from tests.server.conftest import RunningServer
+
+    srv = RunningServer([str(tiny_llama_dir), "--api-key", ADMIN_KEY])
+    try:
+        assert Client(srv.url, ADMIN_KEY).get("/v1/tenants").status_code == 404
+        assert "/v1/adapters" not in Client(srv.url, ADMIN_KEY).get("/openapi.json").json()["paths"]
+    finally:
+        srv.stop()
+    with pytest.raises(SystemExit, match="--api-key"):
+        RunningServer([str(tiny_llama_dir), "--platform", "--platform-dir", str(tmp_path)])

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 _DESCRIPTIONS = {400: "Bad request: the error names the parameter", 401: "Missing or wrong API key",
-                 403: "Not allowed (runtime adapter loading is off)", 404: "Unknown model, adapter or path",
-                 409: "The adapter has requests in flight", 413: "Request body too large",
+                 403: "Not allowed: runtime adapter loading is off, or the key lacks the scope", 404: "Unknown model, adapter or path",
+                 409: "Conflict: the adapter is in use or exists, the deployment is paused", 413: "Request body too large",
                  500: "The request's adapter could not be read", 503: "Queue full (Retry-After) or engine down"}
 
 

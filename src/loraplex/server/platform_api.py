@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.platform import SCOPES, Platform, PlatformError, Principal
+from loraplex.platform import SCOPES, Platform, Principal
 from loraplex.platform.ledger import GROUPS, to_csv
 from loraplex.platform.store import Deployment
 from loraplex.server import openai_api
@@ -51,19 +51,11 @@ def platform_of(request: Request) -> tuple[ServerState, Platform, Principal]:
     return st, st.platform, caller_of(request).principal
 
 
-async def call(fn, *args):
-    """A platform operation on a worker thread (it writes the database); its refusals as API errors."""
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except PlatformError as e:
-        raise APIError(e.status, e.message, e.param, e.code) from None
-
-
 # ---- tenants and keys (admin) ---------------------------------------------------------------------------------
 @router.post("/v1/tenants", status_code=201, responses=errors(400, 409, 413))
 async def create_tenant(body: TenantCreate, request: Request):
     _, platform, _ = platform_of(request)
-    return await call(platform.create_tenant, body.id)
+    return await asyncio.to_thread(platform.create_tenant, body.id)
 
 
 @router.get("/v1/tenants")
@@ -76,20 +68,20 @@ async def list_tenants(request: Request):
 async def create_key(tenant: str, body: KeyCreate, request: Request):
     """The key's secret is in this answer only; the server keeps its SHA-256."""
     _, platform, _ = platform_of(request)
-    key, secret = await call(platform.create_key, tenant, body.scopes, body.name)
+    key, secret = await asyncio.to_thread(platform.create_key, tenant, body.scopes, body.name)
     return {**key.public(), "key": secret}
 
 
 @router.get("/v1/tenants/{tenant}/keys", responses=errors(404))
 async def list_keys(tenant: str, request: Request):
     _, platform, _ = platform_of(request)
-    return {"object": "list", "data": await call(platform.list_keys, tenant)}
+    return {"object": "list", "data": await asyncio.to_thread(platform.list_keys, tenant)}
 
 
 @router.delete("/v1/tenants/{tenant}/keys/{key_id}", responses=errors(404))
 async def revoke_key(tenant: str, key_id: str, request: Request):
     _, platform, _ = platform_of(request)
-    return await call(platform.revoke_key, tenant, key_id)
+    return await asyncio.to_thread(platform.revoke_key, tenant, key_id)
 
 
 # ---- deployments ------------------------------------------------------------------------------------------------
@@ -120,7 +112,7 @@ async def create_deployment(body: DeploymentCreate, request: Request):
         for k, a in enumerate(body.adapters):
             _check_target(st, who, a.name, f"adapters[{k}].name")
         spec = {"adapters": [a.model_dump() for a in body.adapters]}
-    dep = await call(platform.create_deployment, who.tenant, body.name, spec)
+    dep = await asyncio.to_thread(platform.create_deployment, who.tenant, body.name, spec)
     return dep.public()
 
 
@@ -140,7 +132,7 @@ async def get_deployment(dep_id: str, request: Request):
 async def pause_deployment(dep_id: str, request: Request):
     _, platform, who = platform_of(request)
     dep = _deployment(platform, who, dep_id)
-    await call(platform.set_paused, dep, True)
+    await asyncio.to_thread(platform.set_paused, dep, True)
     return dep.public()
 
 
@@ -148,7 +140,7 @@ async def pause_deployment(dep_id: str, request: Request):
 async def resume_deployment(dep_id: str, request: Request):
     _, platform, who = platform_of(request)
     dep = _deployment(platform, who, dep_id)
-    await call(platform.set_paused, dep, False)
+    await asyncio.to_thread(platform.set_paused, dep, False)
     return dep.public()
 
 
@@ -156,7 +148,7 @@ async def resume_deployment(dep_id: str, request: Request):
 async def delete_deployment(dep_id: str, request: Request):
     _, platform, who = platform_of(request)
     dep = _deployment(platform, who, dep_id)
-    await call(platform.delete_deployment, dep)
+    await asyncio.to_thread(platform.delete_deployment, dep)
     return {"id": dep.id, "object": "deployment", "deleted": True}
 
 

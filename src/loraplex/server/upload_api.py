@@ -17,13 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from starlette.formparsers import MultiPartException
 
 from loraplex.lora.request import LoRARequest
-from loraplex.platform import Platform, PlatformError, Principal
+from loraplex.platform import Platform, Principal
 from loraplex.platform.store import UploadedAdapter, check_name
 from loraplex.platform.uploads import CARD, UploadError, commit, scratch_dir, unpack
 from loraplex.routing import AdapterCard
 from loraplex.server.errors import APIError, bad_request
 from loraplex.server.openapi import errors
-from loraplex.server.platform_api import call, platform_of
+from loraplex.server.platform_api import platform_of
 from loraplex.server.state import ServerState
 
 router = APIRouter()
@@ -125,20 +125,20 @@ async def upload_adapter(request: Request):
             raise APIError(409, f"name: {full!r} exists; delete it first", "name", "adapter_exists")
         try:
             digest, folder, size, rank = await _store(st, platform, full, files)
-        except (UploadError, PlatformError) as e:
+        except UploadError as e:
             raise bad_request(str(e), "file") from None
     finally:
         await close()
     tenant, short = full.split("/", 1)
     entry = UploadedAdapter(tenant, short, digest, size, rank, time.time())
     try:
-        await call(platform.record_adapter, entry)
+        await asyncio.to_thread(platform.record_adapter, entry)
     except IntegrityError:
         raise APIError(409, f"name: {full!r} exists; delete it first", "name", "adapter_exists") from None
     try:
         await st.engine.load_adapter(LoRARequest(full, lora_path=str(folder)))
     except (ValueError, FileNotFoundError) as e:
-        await call(platform.forget_adapter, full)
+        await asyncio.to_thread(platform.forget_adapter, full)
         raise bad_request(f"file: {e}", "file") from None
     await st.update_router(full, str(folder))
     return {**await _describe(st, entry), "seconds": round(time.perf_counter() - start, 4)}
@@ -182,5 +182,5 @@ async def delete_uploaded(name: str, request: Request):
     except KeyError:
         pass
     await st.update_router(a.full_name, None)
-    await call(platform.forget_adapter, a.full_name)
+    await asyncio.to_thread(platform.forget_adapter, a.full_name)
     return {"id": a.full_name, "object": "adapter", "deleted": True}
