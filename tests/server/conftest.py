@@ -29,13 +29,17 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, argv: list[str], max_body_bytes: int | None = None) -> None:
+    def __init__(self, argv: list[str], max_body_bytes: int | None = None, tiny: bool = True) -> None:
+        """``tiny``: the tiny test model's way (fp32, no demo adapters, a minimal chat template); else ``argv`` alone
+        (no model given: the embedded SmolLM2 with the demo adapters and its own template)."""
         p = argparse.ArgumentParser()
         add_serve_args(p)
         self.port = free_port()
-        args = p.parse_args([*argv, "--port", str(self.port), "--dtype", "float32", "--no-demo-adapters"])
+        args = p.parse_args([*argv, "--port", str(self.port), *(["--dtype", "float32", "--no-demo-adapters"]
+                                                                  if tiny else [])])
         self.state = build_state(args)
-        self.state.engine.engine.tokenizer.chat_template = CHAT_TEMPLATE
+        if tiny:
+            self.state.engine.engine.tokenizer.chat_template = CHAT_TEMPLATE
         app = build_app(self.state, max_body_bytes or args.max_body_bytes)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

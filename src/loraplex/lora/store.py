@@ -147,11 +147,16 @@ class AdapterStore:
     def rank(self, name: str) -> int:
         return max(self.registry[n].plan.rank for n in self.expand([name]))
 
+    def targets(self, name: str) -> list[str]:
+        """The projections an adapter (or an X-LoRA's experts) adapts, e.g. ``["q_proj", "v_proj"]``."""
+        return sorted({entry.module for n in self.expand([name]) for entry in self.registry[n].plan.entries})
+
     def describe(self) -> list[dict]:
-        """One row per known adapter: name, path, id, rank, tier (device/host/disk), in-flight requests; X-LoRAs
-        also list their experts."""
-        return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id,
-                 "rank": self.rank(e.name), "tier": self.tier(e.name), "pinned": set(self.expand([e.name])) <= self.pinned,
+        """One row per known adapter: name, path, id, rank, targets, tier (device/host/disk), in-flight requests;
+        X-LoRAs also list their experts."""
+        return [{"name": e.name, "path": e.path, "lora_int_id": e.lora_int_id, "rank": self.rank(e.name),
+                 "targets": self.targets(e.name), "tier": self.tier(e.name),
+                 "pinned": set(self.expand([e.name])) <= self.pinned,
                  "in_flight": self.refcount.get(e.name, 0),
                  **({"xlora_experts": list(e.xlora.expert_names())} if e.xlora else {})}
                 for e in self.registry.values()]

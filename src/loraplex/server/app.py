@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loraplex.server import admin, openai_api, platform_api, tgi_api, upload_api
@@ -17,6 +19,7 @@ from loraplex.server.openapi import PROMETHEUS, errors, finalize, with_content
 from loraplex.server.protocol import SGLangGenerateRequest, TGIGenerateRequest
 from loraplex.server.state import ServerState
 
+UI_DIR = Path(__file__).parent / "ui"  # the web console: static files, no build step
 UPLOAD_PATHS = ("/v1/adapters",)  # their bodies may reach --max-upload-bytes
 
 
@@ -96,6 +99,11 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     async def metrics(_: Request):
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", include_in_schema=False)
+    async def console():
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes, platform=state.platform)
     app.state.extra_schemas = (SGLangGenerateRequest, TGIGenerateRequest)
     finalize(app, state.api_key, OPEN_PATHS)

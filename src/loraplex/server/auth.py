@@ -13,6 +13,7 @@ from loraplex.platform import Platform, Principal
 from loraplex.platform.keys import ADMIN
 
 OPEN_PATHS = ("/health", "/metrics")  # no key needed
+OPEN_PREFIX = "/ui"  # the console's static files (it asks for the key itself)
 ANY_KEY_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 # (path prefix, scope): a prefix ending in "/" matches below it, others match exactly or with a "/" after them
 SCOPED = (("/v1/chat/completions", "inference"), ("/v1/completions", "inference"), ("/v1/models", "inference"),
@@ -47,7 +48,7 @@ def bearer(headers: dict[bytes, bytes]) -> str:
 def principal_for(api_key: str | None, platform: Platform | None, headers: dict[bytes, bytes], method: str,
                   path: str) -> Principal:
     """The caller of a request, or ``Denied`` (401: no valid key, 403: a tenant key outside its scopes)."""
-    if api_key is None or path in OPEN_PATHS:
+    if api_key is None or path in OPEN_PATHS or path == OPEN_PREFIX or path.startswith(OPEN_PREFIX + "/"):
         return ADMIN
     token = bearer(headers)
     if hmac.compare_digest(token.encode(), api_key.encode()):

@@ -212,7 +212,8 @@ class ServerState:
             return []
         rows = [r for r in await self.engine.list_adapters() if self.visible(who, r["name"])]
         rows += [{"name": n, "path": str(self.resolver.adapter_dir / n), "lora_int_id": None, "rank": None,
-                  "tier": "disk", "pinned": False, "in_flight": 0} for n in self.resolver.discoverable()]
+                  "targets": None, "tier": "disk", "pinned": False, "in_flight": 0}
+                 for n in self.resolver.discoverable()]
         for row in rows:
             row["card"] = self.card(row["name"], row["path"])
         return rows
