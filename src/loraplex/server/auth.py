@@ -48,7 +48,8 @@ def bearer(headers: dict[bytes, bytes]) -> str:
 def principal_for(api_key: str | None, platform: Platform | None, headers: dict[bytes, bytes], method: str,
                   path: str) -> Principal:
     """The caller of a request, or ``Denied`` (401: no valid key, 403: a tenant key outside its scopes)."""
-    if api_key is None or path in OPEN_PATHS or path == OPEN_PREFIX or path.startswith(OPEN_PREFIX + "/"):
+    console = path == OPEN_PREFIX or path.startswith(OPEN_PREFIX + "/") or (path == "/" and method == "GET")
+    if api_key is None or path in OPEN_PATHS or console:
         return ADMIN
     token = bearer(headers)
     if hmac.compare_digest(token.encode(), api_key.encode()):
