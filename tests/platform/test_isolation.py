@@ -113,3 +113,10 @@ def test_scopes_and_bad_keys(platform, admin, adapter_dir):
     keys = admin.get("/v1/tenants/scoped/keys").json()["data"]
     assert len(keys) == 2 and all("key" not in k and "digest" not in k for k in keys)  # never shown again
     assert Client(platform.url, ADMIN_KEY).get("/v1/tenants/nobody/keys").status_code == 404
+
+
+def test_metrics_need_the_admin_key_with_the_platform(world, platform):
+    _, other, _ = world
+    assert other.get("/metrics").status_code == 403  # its labels name every tenant's adapters
+    assert Client(platform.url, "").http.get("/metrics", headers={"Authorization": ""}).status_code == 401
+    assert "owner/secret" in Client(platform.url, ADMIN_KEY).get("/metrics").text

@@ -106,5 +106,5 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.add_middleware(GuardMiddleware, api_key=state.api_key, max_body_bytes=max_body_bytes, platform=state.platform)
     app.state.extra_schemas = (SGLangGenerateRequest, TGIGenerateRequest)
-    finalize(app, state.api_key, OPEN_PATHS)
+    finalize(app, state.api_key, tuple(p for p in OPEN_PATHS if state.platform is None or p != "/metrics"))
     return app

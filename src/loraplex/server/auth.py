@@ -3,7 +3,8 @@
 Without ``--api-key`` every caller is the operator. With it, the admin key (compared in constant time) may do
 everything; with ``--platform`` a tenant's key (``lpx-…``) may call the routes of its scopes — ``inference``
 (generation, models, deployments' endpoints), ``adapters`` (uploads, deployments), ``usage`` (the ledger) — and
-nothing else: every other route (loading server paths, pinning, tenants) is the admin's.
+nothing else: every other route (loading server paths, pinning, tenants) is the admin's, and so is ``/metrics``
+(open without the platform), whose labels would name other tenants' adapters.
 """
 from __future__ import annotations
 
@@ -48,8 +49,12 @@ def bearer(headers: dict[bytes, bytes]) -> str:
 def principal_for(api_key: str | None, platform: Platform | None, headers: dict[bytes, bytes], method: str,
                   path: str) -> Principal:
     """The caller of a request, or ``Denied`` (401: no valid key, 403: a tenant key outside its scopes)."""
+    if platform is not None and path == "/metrics":  # its labels name every tenant's adapters: the admin's
+        open_path = False
+    else:
+        open_path = path in OPEN_PATHS
     console = path == OPEN_PREFIX or path.startswith(OPEN_PREFIX + "/") or (path == "/" and method == "GET")
-    if api_key is None or path in OPEN_PATHS or console:
+    if api_key is None or open_path or console:
         return ADMIN
     token = bearer(headers)
     if hmac.compare_digest(token.encode(), api_key.encode()):

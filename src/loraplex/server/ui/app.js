@@ -50,9 +50,9 @@ async function identify() {
 
 // ---- adapters ---------------------------------------------------------------------------------------------------
 async function tokensServed() {
-  const res = await fetch("/metrics");
+  const res = await fetch("/metrics", { headers: headers() });
   const counts = {};
-  if (!res.ok) return counts;
+  if (!res.ok) return null;  // a tenant key: the metrics name every tenant's adapters, so only the admin reads them
   for (const line of (await res.text()).split("\n")) {
     const m = line.match(/^loraplex_generation_tokens_total\{adapter="((?:[^"\\]|\\.)*)"\} ([0-9.e+]+)$/);
     if (m) counts[m[1].replace(/\\(.)/g, "$1")] = Number(m[2]);
@@ -92,7 +92,7 @@ async function refreshAdapters() {
     return el("tr", { "data-name": r.name }, el("td", {}, r.name), el("td", {}, r.rank ?? "–"),
       el("td", {}, (r.targets || []).join(", ") || "–"), el("td", { class: "tier" }, r.tier ?? "–"),
       el("td", {}, r.pinned == null ? "–" : r.pinned ? "yes" : "no"), el("td", {}, r.in_flight ?? "–"),
-      el("td", {}, tokens[r.name] ?? 0), el("td", { class: "card" }, r.card ? r.card.description || "" : ""), actions);
+      el("td", {}, tokens ? tokens[r.name] ?? 0 : "–"), el("td", { class: "card" }, r.card ? r.card.description || "" : ""), actions);
   }));
   renderTargets();
 }
@@ -265,7 +265,7 @@ async function usageRows(group) {
     }
   }
   $("#usage-source").textContent = "from /metrics (no ledger: start with --platform)";
-  const text = await (await fetch("/metrics")).text();
+  const text = await (await fetch("/metrics", { headers: headers() })).text();
   const rows = {};
   for (const line of text.split("\n")) {
     const m = line.match(/^loraplex_(prompt|generation)_tokens_total\{adapter="((?:[^"\\]|\\.)*)"\} ([0-9.e+]+)$/);
