@@ -17,10 +17,11 @@ EXCLUDED = ["positive_data_acceptance"]
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_llama_dir, adapter_dir):
+def keyed(tiny_llama_dir, adapter_dir, tmp_path_factory):
     srv = RunningServer([str(tiny_llama_dir), "--served-model-name", "tiny", "--api-key", "sekret",
                          "--lora-modules", f"a4={adapter_dir / 'a4'}", "--max-model-len", "96",
-                         "--router-scorer", "lexical"])
+                         "--router-scorer", "lexical", "--platform", "--platform-dir",
+                         str(tmp_path_factory.mktemp("fuzz-platform"))])
     yield srv
     srv.stop()
 

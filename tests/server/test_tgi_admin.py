@@ -40,6 +40,9 @@ def test_text_generation_with_adapter_id(server, reference):
     r = httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"stop": ["x"] * (limit + 1)}})
     assert r.status_code == 400 and "stop" in r.json()["error"]["param"]  # /info's limit is enforced
     assert httpx.get(server.url + "/info").json()["max_total_tokens"] == server.engine.max_model_len
+    r = httpx.request("OPTIONS", server.url + "/")  # GET / (the console) and POST / (TGI) share the path
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert httpx.put(server.url + "/v1/models/a8").headers["allow"] == "GET"
 
 
 def test_admin_load_list_unload(tiny_llama_dir, adapter_dir, tmp_path):

@@ -99,8 +99,10 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     async def metrics(_: Request):
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", response_class=RedirectResponse, status_code=307, openapi_extra={"security": []},
+             responses={200: {"description": "the web console (after the redirect)", "content": {"text/html": {}}}})
     async def console():
+        """Open the web console: a redirect to /ui/."""
         return RedirectResponse("/ui/")
 
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")

@@ -20,7 +20,22 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDe
 _CODES = {400: "bad_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "request_too_large", 422: "unprocessable_entity", 429: "rate_limited",
           499: "client_disconnected", 500: "internal_error", 503: "unavailable"}
+_HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
 _PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods the OpenAPI document lists for the path templates this request's path matches (a parameter is
+    one segment; where none matches so, it may span several, as ``{name:path}`` does)."""
+    paths = request.app.openapi().get("paths", {})
+    for param in ("[^/]+", ".+"):
+        methods: set[str] = set()
+        for template, ops in paths.items():
+            if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", param, re.escape(template)), request.url.path):
+                methods |= {m.upper() for m in ops if m.upper() in _HTTP_METHODS}
+        if methods:
+            return sorted(methods)
+    return []
 
 
 class APIError(Exception):
@@ -97,8 +112,11 @@ def install_error_handlers(app: FastAPI) -> None:
                                        else str(first.get("msg", "invalid request")), param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names one route's methods; a path may have several
+            headers["Allow"] = ", ".join(_allowed(request)) or headers.get("Allow", "")
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=headers or None))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):

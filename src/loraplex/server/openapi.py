@@ -52,7 +52,7 @@ def finalize(app, api_key: str | None, open_paths: tuple[str, ...]) -> None:
             for op in ops.values():
                 responses = op.get("responses", {})
                 responses.pop("422", None)
-                if api_key is not None and path not in open_paths:
+                if api_key is not None and path not in open_paths and op.get("security") != []:
                     responses.setdefault("401", {"description": _DESCRIPTIONS[401], "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
                     op["security"] = [{"bearer": []}]
