@@ -58,6 +58,8 @@ def test_admin_load_list_unload(tiny_llama_dir, adapter_dir, tmp_path):
         rows = {r["name"]: r for r in httpx.get(srv.url + "/v1/lora_adapters").json()["data"]}
         assert rows["a4b"]["pinned"] and rows["a4b"]["tier"] == "device" and rows["a4b"]["card"]["description"]
         assert rows["a16"]["tier"] == "disk"  # discovered under --adapter-dir, not loaded yet
+        r = post("/v1/load_lora_adapter", {"lora_name": "y", "lora_path": "~no-such-user/a"})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path"  # was a 500 (Path.expanduser)
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         assert c.completions.create(model="a16", prompt="hi", max_tokens=2).model == "a16"  # loaded on first use
         for bad in ("../a4", "a4/..", "nope"):

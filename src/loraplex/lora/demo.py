@@ -1,6 +1,7 @@
 """The demo adapters shipped inside the package (trained by scripts/train_demo_adapters.py on SmolLM2)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "adapters"
@@ -15,7 +16,8 @@ def demo_adapters() -> dict[str, Path]:
 
 def resolve_adapter_path(path: str) -> str:
     """A directory as given, or the name of a demo adapter (``"congcong"``) → its shipped directory."""
-    if Path(path).expanduser().is_dir():
-        return str(Path(path).expanduser())
+    expanded = os.path.expanduser(path)  # unlike Path.expanduser, leaves "~unknown-user" as it is
+    if Path(expanded).is_dir():
+        return expanded
     demo = demo_adapters().get(path)
     return str(demo) if demo is not None else path

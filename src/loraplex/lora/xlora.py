@@ -15,6 +15,7 @@ Directory layout (what PEFT's ``PeftModel.from_pretrained`` reads): ``adapter_co
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class XLoRAPlan:
 def _expert_dir(root: Path, index: int, name: str, configured: str) -> Path:
     tried = [root / name, root / str(index)]
     if configured:
-        p = Path(configured).expanduser()
+        p = Path(os.path.expanduser(configured))  # Path.expanduser raises on "~unknown-user"
         tried.append(p if p.is_absolute() else root / p)
     for p in tried:
         if (p / "adapter_config.json").is_file():

@@ -40,8 +40,57 @@ def with_content(extra: dict, description: str = "Successful Response") -> dict:
     return {200: {"description": description, "content": extra}}
 
 
+# OpenAPI links: how one answer feeds the next request (load → use → unload, tenant → key → revoke,
+# deployment → call → pause → delete). Generated clients show them; schemathesis' stateful phase walks them. A link
+# whose source or target route is not served (the platform's without --platform) is left out.
+_NAME = {"lora_name": "$request.body#/lora_name"}
+_DEP = {"path.dep_id": "$response.body#/id"}
+_FIRST = "$response.body#/data/0/"
+LINKS = [  # (source "METHOD path status", link name, target "METHOD path", parameters, request body)
+    ("GET /v1/models 200", "model", "GET /v1/models/{model_id}", {"path.model_id": _FIRST + "id"}, None),
+    ("GET /v1/lora_adapters 200", "reload", "POST /v1/load_lora_adapter", {},
+     {"lora_name": _FIRST + "name", "lora_path": _FIRST + "path", "load_inplace": True}),
+    ("GET /v1/lora_adapters 200", "deploy", "POST /v1/deployments", {}, {"adapter": _FIRST + "name"}),
+    ("POST /v1/load_lora_adapter 200", "complete", "POST /v1/completions", {}, {"model": _NAME["lora_name"]}),
+    ("POST /v1/load_lora_adapter 200", "chat", "POST /v1/chat/completions", {}, {"model": _NAME["lora_name"]}),
+    ("POST /v1/load_lora_adapter 200", "pin", "POST /v1/pin_lora_adapter", {}, _NAME),
+    ("POST /v1/load_lora_adapter 200", "unload", "POST /v1/unload_lora_adapter", {}, _NAME),
+    ("POST /v1/unload_lora_adapter 200", "load", "POST /v1/load_lora_adapter", {}, _NAME),
+    ("POST /v1/tenants 201", "key", "POST /v1/tenants/{tenant}/keys", {"path.tenant": "$response.body#/id"}, None),
+    ("POST /v1/tenants 201", "keys", "GET /v1/tenants/{tenant}/keys", {"path.tenant": "$response.body#/id"}, None),
+    ("POST /v1/tenants/{tenant}/keys 201", "revoke", "DELETE /v1/tenants/{tenant}/keys/{key_id}",
+     {"path.tenant": "$request.path.tenant", "path.key_id": "$response.body#/id"}, None),
+    ("POST /v1/deployments 201", "get", "GET /v1/deployments/{dep_id}", _DEP, None),
+    ("POST /v1/deployments 201", "call", "POST /deployments/{dep_id}/v1/completions", _DEP, None),
+    ("POST /v1/deployments 201", "chat", "POST /maas/deployment/{dep_id}/chat/completions", _DEP, None),
+    ("POST /v1/deployments 201", "pause", "POST /v1/deployments/{dep_id}/pause", _DEP, None),
+    ("POST /v1/deployments 201", "delete", "DELETE /v1/deployments/{dep_id}", _DEP, None),
+    ("POST /v1/deployments/{dep_id}/pause 200", "resume", "POST /v1/deployments/{dep_id}/resume",
+     {"path.dep_id": "$request.path.dep_id"}, None),
+    ("GET /v1/deployments 200", "get", "GET /v1/deployments/{dep_id}", {"path.dep_id": _FIRST + "id"}, None),
+    ("POST /v1/adapters 201", "get", "GET /v1/adapters/{name}", {"path.name": "$response.body#/id"}, None),
+    ("POST /v1/adapters 201", "delete", "DELETE /v1/adapters/{name}", {"path.name": "$response.body#/id"}, None),
+    ("POST /v1/adapters 201", "deploy", "POST /v1/deployments", {}, {"adapter": "$response.body#/id"}),
+    ("GET /v1/adapters 200", "get", "GET /v1/adapters/{name}", {"path.name": _FIRST + "id"}, None),
+]
+
+
+def _add_links(paths: dict) -> None:
+    for source, name, target, parameters, body in LINKS:
+        method, path, status = source.split()
+        response = paths.get(path, {}).get(method.lower(), {}).get("responses", {}).get(status)
+        method, path = target.split()
+        op = paths.get(path, {}).get(method.lower())
+        if response is None or op is None:
+            continue
+        link = {"operationId": op["operationId"], **({"parameters": parameters} if parameters else {}),
+                **({"requestBody": body} if body is not None else {})}
+        response.setdefault("links", {})[name] = link
+
+
 def finalize(app, api_key: str | None, open_paths: tuple[str, ...]) -> None:
-    """Post-process the generated document: drop 422s, add 401 and the bearer scheme when a key is required."""
+    """Post-process the generated document: drop 422s, add 401 and the bearer scheme when a key is required, add the
+    links."""
     build = app.openapi
 
     def openapi():
@@ -56,6 +105,7 @@ def finalize(app, api_key: str | None, open_paths: tuple[str, ...]) -> None:
                     responses.setdefault("401", {"description": _DESCRIPTIONS[401], "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
                     op["security"] = [{"bearer": []}]
+        _add_links(doc.get("paths", {}))
         components = doc.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):

@@ -40,7 +40,9 @@ class KeyCreate(BaseModel):
 class DeploymentCreate(BaseModel):
     """One of ``adapter`` (an adapter, the base id, or ``"auto"``) and ``adapters`` (a weighted mixture)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [  # exactly one of the two
+        {"required": ["adapter"], "properties": {"adapter": {"type": "string"}, "adapters": {"type": "null"}}},
+        {"required": ["adapters"], "properties": {"adapters": {"type": "array"}, "adapter": {"type": "null"}}}]})
     name: str = Field(min_length=1, max_length=128)
     adapter: str | None = Field(None, min_length=1)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1)
