@@ -60,6 +60,11 @@ def test_seed_flow_upload_deploy_chat_usage(platform, admin, adapter_dir, refere
     csv = acme.get("/v1/usage/requests").text.splitlines()
     assert csv[0].startswith("id,request_id,tenant_id") and len(csv) == 4
     assert all(",acme," in line and ",finished" in line for line in csv[1:])
+    assert acme.get("/v1/usage", params={"from": "2026-12-04T10:00Z", "to": "1e99"}).status_code == 400  # not seconds
+    for bad in ({"from": "2026-13-01"}, {"to": "yesterday"}, {"group_by": "adapter,model"}, {"format": "xml"}):
+        r = acme.get("/v1/usage", params=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), (bad, r.text)
+    assert acme.get("/v1/usage", params={"from": "2026-12-04", "to": "2026-12-04T10:00:00+01:00"}).status_code == 200
 
 
 def test_same_files_twice_are_one_copy(platform, admin, adapter_dir, data_dir):

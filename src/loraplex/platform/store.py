@@ -161,7 +161,7 @@ class Platform:
         self.tenant(tenant)
         scopes = list(SCOPES) if scopes is None else scopes
         if not scopes or any(s not in SCOPES for s in scopes):
-            raise PlatformError(400, f"scopes: each scope must be one of {', '.join(SCOPES)}", "scopes")
+            raise PlatformError(400, f"scopes: a non-empty list, each one of {', '.join(SCOPES)}", "scopes")
         secret = new_key()
         key = Key(f"key-{secrets.token_hex(8)}", tenant, digest(secret), frozenset(scopes), name, time.time())
         with self._lock, self.engine.begin() as conn:

@@ -35,6 +35,15 @@ PROMETHEUS = {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "s
 GENERATION = errors(400, 404, 413, 500, 503)  # what every generation route can answer besides 200
 
 
+def exactly_one(options: dict[str, dict], unset: dict[str, list] | None = None) -> dict:
+    """A model's ``json_schema_extra``: exactly one of the fields in ``options`` (name → its schema when set) is set;
+    a field counts as not set when absent, null, or one of its ``unset`` values."""
+    unset = unset or {}
+    return {"oneOf": [{"required": [name], "properties": {
+        name: schema, **{o: {"enum": [None, *unset.get(o, [])]} for o in options if o != name}}}
+        for name, schema in options.items()]}
+
+
 def with_content(extra: dict, description: str = "Successful Response") -> dict:
     """A 200 whose content is JSON (the route's model) plus ``extra`` media types."""
     return {200: {"description": description, "content": extra}}

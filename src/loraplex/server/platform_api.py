@@ -7,6 +7,7 @@ Another tenant's deployment, adapter or key is a 404, as an unknown one is.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import datetime, timezone
 
@@ -19,7 +20,7 @@ from loraplex.platform.ledger import GROUPS, to_csv
 from loraplex.platform.store import Deployment
 from loraplex.server import openai_api
 from loraplex.server.errors import APIError, bad_request, parse_body, read_json
-from loraplex.server.openapi import GENERATION, SSE, errors, with_content
+from loraplex.server.openapi import GENERATION, SSE, errors, exactly_one, with_content
 from loraplex.server.protocol import AdapterWeight, ChatCompletionRequest, CompletionRequest
 from loraplex.server.state import ServerState, caller_of, state_of
 
@@ -33,16 +34,16 @@ class TenantCreate(BaseModel):
 
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    scopes: list[str] | None = Field(None, description=f"any of {', '.join(SCOPES)} (default: all)")
+    scopes: list[str] | None = Field(None, description=f"any of {', '.join(SCOPES)} (default: all)",
+                                     json_schema_extra={"items": {"enum": list(SCOPES)}, "minItems": 1})
     name: str | None = Field(None, max_length=128)
 
 
 class DeploymentCreate(BaseModel):
     """One of ``adapter`` (an adapter, the base id, or ``"auto"``) and ``adapters`` (a weighted mixture)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [  # exactly one of the two
-        {"required": ["adapter"], "properties": {"adapter": {"type": "string"}, "adapters": {"type": "null"}}},
-        {"required": ["adapters"], "properties": {"adapters": {"type": "array"}, "adapter": {"type": "null"}}}]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=exactly_one(
+        {"adapter": {"type": "string"}, "adapters": {"type": "array"}}))
     name: str = Field(min_length=1, max_length=128)
     adapter: str | None = Field(None, min_length=1)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1)
@@ -196,19 +197,34 @@ async def deployment_completions(dep_id: str, request: Request):
 
 
 # ---- usage ------------------------------------------------------------------------------------------------------
+# what _time reads: Unix seconds, or an ISO date / date-time (a day past its month's end is still a 400)
+TIME = (r"^$|^[0-9]+(\.[0-9]*)?$|^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+        r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?$")
+GROUP_BY = rf"^({'|'.join(GROUPS)})?(,({'|'.join(GROUPS)})?)*$"
+_WHEN = {"description": "Unix seconds or an ISO date / date-time (UTC by default)",
+         "json_schema_extra": {"pattern": TIME}}
+FROM, TO = Query(None, alias="from", **_WHEN), Query(None, **_WHEN)
+FORMAT = {"pattern": "^(json|csv)$"}
+
+
 def _time(value: str | None, param: str) -> float | None:
     """Unix seconds, or an ISO date / date-time (UTC unless it says otherwise)."""
     if value is None or value == "":
         return None
-    try:
+    if not re.fullmatch(TIME, value):
+        raise bad_request(f"{param}: {value!r} is neither Unix seconds nor an ISO date", param)
+    if re.fullmatch(r"[0-9.]+", value):
         return float(value)
-    except ValueError:
-        pass
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_request(f"{param}: {value!r} is neither Unix seconds nor an ISO date", param) from None
+    except ValueError:  # e.g. the 30th of February
+        raise bad_request(f"{param}: {value!r} is not a date", param) from None
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _format(value: str) -> None:
+    if not re.fullmatch(FORMAT["pattern"], value):
+        raise bad_request("format: json or csv", "format")
 
 
 def _scope(request: Request, tenant: str | None) -> tuple[Platform, str | None]:
@@ -221,16 +237,16 @@ def _scope(request: Request, tenant: str | None) -> tuple[Platform, str | None]:
 
 
 @router.get("/v1/usage", responses={**with_content({"text/csv": {"schema": {"type": "string"}}}), **errors(400, 404)})
-async def get_usage(request: Request, group_by: str = "adapter", tenant: str | None = None, format: str = "json",
-                    since: str | None = Query(None, alias="from"), to: str | None = None):
+async def get_usage(request: Request, group_by: str = Query("adapter", json_schema_extra={"pattern": GROUP_BY}),
+                    tenant: str | None = None, format: str = Query("json", json_schema_extra=FORMAT),
+                    since: str | None = FROM, to: str | None = TO):
     """Requests and tokens per ``group_by`` (comma-separated: tenant, adapter, deployment, day, status) over the
     requests started in ``[from, to)``; tenant keys see their own. ``format=csv`` for a spreadsheet."""
     frm, to = _time(since, "from"), _time(to, "to")
-    groups = [g for g in group_by.split(",") if g]
-    if any(g not in GROUPS for g in groups):
+    if not re.fullmatch(GROUP_BY, group_by):
         raise bad_request(f"group_by: each must be one of {', '.join(GROUPS)}", "group_by")
-    if format not in ("json", "csv"):
-        raise bad_request("format: json or csv", "format")
+    groups = [g for g in group_by.split(",") if g]
+    _format(format)
     platform, tenant = _scope(request, tenant)
     await asyncio.to_thread(platform.ledger.flush)
     data = await asyncio.to_thread(platform.ledger.totals, groups, frm, to, tenant)
@@ -241,12 +257,12 @@ async def get_usage(request: Request, group_by: str = "adapter", tenant: str | N
 
 @router.get("/v1/usage/requests", responses={**with_content({"text/csv": {"schema": {"type": "string"}}}),
                                              **errors(400, 404)})
-async def get_usage_rows(request: Request, tenant: str | None = None, format: str = "csv",
-                         since: str | None = Query(None, alias="from"), to: str | None = None):
+async def get_usage_rows(request: Request, tenant: str | None = None,
+                         format: str = Query("csv", json_schema_extra=FORMAT),
+                         since: str | None = FROM, to: str | None = TO):
     """The ledger's rows (one per request) in ``[from, to)``: CSV by default, ``format=json``."""
     frm, to = _time(since, "from"), _time(to, "to")
-    if format not in ("json", "csv"):
-        raise bad_request("format: json or csv", "format")
+    _format(format)
     platform, tenant = _scope(request, tenant)
     await asyncio.to_thread(platform.ledger.flush)
     rows = await asyncio.to_thread(platform.ledger.rows, frm, to, tenant)

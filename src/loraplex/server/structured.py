@@ -9,12 +9,13 @@ second); the compile check (a 400 naming the field for a schema, regex or gramma
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.sampling_params import StructuredOutputsParams
 from loraplex.server.errors import bad_request
+from loraplex.server.openapi import exactly_one
 
 GUIDED_BACKENDS = (None, "auto", "xgrammar")  # vLLM's guided_decoding_backend values served here
 
@@ -38,10 +39,12 @@ class ResponseFormat(BaseModel):
 class VLLMStructuredOutputs(BaseModel):
     """vLLM's ``structured_outputs`` request field (the constraint kinds served; ``structural_tag`` is not)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=exactly_one(
+        {"json": {"type": ["object", "string"]}, "regex": {"type": "string"}, "choice": {"type": "array"},
+         "grammar": {"type": "string"}, "json_object": {"const": True}}, unset={"json_object": [False]}))
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     grammar: str | None = None
     json_object: bool | None = None
 

@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException
 
 from loraplex.lora.request import LoRARequest
 from loraplex.platform import Platform, Principal
-from loraplex.platform.store import UploadedAdapter, check_name
+from loraplex.platform.store import NAME, UploadedAdapter, check_name
 from loraplex.platform.uploads import CARD, UploadError, commit, scratch_dir, unpack
 from loraplex.routing import AdapterCard
 from loraplex.server.errors import APIError, bad_request
@@ -29,9 +29,14 @@ from loraplex.server.state import ServerState
 router = APIRouter()
 RAW_TYPES = {"application/zip": ".zip", "application/x-zip-compressed": ".zip", "application/gzip": ".tar.gz",
              "application/x-gzip": ".tar.gz", "application/x-tar": ".tar"}
-_UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+_NAME = {"type": "string", "pattern": NAME.pattern}
+_UPLOAD_BODY = {"parameters": [  # a raw archive body names the adapter in the query
+    {"name": "name", "in": "query", "schema": _NAME, "description": "with a raw archive body"},
+    {"name": "tenant", "in": "query", "schema": {"type": "string"},
+     "description": "with a raw archive body (admin key)"}],
+    "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string"}, "tenant": {"type": "string", "description": "admin key only"},
+        "name": _NAME, "tenant": {"type": "string", "description": "admin key only"},
         "adapter_config.json": {"type": "string", "format": "binary"},
         "adapter_model.safetensors": {"type": "string", "format": "binary"},
         "adapter_card.json": {"type": "string", "format": "binary"},
