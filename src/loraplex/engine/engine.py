@@ -340,6 +340,21 @@ class LLMEngine:
         return EngineStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.pool.num_blocks, s.num_preemptions,
                            s.kv.pool.num_cached)
 
+    def lora_activity(self) -> tuple[list[str], list[str]]:
+        """What a LoRA-aware gateway routes by (vLLM's ``lora_requests_info``): the adapters in a device slot that
+        have requests (running or queued), and the adapters of queued requests that are not in a slot yet. Names
+        as requests give them (an X-LoRA by its own name). Safe to call from another thread (snapshots)."""
+        store = self.lora_store
+        if store is None:
+            return [], []
+        running, waiting = tuple(self.scheduler.running), tuple(self.scheduler.waiting)
+
+        def names(reqs) -> dict[str, None]:
+            return dict.fromkeys(n for r in reqs for n in (*(a for a, _ in r.loras), *((r.xlora,) if r.xlora else ())))
+
+        resident = {n for n in names(running + waiting) if store.tier(n) == "device"}
+        return [n for n in names(running + waiting) if n in resident], [n for n in names(waiting) if n not in resident]
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -57,6 +57,9 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request):
         raise APIError(400, f"lora_name: {name!r} is a reserved model name", "lora_name")
     if not st.engine.serves_adapters:
         raise APIError(400, "lora_name: the server was started without LoRA support", "lora_name")
+    if body.base_model_name and body.base_model_name not in st.resolver.base_names:
+        raise APIError(400, f"base_model_name: this server serves {', '.join(sorted(st.resolver.base_names))}, not "
+                            f"{body.base_model_name!r}", "base_model_name")
     path = body.lora_path or st.resolver.folder(name) or (name if name in demo_adapters() else None)
     if path is None:
         raise APIError(404, f"lora_path: no lora_path given and no adapter named {name!r} found by the resolvers "

@@ -2,8 +2,17 @@
 
 Counters and histograms are updated as requests run; the engine's gauges (queue lengths, KV usage, adapter tiers)
 are read at scrape time by a collector, so nothing is computed when nobody scrapes.
+
+The same gauges are also exported under vLLM's names, which LoRA-aware gateways scrape (the Kubernetes Gateway API
+Inference Extension's endpoint picker, llm-d, AIBrix): ``vllm:num_requests_running`` / ``_waiting``,
+``vllm:kv_cache_usage_perc`` (and its older name ``vllm:gpu_cache_usage_perc``; a fraction, 1 = full),
+``vllm:cache_config_info`` and ``vllm:lora_requests_info`` — labels ``running_lora_adapters`` (adapters in a device
+slot with requests), ``waiting_lora_adapters`` (queued for an adapter not in a slot), ``max_lora`` (``--max-loras``),
+comma-separated, the value the scrape's Unix time (a picker takes the series with the highest value).
 """
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,12 +24,36 @@ TIERS = ("device", "host", "disk")
 
 
 class _EngineCollector:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
         self.engine = engine
+        self.model_name = model_name
+
+    def _vllm(self, stats):
+        """vLLM's names for what a gateway's endpoint picker reads."""
+        e, model = self.engine, [self.model_name]
+        for name, doc, value in (("num_requests_running", "Requests in the running batch", stats.num_running),
+                                 ("num_requests_waiting", "Requests waiting for admission", stats.num_waiting),
+                                 ("kv_cache_usage_perc", "KV cache usage (1 = 100 percent)", stats.kv_usage),
+                                 ("gpu_cache_usage_perc", "KV cache usage (1 = 100 percent; the older name)",
+                                  stats.kv_usage)):
+            g = GaugeMetricFamily(f"vllm:{name}", doc, labels=["model_name"])
+            g.add_metric(model, value)
+            yield g
+        g = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration", labels=["block_size",
+                                                                                          "num_gpu_blocks"])
+        g.add_metric([str(e.scheduler.kv.block_size), str(stats.kv_blocks)], 1.0)
+        yield g
+        running, waiting = e.lora_activity()
+        g = GaugeMetricFamily("vllm:lora_requests_info", "Adapters with requests (value: the Unix time)",
+                              labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        max_lora = e.lora_store.max_loras if e.lora_store is not None else 0
+        g.add_metric([str(max_lora), ",".join(running), ",".join(waiting)], time.time())
+        yield g
 
     def collect(self):
         e = self.engine
         stats = e.stats()
+        yield from self._vllm(stats)
         yield GaugeMetricFamily("loraplex_num_requests_running", "Requests in the running batch",
                                 value=stats.num_running)
         yield GaugeMetricFamily("loraplex_num_requests_waiting", "Requests waiting for admission",
@@ -69,7 +102,7 @@ class ServerMetrics:
                                       "cache", ["adapter"], registry=r)
         self.prefix_hits = Counter("loraplex_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache",
                                    ["adapter"], registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(engine, base_name))
 
     def _label(self, adapter: str | None) -> str:
         return adapter or self.base_name

@@ -278,6 +278,7 @@ class LoadLoRARequest(_Body):
     description: str | None = None
     examples: list[str] | None = None
     pinned: bool = False
+    base_model_name: str | None = None  # vLLM's; "" or absent: the served base. Another base is a 400.
 
 
 class UnloadLoRARequest(_Body):
