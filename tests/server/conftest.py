@@ -35,8 +35,9 @@ class RunningServer:
         p = argparse.ArgumentParser()
         add_serve_args(p)
         self.port = free_port()
-        args = p.parse_args([*argv, "--port", str(self.port), *(["--dtype", "float32", "--no-demo-adapters"]
-                                                                  if tiny else [])])
+        fresh = [] if "--metrics-max-age" in argv else ["--metrics-max-age", "0"]  # tests read counters at once
+        args = p.parse_args([*argv, "--port", str(self.port), *fresh,
+                             *(["--dtype", "float32", "--no-demo-adapters"] if tiny else [])])
         self.state = build_state(args)
         if tiny:
             self.state.engine.engine.tokenizer.chat_template = CHAT_TEMPLATE

@@ -82,7 +82,8 @@ def picker_weights() -> dict[str, float]:
 def pods(tiny_llama_dir, adapter_dir):
     mods = [f"{n}={adapter_dir / n}" for n in ADAPTERS]
     common = ["--served-model-name", "tiny", "--lora-modules", *mods, "--adapter-dir", str(adapter_dir),
-              "--max-num-seqs", "1"]  # one stream runs, the next queues: equal queues, so LoRA affinity decides
+              "--max-num-seqs", "1",  # one stream runs, the next queues: equal queues, so LoRA affinity decides
+              "--metrics-max-age", "1"]  # the default: live gauges, per-adapter series up to 1 s old
     one = RunningServer([str(tiny_llama_dir), "--max-loras", "1", *common])
     two = RunningServer([str(tiny_llama_dir), "--max-loras", "2", *common])
     yield {"one": one, "two": two}
@@ -147,6 +148,9 @@ def test_picker_routes_by_the_adapters_each_server_runs(pods, reference):
         assert srv.idle()
     after = scrape(pods["one"].url)
     assert after.active == set() and after.queued == set()
+    counted = 'loraplex_requests_total{adapter="a16"} 1.0'
+    time.sleep(1.05)  # past --metrics-max-age: the per-adapter series are rendered again
+    assert counted in httpx.get(pods[chosen].url + "/metrics").text
 
 
 def test_sidecar_and_aibrix_admin_calls(pods, adapter_dir):

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.server import admin, openai_api, platform_api, tgi_api, upload_api
 from loraplex.platform import Platform
@@ -97,7 +97,7 @@ def build_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
 
     @app.get("/metrics", response_class=Response, responses=with_content(PROMETHEUS, "Prometheus text format"))
     async def metrics(_: Request):
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=RedirectResponse, status_code=307, openapi_extra={"security": []},
              responses={200: {"description": "the web console (after the redirect)", "content": {"text/html": {}}}})

@@ -9,6 +9,7 @@ from loraplex.models.registry import DEFAULT_MODEL
 from loraplex.server.tool_parsers import PARSERS
 
 MAX_BODY_BYTES = 8 << 20
+METRICS_MAX_AGE_S = 1.0  # --metrics-max-age: how often a scrape re-renders the per-adapter series
 MAX_UPLOAD_BYTES = 1 << 30
 PLATFORM_DIR = "loraplex-data"
 
@@ -59,6 +60,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_limit_args(p)
     p.add_argument("--max-waiting", type=int, default=1024, help="queue cap; beyond it requests get 503")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument("--metrics-max-age", type=float, default=METRICS_MAX_AGE_S,
+                   help="seconds a scrape may reuse the per-adapter series (the engine's gauges are always live)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],

@@ -68,7 +68,7 @@ def build_state(args) -> ServerState:
     names = list(args.served_model_name or [engine.model_id])
     names += [n for n in (engine.model_id, model) if n and n not in names]
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
-    async_engine.metrics = ServerMetrics(engine, names[0])
+    async_engine.metrics = ServerMetrics(engine, names[0], args.metrics_max_age)
     state = ServerState(async_engine, AdapterResolver(async_engine, names, args.adapter_dir), async_engine.metrics,
                         model_path=str(model or engine.model_id), api_key=args.api_key,
                         enable_runtime_lora=args.enable_runtime_lora or runtime_lora_env(),
