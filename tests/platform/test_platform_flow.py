@@ -65,6 +65,8 @@ def test_seed_flow_upload_deploy_chat_usage(platform, admin, adapter_dir, refere
         r = acme.get("/v1/usage", params=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), (bad, r.text)
     assert acme.get("/v1/usage", params={"from": "2026-12-04", "to": "2026-12-04T10:00:00+01:00"}).status_code == 200
+    r = acme.get("/v1/usage", params={"group_by": "deployment,day,deployment"})
+    assert r.status_code == 200 and r.json()["group_by"] == ["deployment", "day"]
 
 
 def test_same_files_twice_are_one_copy(platform, admin, adapter_dir, data_dir):

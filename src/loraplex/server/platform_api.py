@@ -245,7 +245,7 @@ async def get_usage(request: Request, group_by: str = Query("adapter", json_sche
     frm, to = _time(since, "from"), _time(to, "to")
     if not re.fullmatch(GROUP_BY, group_by):
         raise bad_request(f"group_by: each must be one of {', '.join(GROUPS)}", "group_by")
-    groups = [g for g in group_by.split(",") if g]
+    groups = list(dict.fromkeys(g for g in group_by.split(",") if g))  # "day,day" is "day" (was a 500)
     _format(format)
     platform, tenant = _scope(request, tenant)
     await asyncio.to_thread(platform.ledger.flush)
