@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from loraplex.llm import LLM
 from loraplex.models.registry import DEFAULT_MODEL
 from loraplex.sampling_params import SamplingParams
+from loraplex.scaleout.args import add_cluster_args
 from loraplex.server.args import add_limit_args, add_serve_args
 
 
@@ -107,6 +108,15 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.num_replicas is not None:  # Ray is imported only here
+        from loraplex.scaleout.args import check_cluster_args
+
+        check_cluster_args(args)
+        try:
+            from loraplex.scaleout.ray_serve import serve_cluster
+        except ImportError as e:
+            raise SystemExit(f"--num-replicas: needs Ray Serve ({e}); pip install 'loraplex[ray]'") from None
+        return serve_cluster(args)
     from loraplex.server.serve import serve
 
     serve(args)
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="OpenAI + TGI compatible HTTP server over the multi-LoRA engine")
     add_serve_args(s)
+    add_cluster_args(s)
     s.set_defaults(fn=cmd_serve)
     g = sub.add_parser("generate", help="generate a completion for one prompt, streamed")
     g.add_argument("prompt")
