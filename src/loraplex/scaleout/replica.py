@@ -150,7 +150,8 @@ class EngineReplica:
                     await self.adapter(model_id)
                 except LookupError:  # unloaded cluster-wide between the ingress' check and now
                     name = split_model_id(model_id)[0]
-                    yield ResponseStart(404, [(b"content-type", b"application/json")])
+                    yield ResponseStart(404, [(b"content-type", b"application/json"),
+                                              (b"x-loraplex-replica", self.replica_id.encode())])
                     yield _json(error_body(404, not_found(name).message, "model", "model_not_found"))
                     return
             async for item in self._run_app(req):
