@@ -1,0 +1,175 @@
+"""The Ray Serve application on a local cluster: adapter affinity, LRU eviction, cluster-wide unload, a replica
+killed mid-stream, and the same greedy output as one server. Skipped (with the reason) when Ray is not installed."""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.scaleout.conftest import ADAPTERS, PER_REPLICA
+from tests.server.conftest import RunningServer
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'loraplex[ray]')")
+
+PROMPT = "The quick brown fox"
+SETTLE_S = 0.5  # a replica's multiplexed ids reach Serve's router within ~0.2 s
+
+
+def complete(client: httpx.Client, model: str, max_tokens: int = 6) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                                                "temperature": 0})
+
+
+def replicas(client: httpx.Client) -> dict[str, dict]:
+    return {r["id"]: r for r in client.get("/v1/replicas").json()["data"]}
+
+
+def wait_for(cond, timeout: float = 8.0):
+    deadline = time.time() + timeout
+    while True:
+        value = cond()
+        if value or time.time() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with httpx.Client(base_url=cluster[0], timeout=60) as c:
+        yield c
+
+
+def test_affinity_fewest_loaded_and_single_node_output(client, tiny_llama_dir, scaleout_adapters):
+    first = complete(client, "a")
+    assert first.status_code == 200, first.text
+    home = first.headers["x-loraplex-replica"]
+    time.sleep(SETTLE_S)
+    for _ in range(3):  # requests for a stick to the replica that holds it
+        r = complete(client, "a")
+        assert r.status_code == 200 and r.headers["x-loraplex-replica"] == home
+        assert r.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    other = complete(client, "b")  # a new adapter goes to the replica holding fewer (none)
+    assert other.status_code == 200 and other.headers["x-loraplex-replica"] != home
+    assert wait_for(lambda: {r: tuple(v["adapters"]) for r, v in replicas(client).items()} ==
+                    {home: ("a",), other.headers["x-loraplex-replica"]: ("b",)})
+    base = complete(client, "tiny")
+    assert base.status_code == 200 and base.json()["model"] == "tiny"
+
+    single = RunningServer([str(tiny_llama_dir), "--served-model-name", "tiny",
+                            "--lora-modules", *[f"{n}={scaleout_adapters / n}" for n in ("a", "b")]])
+    try:
+        with httpx.Client(base_url=single.url, timeout=60) as one:
+            want = {m: complete(one, m).json()["choices"][0]["text"] for m in ("a", "b", "tiny")}
+    finally:
+        single.stop()
+    got = {"a": first, "b": other, "tiny": base}
+    assert len(set(want.values())) == 3  # the adapters change the output: the comparison can fail
+    assert {m: r.json()["choices"][0]["text"] for m, r in got.items()} == want
+
+
+def test_streaming_through_the_ingress(client):
+    with client.stream("POST", "/v1/completions",
+                       json={"model": "a", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert text == complete(client, "a").json()["choices"][0]["text"]
+
+
+def test_unknown_adapter_and_bad_load_are_openai_errors(client, tmp_path):
+    r = complete(client, "nope")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert r.json()["error"]["code"] == "model_not_found"
+    r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope", "max_new_tokens": 2}})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "adapter_id"
+    (tmp_path / "adapter_config.json").write_text("{}")
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(tmp_path)})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path"  # not a vetted path
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(tmp_path)})
+    assert r.status_code == 400 and "reserved" in r.json()["error"]["message"]
+
+
+def test_lru_eviction_unloads(client):
+    for name in ADAPTERS:
+        assert complete(client, name).status_code == 200
+        time.sleep(SETTLE_S)
+
+    def settled():
+        reps = replicas(client)
+        held = [a for r in reps.values() for a in r["adapters"]]
+        return reps if all(len(r["adapters"]) <= PER_REPLICA for r in reps.values()) and len(held) == 4 else None
+
+    reps = wait_for(settled)
+    assert reps, replicas(client)  # five adapters, two replicas of two: one was evicted and unloaded
+    held = {a for r in reps.values() for a in r["adapters"]}
+    (evicted,) = set(ADAPTERS) - held
+    loads = sum(r["adapter_loads"] for r in reps.values())
+    assert complete(client, evicted).status_code == 200  # loaded again where it is asked
+    assert wait_for(lambda: sum(r["adapter_loads"] for r in replicas(client).values()) == loads + 1)
+    metrics = client.get("/metrics").text
+    assert all(f'replica="{r}"' in metrics for r in reps)
+
+
+def test_cluster_wide_unload_is_404_on_every_replica(client, cluster, scaleout_adapters):
+    from ray import serve
+
+    path = str(scaleout_adapters / "a")  # a vetted path (a --lora-modules one) under a new name
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path},
+                    headers={"accept": "application/json"})
+    assert r.status_code == 200, r.text
+    model_id = f"late@{r.json()['adapter']['generation']}"
+    assert complete(client, "late").status_code == 200
+    assert any("late" in v["adapters"] for v in replicas(client).values()) or wait_for(
+        lambda: any("late" in v["adapters"] for v in replicas(client).values()))
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+    assert all("late" not in v["adapters"] for v in replicas(client).values())  # dropped before the answer
+    assert complete(client, "late").status_code == 404
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 404
+
+    from loraplex.scaleout.replica import ForwardedRequest
+
+    handle = serve.get_deployment_handle("EngineReplica", cluster[1]).options(stream=True)
+    body = json.dumps({"model": "late", "prompt": PROMPT, "max_tokens": 2}).encode()
+    req = ForwardedRequest("POST", "/v1/completions", b"", [(b"content-type", b"application/json")], body,
+                           (model_id,))
+    seen: dict[str, int] = {}
+    for _ in range(30):  # straight to the replicas, bypassing the ingress: each one refuses the old id
+        start, *_ = list(handle.remote(req))
+        seen[dict(start.headers)[b"x-loraplex-replica"].decode()] = start.status
+        if len(seen) == 2:
+            break
+    assert seen == {r: 404 for r in replicas(client)}
+
+
+def test_replica_killed_mid_stream_fails_only_its_requests(client):
+    import ray
+
+    homes = {}
+    for name in ("a", "b"):
+        r = complete(client, name)
+        homes[name] = r.headers["x-loraplex-replica"]
+    if homes["a"] == homes["b"]:  # after the LRU test a and b may share a replica: find one elsewhere
+        other = next(n for n in ADAPTERS if (r := complete(client, n)).headers["x-loraplex-replica"] != homes["a"])
+        homes["b"] = other
+        names = ("a", other)
+    else:
+        names = ("a", "b")
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json={**body, "model": names[0]}) as doomed, \
+            client.stream("POST", "/v1/completions", json={**body, "model": names[1]}) as survivor:
+        assert doomed.headers["x-loraplex-replica"] != survivor.headers["x-loraplex-replica"]
+        victim = doomed.headers["x-loraplex-replica"]
+        doomed_lines, survivor_lines = doomed.iter_lines(), survivor.iter_lines()
+        assert next(doomed_lines).startswith("data: ") and next(survivor_lines).startswith("data: ")
+        actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(victim))
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        doomed_events = [line[6:] for line in doomed_lines if line.startswith("data: ")]
+        survivor_events = [line[6:] for line in survivor_lines if line.startswith("data: ")]
+    assert "error" in json.loads(doomed_events[-1])  # the killed replica's stream ends with an error event
+    assert survivor_events[-1] == "[DONE]"
+    assert json.loads(survivor_events[-2])["choices"][0]["finish_reason"] == "length"
+    r = complete(client, names[0])  # the next request is served (by the survivor, or the replacement)
+    assert r.status_code == 200 and r.headers["x-loraplex-replica"] != victim
