@@ -1,4 +1,10 @@
-"""The labelled routing evaluation set (``eval_set.json``) and an accuracy report, shared with the benchmark."""
+"""The labelled routing sets and an accuracy report, shared with the benchmark.
+
+- development sets (defaults may be chosen on them): ``eval_set.json`` (the demo adapters' domains and general
+  prompts) and ``dev_domains.json`` (new domains with short cards);
+- held-out sets (never used to choose anything): ``heldout/cards_{en,zh}.json`` with ``heldout/prompts_{en,zh}.json``
+  (8 domains × 10 prompts each, cards written apart from the prompts) and ``heldout/general.json``.
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +14,10 @@ from pathlib import Path
 from loraplex.lora.demo import demo_adapters
 from loraplex.routing import AdapterCard, Router
 
-EVAL_FILE = Path(__file__).with_name("eval_set.json")
+HERE = Path(__file__).parent
+EVAL_FILE = HERE / "eval_set.json"
+DEV_DOMAINS_FILE = HERE / "dev_domains.json"
+HELDOUT = HERE / "heldout"
 
 
 @dataclass(frozen=True)
@@ -30,10 +39,41 @@ def load_eval() -> list[Item]:
     return items
 
 
+def _read(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+
+
+def dev_domains() -> tuple[dict[str, AdapterCard], list[Item]]:
+    data = _read(DEV_DOMAINS_FILE)
+    cards = {n: AdapterCard(c["description"], tuple(c["examples"])) for n, c in data["cards"].items()}
+    items = [Item(d, p) for d, ps in data["prompts"].items() for p in ps] + [Item(None, p) for p in data["general"]]
+    return cards, items
+
+
+def heldout(lang: str) -> tuple[dict[str, AdapterCard], list[Item]]:
+    """Cards and in-domain prompts of one language (``en`` / ``zh``)."""
+    cards = {n: AdapterCard(c["description"], tuple(c["examples"]))
+             for n, c in _read(HELDOUT / f"cards_{lang}.json").items()}
+    items = [Item(d, p) for d, ps in _read(HELDOUT / f"prompts_{lang}.json").items() for p in ps]
+    return cards, items
+
+
+def heldout_general() -> list[Item]:
+    data = _read(HELDOUT / "general.json")
+    return [Item(None, p) for lang in ("en", "zh") for p in data[lang]]
+
+
 def demo_router(scorer, **kw) -> Router:
     router = Router(scorer, **kw)
     for name, path in demo_adapters().items():
         router.set_card(name, AdapterCard.from_folder(path))
+    return router
+
+
+def cards_router(scorer, cards: dict[str, AdapterCard], **kw) -> Router:
+    router = Router(scorer, **kw)
+    for name, card in cards.items():
+        router.set_card(name, card)
     return router
 
 
@@ -48,7 +88,22 @@ def evaluate(router: Router, items: list[Item]) -> tuple[float, str]:
         if not ok:
             misses.append(f"  miss: want {it.label or 'base'}, got {d.summary()} <- {it.prompt!r}")
     acc = sum(v[1] for v in per.values()) / len(items)
-    lines = [f"{router.scorer.name} scorer (threshold {router.threshold}, margin {router.margin}): "
+    lines = [f"{router.scorer.name} scorer (margin {router.margin}, spread {router.spread:.4f}): "
              f"accuracy {acc:.3f} on {len(items)} prompts; "
              + ", ".join(f"{k} {v[1]}/{sum(v)}" for k, v in per.items()), *misses]
     return acc, "\n".join(lines)
+
+
+def heldout_figures(scorer) -> tuple[dict[str, float], str]:
+    """Held-out accuracy: ``en`` / ``zh`` (in-domain prompts routed to their card, with that language's 8 cards)
+    and ``general`` (general prompts of both languages kept on the base, with each card set loaded)."""
+    figures, reports, general = {}, [], []
+    for lang in ("en", "zh"):
+        cards, items = heldout(lang)
+        router = cards_router(scorer, cards)
+        figures[lang], report = evaluate(router, items)
+        g, greport = evaluate(router, heldout_general())
+        general.append(g)
+        reports += [f"[{lang}] " + report, f"[general, {lang} cards] " + greport]
+    figures["general"] = sum(general) / len(general)
+    return figures, "\n".join(reports)

