@@ -62,7 +62,8 @@ def _encode_chat(llm: LLM, messages: list[dict]) -> list[int]:
 def _make_llm(args) -> LLM:
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               deterministic=args.deterministic)
 
 
 def cmd_generate(args) -> int:

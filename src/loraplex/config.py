@@ -44,6 +44,17 @@ class ModelConfig:
     device: str = "cpu"
     seed: int = 0
     quantization: str | None = None  # weight-only: "int8" | "int4" (decoder projections)
+    deterministic: bool = False  # batch-invariant: a request's tokens do not depend on what shares its steps
+
+    @property
+    def row_tile(self) -> int:
+        """Rows per GEMM call in deterministic mode (0 = off): one fixed kernel shape for every token."""
+        return BATCH_INVARIANT_TILE if self.deterministic else 0
+
+
+# --deterministic runs every token-row GEMM on tiles of this many rows (zero-padded): a batch-1 decode pays this
+# many rows of compute, a CPU GEMM at 8 rows still streams its weights at about the GEMV's cost.
+BATCH_INVARIANT_TILE = 8
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ class LLM:
                  max_loras: int | None = LoRAConfig.max_loras, max_lora_rank: int = LoRAConfig.max_lora_rank,
                  max_cpu_loras: int | None = LoRAConfig.max_cpu_loras,
                  enable_prefix_caching: bool = CacheConfig.enable_prefix_caching, quantization: str | None = None,
-                 **kwargs) -> None:
+                 deterministic: bool = ModelConfig.deterministic, **kwargs) -> None:
         unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGS)
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
@@ -63,7 +63,8 @@ class LLM:
         self.llm_engine = LLMEngine.from_args(
             model=model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
-            seed=seed, lora=lora, enable_prefix_caching=enable_prefix_caching, quantization=quantization)
+            seed=seed, lora=lora, enable_prefix_caching=enable_prefix_caching, quantization=quantization,
+            deterministic=deterministic)
         self._router: Router | None = None
         self._cards = CardBook()
 

@@ -175,3 +175,25 @@ def test_xlora_on_smollm2_matches_peft(tmp_path):
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, lora_request=[xl, None], use_tqdm=False)
     ref = hf_greedy_uncached(peft_xlora(base_dir, tmp_path / "xl"), prompts[0], len(outs[0].outputs[0].token_ids))
     assert outs[0].outputs[0].token_ids == ref[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_xlora_rows_are_batch_invariant_when_deterministic(xlora_root, dtype):
+    """--deterministic: an X-LoRA row's tokens and log-probs are bit-identical alone and beside other X-LoRA rows,
+    adapters and mixtures in 5-token chunks (the classifier's gates ride through the same row tiles)."""
+    root = xlora_root
+    xl = LoRARequest("xl", 1, str(root / "xl"))
+    b = LoRARequest("b", 2, str(root / "b"))
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=1, ignore_eos=True)
+
+    def run(llm, prompts, loras):
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, lora_request=loras, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+                for o in outs]
+
+    alone = LLM(model=str(root / "base"), dtype=dtype, enable_lora=True, max_loras=6, deterministic=True)
+    ref = run(alone, PROMPTS[:1], [xl])[0]
+    busy = LLM(model=str(root / "base"), dtype=dtype, enable_lora=True, max_loras=6, deterministic=True,
+               max_num_batched_tokens=5)
+    got = run(busy, [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]], [xl, xl, b, None])[1]
+    assert got == ref

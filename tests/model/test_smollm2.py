@@ -96,3 +96,29 @@ def test_structured_outputs_hold_on_the_real_model(llm):
     assert re.fullmatch(r"\+33 [0-9]{9}", outs[2].outputs[0].text)
     alone = llm.chat(conv[3], free, use_tqdm=False)[0]
     assert outs[3].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_deterministic_bf16_streams_do_not_depend_on_their_batch():
+    """--deterministic in bf16 on the real weights: each request's greedy tokens and log-probs are bit-identical
+    alone and among 12 others over the base and the demo adapters (chunked prefills beside decodes)."""
+    from loraplex import LoRARequest
+    from loraplex.lora.demo import demo_adapters
+
+    demos = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(sorted(demo_adapters().items()))}
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=1, ignore_eos=True)
+    llm = LLM(dtype="bfloat16", device="cpu", max_model_len=512, enable_lora=True, deterministic=True,
+              max_num_batched_tokens=64)
+    tok = llm.get_tokenizer()
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in QUESTIONS]
+    loras = [None, demos["congcong"], demos["benben"], demos["pirate"]]
+
+    def run(prompts, lrs):
+        outs = llm.generate(prompts, params, lora_request=lrs, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+                for o in outs]
+
+    alone = [run([c], [lr])[0] for c, lr in zip(chats, loras)]
+    mixed = run(chats * 3 + chats[:1], [loras[(i + j) % 4] for j in range(3) for i in range(4)] + [None])
+    assert mixed[:4] == alone  # j = 0: the same (prompt, adapter) pairs, now inside a batch of 13
+    assert mixed[12] == alone[0]

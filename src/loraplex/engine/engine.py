@@ -16,6 +16,7 @@ from loraplex.config import (
     SchedulerConfig,
     parse_dtype,
 )
+from loraplex import ops
 from loraplex.engine.cpu_dtype import auto_cpu_dtype
 from loraplex.engine.quant_plan import quant_plan
 from loraplex.engine.model_runner import ModelRunner, StepAdapters
@@ -91,7 +92,7 @@ class LLMEngine:
                                                                   config.cache.enable_prefix_caching),
                                    self.lora_store)
         self.runner = ModelRunner(loaded, config.cache, torch.device(config.model.device), config.model.dtype,
-                                  config.model.seed)
+                                  config.model.seed, config.model.row_tile)
         self.outputs = OutputProcessor(loaded.tokenizer)
         self._ids = itertools.count()
         self._retired: set[str] = set()  # adapters swapped in place, kept until their last request is done
@@ -106,9 +107,11 @@ class LLMEngine:
                   block_size: int = CacheConfig.block_size, kv_cache_memory: int | None = None,
                   seed: int = ModelConfig.seed, lora: LoRAConfig | None = None,
                   enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
-                  quantization: str | None = None) -> "LLMEngine":
+                  quantization: str | None = None,
+                  deterministic: bool = ModelConfig.deterministic) -> "LLMEngine":
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU);
-        ``quantization="int8" | "int4"``: weight-only quantized decoder projections (vLLM's argument name)."""
+        ``quantization="int8" | "int4"``: weight-only quantized decoder projections (vLLM's argument name);
+        ``deterministic``: batch-invariant kernels, so a request's tokens do not depend on what shares its steps."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: {quantization!r} is not supported (one of {QUANTIZATIONS[1:]})")
         torch_dtype = parse_dtype(dtype)
@@ -120,16 +123,22 @@ class LLMEngine:
                           stacklevel=2)
             torch_dtype = torch.bfloat16
         SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)  # bad limits fail before loading
+        if deterministic and ops.use_triton(torch.device(device)):
+            raise ValueError("deterministic: not available with the Triton kernels (CUDA, or LORAPLEX_TRITON=1) yet; "
+                             "run without --deterministic there")
         source = resolve_model(model)
         loaded = load_model(source, torch_dtype, device, max_model_len)
         if quantization is not None:
             loaded.model.quantize(quantization,
                                   lambda kind, n_in, n_out: quant_plan(kind, n_in, n_out, torch_dtype, device))
+        model_config = ModelConfig(source.model_id, torch_dtype, device, seed, quantization, deterministic)
+        if deterministic:
+            loaded.model.make_batch_invariant(model_config.row_tile)
         max_model_len = loaded.max_model_len
         blocks = _kv_blocks(loaded, torch_dtype, torch.device(device), block_size, max_model_len, max_num_seqs,
                             kv_cache_memory)
         config = EngineConfig(
-            model=ModelConfig(source.model_id, torch_dtype, device, seed, quantization),
+            model=model_config,
             cache=CacheConfig(block_size, blocks, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             lora=lora,

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment
+from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, TokenGroup
 from loraplex.scheduler.output import ScheduledRequest
 
 # Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV.
@@ -47,17 +47,43 @@ def _mixture_decodes(decodes: Sequence[ScheduledRequest], slot_of: Mapping[str, 
                 torch.tensor([[w for _, w in p] for p in pairs], dtype=torch.float32, device=device))
 
 
+def token_groups(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int],
+                 device: torch.device | str = "cpu") -> tuple[TokenGroup, ...]:
+    """The batch-invariant form: every adapter token of the step gathered by (pair index, slot), pair 0 of every
+    token first, so each token's deltas are added in its request's order whatever else is in the step."""
+    rows_of: dict[tuple[int, int, float], list[int]] = {}
+    start = 0
+    for r in rows:
+        for k, (name, w) in enumerate(r.loras):
+            rows_of.setdefault((k, slot_of[name], w), []).extend(range(start, start + r.num_tokens))
+        start += r.num_tokens
+    by_slot: dict[tuple[int, int], list[tuple[list[int], float]]] = {}
+    for (k, slot, w), idx in rows_of.items():
+        by_slot.setdefault((k, slot), []).append((idx, w))
+    groups = []
+    for (k, slot), parts in sorted(by_slot.items()):
+        idx = [i for p, _ in parts for i in p]
+        weights = None if all(w == 1.0 for _, w in parts) else \
+            torch.tensor([w for p, w in parts for _ in p], dtype=torch.float32, device=device)
+        groups.append(TokenGroup(torch.tensor(idx, device=device), slot, weights))
+    return tuple(groups)
+
+
 def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,
-                     device: torch.device | str = "cpu") -> LoRABatch | None:
+                     device: torch.device | str = "cpu", row_tile: int = 0) -> LoRABatch | None:
     """The step's LoRA batch (None when no row uses an adapter: the base pays nothing).
 
     ``rows`` are in step order (one-token decodes first); ``slot_of`` maps every adapter they name to its device
     slot; ``zero_slot`` is the all-zero slot base rows point at when they share a gather with adapter rows.
     X-LoRA rows contribute no form here (see ``ModelRunner.xlora_groups``), only their experts' ``used_slots``.
+    ``row_tile`` > 0: the batch-invariant form (``token_groups``, GEMMs on row tiles of that size).
     """
     if not any(r.lora_names for r in rows):
         return None
     decodes = [r for r in rows if r.num_tokens == 1]
+    used = frozenset(slot_of[n] for r in rows for n in r.lora_names)
+    if row_tile:
+        return LoRABatch(len(decodes), used_slots=used, groups=token_groups(rows, slot_of, device), row_tile=row_tile)
     segments: list[Segment] = []
     form = None
     if any(r.lora_mix for r in decodes):
@@ -76,5 +102,4 @@ def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int
     for r in rows[len(decodes):]:
         segments += [Segment(start, start + r.num_tokens, slot_of[n], w) for n, w in r.loras]
         start += r.num_tokens
-    used = frozenset(slot_of[n] for r in rows for n in r.lora_names)
     return LoRABatch(len(decodes), form, tuple(merge_segments(segments)), used)

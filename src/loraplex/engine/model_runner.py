@@ -55,7 +55,7 @@ class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler's per-request RNGs."""
 
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> None:
+                 seed: int = 0, row_tile: int = 0) -> None:
         self.model = loaded.model
         self.spec = loaded.spec
         self.device = device
@@ -65,7 +65,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(self.spec.num_layers)]
         self.sampler = Sampler(device, seed)
-        self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16
+        # row_tile > 0 (deterministic): fixed GEMM shapes and per-token attention, so no per-step kernel switch
+        self.row_tile = row_tile
+        self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16 and not row_tile
         self.dtype = dtype
         self._gates: dict[str, tuple[XLoRAPlan, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
         self._xlora_scores: dict[str, torch.Tensor] = {}  # request -> expert weights of its scored tokens
@@ -76,7 +78,7 @@ class ModelRunner:
         to score after the forward (see :meth:`xlora_groups`). ``rows`` are in step order (decodes first)."""
         if adapters is None:
             return None, []
-        batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device)
+        batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device, self.row_tile)
         if batch is None or not adapters.xloras:
             return batch, []
         groups, to_score = self.xlora_groups(rows, adapters)
@@ -133,7 +135,8 @@ class ModelRunner:
         """The classifier on scaling-pass rows' final hidden states: their tokens' expert weights, kept for the
         request's next (real-pass) step."""
         for req_id, plan, idx in to_score:
-            scores = self._gate(plan).classify(hidden[idx])
+            classify = self._gate(plan).classify
+            scores = ops.row_tiled(classify, hidden[idx], self.row_tile) if self.row_tile else classify(hidden[idx])
             prev = self._xlora_scores.get(req_id)
             self._xlora_scores[req_id] = scores if prev is None else torch.cat([prev, scores])
 
@@ -182,7 +185,10 @@ class ModelRunner:
             input_ids += r.token_ids
             positions += range(r.start_pos, end)
             slot_mapping += self._slots(r.block_table, r.start_pos, end)
-            if r.num_tokens > 1 and not kernel:
+            if self.row_tile:
+                slots, _ = self._context_slots([r.block_table], [end])
+                prefills.append(PrefillChunk(q_start, len(input_ids), r.start_pos, slots[0].to(self.device)))
+            elif r.num_tokens > 1 and not kernel:
                 chunk = PrefillChunk(q_start, len(input_ids), r.start_pos)
                 if r.start_pos > 0:
                     slots, _ = self._context_slots([r.block_table], [end])
@@ -193,7 +199,9 @@ class ModelRunner:
             if r.sample:
                 sample_idx.append(len(input_ids) - 1)
         meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), len(decode_rows), prefills=prefills)
-        if kernel:
+        if self.row_tile:
+            meta.prefills, meta.token_rows = [], prefills
+        elif kernel:
             meta.rows = self._paged_rows(rows)
         elif decode_rows:
             slots, valid = self._context_slots([r.block_table for r in decode_rows],

@@ -34,6 +34,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
     rows: "PagedRows | None" = None  # set when the step runs the Triton kernel (then the fields above are unused)
+    # --deterministic: every row (decodes too) as a chunk whose kv_slots cover positions 0 .. end - 1; each token
+    # then attends alone over exactly its own context (then the fields above are unused)
+    token_rows: list[PrefillChunk] | None = None
 
 
 @dataclass
@@ -63,6 +66,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         r = meta.rows
         return paged_attention_triton(q, k_cache, v_cache, r.block_tables, r.q_start, r.q_len, r.start_pos,
                                       r.max_q_len, r.block_size, scale)
+    if meta.token_rows is not None:
+        return _attention_per_token(q, k_cache, v_cache, meta.token_rows, scale)
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[2]
     parts = []
     nd = meta.num_decodes
@@ -87,3 +92,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, scale=scale, enable_gqa=True)
         parts.append(o[0].transpose(0, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _attention_per_token(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: list[PrefillChunk],
+                         scale: float) -> torch.Tensor:
+    """Batch-invariant attention: one SDPA call per token over exactly its context (no padding, no neighbours), in
+    the same call shape whether the token is decoded or prefilled, alone or beside others, in one chunk or several:
+    its bits depend only on its own query and context."""
+    num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for row in rows:
+        kk = k_cache.index_select(0, row.kv_slots)  # [end, Hkv, D]
+        vv = v_cache.index_select(0, row.kv_slots)
+        for t in range(row.q_start, row.q_end):
+            n = row.start_pos + t - row.q_start + 1  # positions 0 .. pos(t)
+            qq = q[t].view(1, num_kv_heads, num_heads // num_kv_heads, head_dim)  # heads sharing a kv head as rows
+            o = F.scaled_dot_product_attention(qq, kk[:n].transpose(0, 1).unsqueeze(0),
+                                               vv[:n].transpose(0, 1).unsqueeze(0), scale=scale)
+            out[t] = o.view(num_heads, head_dim)
+    return out

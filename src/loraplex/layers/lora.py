@@ -53,4 +53,4 @@ class LoRAStack(nn.Module):
         ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch, self.ranks)
         for group in batch.xlora:
             ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group,
-                               group.weights[:, self.layer, self.module_pos])
+                               group.weights[:, self.layer, self.module_pos], batch.row_tile)

@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex import ops
 from loraplex.layers.attention import AttentionMetadata, paged_attention
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
+from loraplex.layers.row_tiled import RowTiled
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
 from loraplex.ops.lora_batch import LoRABatch
@@ -104,6 +106,7 @@ class DecoderLM(nn.Module):
         self.spec = spec
         self.dtype, self.device = dtype, torch.device(device)
         self.head: Int8Linear | None = None  # quantized models: the LM head (and the tied embedding) in int8
+        self.row_tile = 0  # > 0: batch-invariant (make_batch_invariant)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.requires_grad_(False)
@@ -169,8 +172,22 @@ class DecoderLM(nn.Module):
         if hasattr(self, "lm_head"):
             del self.lm_head
 
+    def make_batch_invariant(self, tile: int) -> None:
+        """Run every token-row GEMM (the projections, quantized or not, and the LM head) on row tiles of ``tile``
+        rows, so a token's bits do not depend on the other tokens of its step (``ops.batch_invariant``)."""
+        self.row_tile = tile
+        for layer in self.layers:
+            for module, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                setattr(module, name, RowTiled(getattr(module, name), tile))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` → fp32 logits ``[S, vocab]``."""
+        if self.row_tile:
+            return ops.row_tiled(self._logits, hidden, self.row_tile)
+        return self._logits(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
             return self.head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()

@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, XLoRAGroup
+from loraplex.ops.batch_invariant import add_lora_grouped, row_tiled
+from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, TokenGroup, XLoRAGroup
 from loraplex.ops.lora_torch import (
     bgmv_expand,
     bgmv_shrink,
@@ -17,8 +18,8 @@ from loraplex.ops.lora_torch import (
     dense_lora_weighted,
 )
 
-__all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "XLoRAGroup", "add_lora", "add_lora_gated",
-           "use_triton"]
+__all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
+           "add_lora_gated", "row_tiled", "use_triton"]
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
@@ -58,7 +59,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
              out_slices: list[tuple[int, int]], batch: LoRABatch, ranks: torch.Tensor | None = None) -> None:
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment. ``ranks``
-    (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank."""
+    (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank.
+    A batch-invariant step (``batch.row_tile``) takes its token groups through ``ops.batch_invariant``."""
+    if batch.row_tile:
+        add_lora_grouped(y, x, lora_a, lora_bs, out_slices, batch.groups, batch.row_tile)
+        return
     nd = batch.num_decodes
     fast = _triton() if use_triton(x.device) else None
     match batch.decodes:
@@ -91,11 +96,18 @@ def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
 
 
 def add_lora_gated(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-                   out_slices: list[tuple[int, int]], group: XLoRAGroup, weights: torch.Tensor) -> None:
+                   out_slices: list[tuple[int, int]], group: XLoRAGroup, weights: torch.Tensor,
+                   row_tile: int = 0) -> None:
     """X-LoRA: tokens ``group.rows`` get ``Σ_e weights[t, i, e] · B_i[s_e] A_i[s_e] x`` on output slice i, with
     ``s_e = group.slots[e]`` (a per-token, per-slice mixture of the E experts; ``weights: [Tx, n_slices, E]`` is
-    the group's weights at this stack's layer and modules)."""
+    the group's weights at this stack's layer and modules). ``row_tile`` > 0: on fixed row tiles (batch-invariant)."""
     rows = group.rows
-    out = y.new_zeros(rows.shape[0], y.shape[1])
-    dense_lora_gated(out, x.index_select(0, rows), lora_a, lora_bs, out_slices, group.slots, weights)
+
+    def gated(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [n, in], [n, n_slices, E] -> [n, out]
+        out = y.new_zeros(xs.shape[0], y.shape[1])
+        dense_lora_gated(out, xs, lora_a, lora_bs, out_slices, group.slots, w)
+        return out
+
+    xs = x.index_select(0, rows)
+    out = row_tiled(gated, xs, row_tile, weights) if row_tile else gated(xs, weights)
     y.index_add_(0, rows, out)

@@ -52,6 +52,16 @@ class DenseWeighted:
 DecodeLoRA = Bgmv | Dense | DenseWeighted
 
 
+class TokenGroup(NamedTuple):
+    """Batch-invariant form (``--deterministic``): the step tokens ``rows: [n]`` (long) that use ``slot`` for one
+    of their (slot, weight) pairs, with ``weights: [n]`` (None = all ones). A step in this form lists every token's
+    pairs as groups, a token's pairs in the request's order."""
+
+    rows: torch.Tensor
+    slot: int
+    weights: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class XLoRAGroup:
     """Tokens of one X-LoRA this step: ``rows: [Tx]`` their positions on the step's token axis, ``slots: [E]`` the
@@ -65,10 +75,14 @@ class XLoRAGroup:
 @dataclass(frozen=True)
 class LoRABatch:
     """Which adapter each token of the step uses. ``used_slots`` lists every slot anywhere in the step (a LoRA
-    stack none of whose adapters is used skips the step); ``xlora`` holds the per-token gated groups."""
+    stack none of whose adapters is used skips the step); ``xlora`` holds the per-token gated groups.
+    ``row_tile`` > 0 (``--deterministic``): every token is in ``groups`` (no ``decodes``/``segments``) and every
+    LoRA GEMM runs on row tiles of that size (``ops.batch_invariant``)."""
 
     num_decodes: int
     decodes: DecodeLoRA | None = None
     segments: tuple[Segment, ...] = ()
     used_slots: frozenset[int] = frozenset()
     xlora: tuple[XLoRAGroup, ...] = ()
+    groups: tuple[TokenGroup, ...] = ()
+    row_tile: int = 0

@@ -31,11 +31,15 @@ VLLM_VALUED = ("--gpu-memory-utilization", "--tensor-parallel-size", "--pipeline
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
-    """Sequence and batch limits, shared by every command that builds an engine."""
+    """Sequence and batch limits and the batch-invariant switch, shared by every command that builds an engine."""
     p.add_argument("--max-model-len", type=int, default=SchedulerConfig.max_model_len,
                    help="longest sequence, prompt + output (default: the model's own limit)")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    p.add_argument("--deterministic", "--enable-deterministic-inference", action="store_true",
+                   default=ModelConfig.deterministic,
+                   help="batch-invariant kernels: a request's tokens are the same whatever shares its batch "
+                        "(bf16 too), at a cost in throughput (docs/benchmarks.md)")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ def build_state(args) -> ServerState:
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, seed=args.seed,
                                  lora=lora, enable_prefix_caching=args.enable_prefix_caching,
-                                 quantization=args.quantization)
+                                 quantization=args.quantization, deterministic=args.deterministic)
     modules = [parse_lora_module(s) for s in args.lora_modules]
     if not args.no_demo_adapters and model is None and not modules and not args.adapter_dir:
         modules = [{"name": n, "path": n} for n in demo_adapters()]  # the zero-argument demo run
