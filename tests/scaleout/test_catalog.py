@@ -97,3 +97,16 @@ def test_adapter_handle_release_is_idempotent():
         return replica.evicted
 
     assert asyncio.run(main()) == ["a@1"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray[serve] is not installed")
+def test_serve_run_arguments_are_the_serve_flags():
+    """``serve run loraplex.scaleout.ray_serve:build_app key=value ...`` reads the same flags as ``loraplex serve``."""
+    from loraplex.scaleout.ray_serve import argv_of, parser
+
+    args = parser().parse_args(argv_of({"model": "/m", "num_replicas": "2", "lora_modules": "a=/p/a b=/p/b",
+                                        "enable_runtime_lora": "true", "no_adapter_affinity": "false"}))
+    assert (args.model, args.num_replicas, args.lora_modules) == ("/m", 2, ["a=/p/a", "b=/p/b"])
+    assert args.enable_runtime_lora and not args.no_adapter_affinity
+    with pytest.raises(ValueError, match="num_replica: not a loraplex serve flag"):
+        argv_of({"num_replica": "2"})

@@ -70,6 +70,11 @@ class AdapterCatalog:
         self.entries[name] = entry
         return entry
 
+    def ensure(self, name: str, path: str, description: str | None = None,
+               examples: list[str] | None = None) -> CatalogEntry:
+        """``name``'s entry, added first if absent (concurrent first uses agree on one generation)."""
+        return self.entries.get(name) or self.add(name, path, description, examples)
+
     def remove(self, name: str) -> int | None:
         """Drop ``name``; the version replicas must reach to have dropped it, or None when it was unknown."""
         if self.entries.pop(name, None) is None:
@@ -111,6 +116,14 @@ class CatalogActor:
                   examples: list[str] | None = None) -> CatalogEntry:
         entry = self.catalog.add(name, path, description, examples)
         await self._bump()
+        return entry
+
+    async def ensure(self, name: str, path: str, description: str | None = None,
+                     examples: list[str] | None = None) -> CatalogEntry:
+        before = self.catalog.version
+        entry = self.catalog.ensure(name, path, description, examples)
+        if self.catalog.version != before:
+            await self._bump()
         return entry
 
     async def remove(self, name: str) -> int | None:

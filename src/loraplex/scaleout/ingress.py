@@ -72,16 +72,15 @@ class Ingress:
         if not self.args.no_demo_adapters and self.args.model is None and not mods and not self.args.adapter_dir:
             mods = [{"name": n, "path": n} for n in demo_adapters()]
         for mod in mods:
-            if await self.catalog.entry.remote(mod["name"]) is None:
-                await self.catalog.add.remote(mod["name"], resolve_adapter_path(mod["path"]), mod.get("description"),
-                                              mod.get("examples"))
+            await self.catalog.ensure.remote(mod["name"], resolve_adapter_path(mod["path"]), mod.get("description"),
+                                             mod.get("examples"))
 
     async def _entry(self, name: str, param: str) -> CatalogEntry:
         """The catalog's adapter ``name``; a folder under --adapter-dir joins the catalog on first use; else 404."""
         entry = await self.catalog.entry.remote(name)
         if entry is None and self.adapter_dir is not None and "/" not in name and ".." not in name:
             if (self.adapter_dir / name / "adapter_config.json").is_file():
-                entry = await self.catalog.add.remote(name, str(self.adapter_dir / name))
+                entry = await self.catalog.ensure.remote(name, str(self.adapter_dir / name))
         if entry is None:
             raise not_found(name, param)
         return entry

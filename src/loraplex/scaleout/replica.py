@@ -21,7 +21,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.scaleout.catalog import CatalogEntry, catalog_actor, split_model_id
 from loraplex.server.adapters import not_found
 from loraplex.server.app import build_app
-from loraplex.server.errors import error_body
+from loraplex.server.errors import error_body, from_value_error
 from loraplex.server.serve import build_state
 
 log = logging.getLogger("loraplex.scaleout")
@@ -149,11 +149,15 @@ class EngineReplica:
                 try:
                     await self.adapter(model_id)
                 except LookupError:  # unloaded cluster-wide between the ingress' check and now
-                    name = split_model_id(model_id)[0]
-                    yield ResponseStart(404, [(b"content-type", b"application/json"),
-                                              (b"x-loraplex-replica", self.replica_id.encode())])
-                    yield _json(error_body(404, not_found(name).message, "model", "model_not_found"))
-                    return
+                    err = not_found(split_model_id(model_id)[0])
+                except (ValueError, FileNotFoundError) as e:  # its files changed since the load check
+                    err = from_value_error(e)
+                else:
+                    continue
+                yield ResponseStart(err.status, [(b"content-type", b"application/json"),
+                                                 (b"x-loraplex-replica", self.replica_id.encode())])
+                yield _json(error_body(err.status, err.message, err.param, err.code))
+                return
             async for item in self._run_app(req):
                 yield item
         finally:
@@ -206,7 +210,8 @@ class EngineReplica:
             return str(e)
         return None
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # Serve's graceful shutdown
+        self._sync_task.cancel()
         self.state.engine.shutdown()
 
 
