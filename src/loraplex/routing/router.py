@@ -147,6 +147,22 @@ class Router:
         self._recent.append((time.time(), decision))
         return decision
 
+    def describe(self, recent: int | None = None) -> dict:
+        """What ``GET /v1/router`` shows: the scorer and why it was chosen, the spread, the margin, each card's
+        threshold (and where it came from), the rules, and the last ``recent`` decisions, newest first."""
+        calibration = self.calibration()
+        cards = {}
+        for name, card in self.cards.items():
+            fitted = calibration[name].to_dict()
+            if self.threshold is not None:
+                fitted["threshold"] = self.threshold  # --router-threshold replaces the fitted one
+            cards[name] = {**fitted, "examples": len(card.examples), "description": bool(card.description)}
+        decisions = self.recent_decisions()[::-1][:recent]
+        return {"scorer": {"name": self.scorer.name, "reason": self.scorer.reason, "fallback": self.scorer.fallback},
+                "spread": round(self.spread, 6), "margin": self.margin, "threshold": self.threshold,
+                "general_examples": len(self.general.examples), "rules": len(self.rules), "cards": cards,
+                "recent": [{"time": round(t, 3), **d.to_dict()} for t, d in decisions]}
+
     def recent_decisions(self) -> list[tuple[float, RouteDecision]]:
         """The last decisions (``recent`` of them), oldest first, with their wall-clock times."""
         return list(self._recent)

