@@ -3,6 +3,7 @@ two engine replicas of the tiny llama model, at most two adapters registered per
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 
 import pytest
@@ -11,6 +12,8 @@ from tests.conftest import save_tiny_adapter
 
 ADAPTERS = ["a", "b", "c", "d", "e"]
 PER_REPLICA = 2
+CARD = {"description": "pirate speech: sailing ships, treasure maps and parrots",
+        "examples": ["arr matey, where be the buried treasure?", "hoist the sails, the parrot wants gold"]}
 
 
 def free_port() -> int:
@@ -45,7 +48,8 @@ def cluster(tiny_llama_dir, scaleout_adapters):
         args = parser().parse_args([
             str(tiny_llama_dir), "--served-model-name", "tiny", "--dtype", "float32", "--no-demo-adapters",
             "--num-replicas", "2", "--max-adapters-per-replica", str(PER_REPLICA), "--router-scorer", "lexical",
-            "--lora-modules", *[f"{n}={scaleout_adapters / n}" for n in ADAPTERS]])
+            "--lora-modules", json.dumps({"name": "a", "path": str(scaleout_adapters / "a"), **CARD}),
+            *[f"{n}={scaleout_adapters / n}" for n in ADAPTERS[1:]]])
         serve.run(application(args), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}", APP_NAME
     finally:

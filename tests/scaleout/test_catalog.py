@@ -110,3 +110,12 @@ def test_serve_run_arguments_are_the_serve_flags():
     assert args.enable_runtime_lora and not args.no_adapter_affinity
     with pytest.raises(ValueError, match="num_replica: not a loraplex serve flag"):
         argv_of({"num_replica": "2"})
+
+
+def test_plain_serve_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; from loraplex.cli import main; from loraplex.server import serve; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -144,6 +144,17 @@ def test_cluster_wide_unload_is_404_on_every_replica(client, cluster, scaleout_a
     assert seen == {r: 404 for r in replicas(client)}
 
 
+def test_auto_is_routed_once_at_the_ingress_and_other_routes_forward(client):
+    r = client.post("/v1/completions", json={"model": "auto", "prompt": "arr matey, where be the treasure map?",
+                                             "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["model"] == "a" and float(r.headers["x-loraplex-route-score"]) > 0
+    r = client.post("/v1/completions", json={"model": "auto", "prompt": "Compute the integral of x squared.",
+                                             "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"  # no card fits: the base
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/info").status_code == 200
+    assert {m["id"] for m in client.get("/v1/models").json()["data"]} >= {"tiny", *ADAPTERS}
+
 def test_replica_killed_mid_stream_fails_only_its_requests(client):
     import ray
 
@@ -173,3 +184,4 @@ def test_replica_killed_mid_stream_fails_only_its_requests(client):
     assert json.loads(survivor_events[-2])["choices"][0]["finish_reason"] == "length"
     r = complete(client, names[0])  # the next request is served (by the survivor, or the replacement)
     assert r.status_code == 200 and r.headers["x-loraplex-replica"] != victim
+
