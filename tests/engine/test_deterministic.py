@@ -118,3 +118,13 @@ def test_deterministic_is_refused_with_the_triton_kernels(tiny_llama_dir, monkey
     monkeypatch.setattr(ops, "use_triton", lambda device: True)
     with pytest.raises(ValueError, match="deterministic"):
         LLM(str(tiny_llama_dir), dtype="float32", deterministic=True)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_bases_are_batch_invariant_too(tiny_llama_dir, quantization):
+    """The quantized linears pick their kernel by row count; on fixed row tiles they always get the same one."""
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16", quantization=quantization, deterministic=True, max_model_len=128,
+              max_num_batched_tokens=16)
+    prompts = ["alone or not", "a second, longer prompt to share the steps with", "3", "four four four"]
+    alone = _run(llm, [(prompts[0], None)])[0]
+    assert _run(llm, [(p, None) for p in prompts[1:3]] + [(prompts[0], None), (prompts[3], None)])[2] == alone
