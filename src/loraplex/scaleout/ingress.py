@@ -7,6 +7,7 @@ Cluster-wide routes live here: adapter load / unload change the catalog (so ever
 lists the catalog, ``/metrics`` is every replica's metrics with a ``replica`` label.
 """
 
+import asyncio
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 
 from loraplex.lora.demo import demo_adapters, resolve_adapter_path
+from loraplex.routing import AdapterCard
 from loraplex.scaleout.catalog import CatalogEntry, catalog_actor
 from loraplex.scaleout.metrics import merge_metrics
 from loraplex.scaleout.replica import ForwardedRequest, ResponseStart
@@ -33,7 +35,6 @@ log = logging.getLogger("loraplex.scaleout")
 api = FastAPI(title="loraplex (Ray Serve)")
 install_error_handlers(api)
 UNLOAD_WAIT_S = 120.0
-GENERATE = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/")
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
@@ -112,19 +113,20 @@ class Ingress:
         for name in set(self.routed_cards) - set(entries):
             self.router.remove(name)
             del self.routed_cards[name]
-        from loraplex.routing import AdapterCard
-
         for name, e in entries.items():
             if self.routed_cards.get(name) != e.gen:
                 card = AdapterCard.of(e.description, list(e.examples) if e.examples else None) or \
                     AdapterCard.from_folder(e.path)
-                self.router.set_card(name, card)
+                await self._off_loop(self.router.set_card, name, card)
                 self.routed_cards[name] = e.gen
-        prompt, system = route_query(body)
-        decision = self.router.route(prompt, system)
+        decision = await self._off_loop(self.router.route, *route_query(body))
         log.info("route %s -> %s", self.auto_name, decision.summary())
         choice = decision.adapter if decision.adapter in entries else base_id
         return choice, {"x-loraplex-route-score": f"{decision.score:.4f}"}
+
+    async def _off_loop(self, fn, *args):
+        """The embedding scorer's forward passes run off the event loop (streams keep flowing meanwhile)."""
+        return await asyncio.to_thread(fn, *args) if self.router.blocking else fn(*args)
 
     async def _forward(self, request: Request, body: bytes, entries: list[CatalogEntry],
                        extra: dict[str, str] | None = None) -> Response:
@@ -152,6 +154,8 @@ class Ingress:
             except REPLICA_GONE as e:
                 raise APIError(503, f"the engine replica failed during the request: {e}",
                                code="replica_unavailable") from None
+            finally:  # the client left (this handler was cancelled): the replica aborts the request
+                stream.cancel()
             return Response(content, start.status, headers=headers)
 
         async def relay():
@@ -285,6 +289,11 @@ class Ingress:
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse({"message": message, "status": "unloaded", "lora_name": body.lora_name})
         return PlainTextResponse(message)
+
+    @api.post("/v1/pin_lora_adapter")
+    async def pin_adapter(self, request: Request):
+        self._guard(request)
+        raise APIError(400, "lora_name: pinning is per engine; not available with --num-replicas", "lora_name")
 
     @api.get("/metrics")
     async def metrics(self, request: Request):
