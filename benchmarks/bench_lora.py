@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--max-lora-rank", type=int, default=None,
+                    help="the engine's slot width cap (default: --rank; 64 is the server's default)")
     ap.add_argument("--sweep", type=int, nargs="*", default=None,
                     help="instead: distinct-adapter counts to sweep (e.g. 1 8 32 128), max(32, n) prompts each, "
                          "max_loras = --adapters")
@@ -60,7 +62,7 @@ def main() -> None:
         return sweep(args)
     n_prompts = 32
     llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=args.adapters,
-              max_lora_rank=args.rank, max_cpu_loras=args.adapters)
+              max_lora_rank=args.max_lora_rank or args.rank, max_cpu_loras=args.adapters)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8] + " " * (i // 8)}],
                                                   tokenize=False, add_generation_prompt=True),

@@ -157,3 +157,37 @@ def test_one_adapter_decodes_as_a_segment_match_reference():
     expected = torch.zeros(5, 12)
     add_lora_reference(expected, x, a, b, torch.tensor([[2], [2], [2], [1], [1]]), torch.ones(5, 1))
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_slot_buffers_grow_to_the_largest_rank_loaded_and_keep_every_slot():
+    """A stack is as wide as the largest rank written (not max_lora_rank); widening keeps the slots' results."""
+    from loraplex.layers.lora import LoRAStack
+    from loraplex.layers.projections import PROJECTIONS, ModuleShapes
+    from loraplex.ops.lora_batch import Bgmv, LoRABatch
+
+    torch.manual_seed(0)
+    qkv = next(p for p in PROJECTIONS if p.name == "qkv_proj")
+    shapes = ModuleShapes.of(1, hidden_size=32, intermediate_size=48, q_size=32, kv_size=16)
+    stack = LoRAStack(qkv, shapes, max_loras=3, max_rank=64, dtype=torch.float32, device="cpu")
+    x = torch.randn(2, 32)
+    batch = LoRABatch(2, Bgmv(torch.tensor([[0], [1]])), used_slots=frozenset({0, 1}))
+
+    def run():
+        y = torch.zeros(2, 64)
+        stack(y, x, batch)
+        return y
+
+    w4 = {"q_proj": (torch.randn(4, 32), torch.randn(32, 4)), "v_proj": (torch.randn(4, 32), torch.randn(16, 4))}
+    stack.set_slot(0, w4)
+    assert stack.rank == 4 and stack.lora_a.shape == (4, 3 * 4, 32)
+    before = run()
+    assert before[0].abs().sum() > 0 and before[1].abs().sum() == 0
+    w16 = {"k_proj": (torch.randn(16, 32), torch.randn(16, 16))}
+    stack.set_slot(1, w16)
+    assert stack.rank == 16 and stack.lora_a.shape == (4, 3 * 16, 32) and stack.lora_b[0].shape == (4, 32, 16)
+    after = run()
+    torch.testing.assert_close(after[0], before[0])  # slot 0 survived the widening
+    a, b = w16["k_proj"]
+    torch.testing.assert_close(after[1, 32:48], (x[1] @ a.T) @ b.T)
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        stack.set_slot(2, {"q_proj": (torch.randn(65, 32), torch.randn(32, 65))})

@@ -1,7 +1,9 @@
 """Fixed-size LoRA slot buffers beside each (stacked) base linear; loading an adapter is a copy into a slot.
 
 Slot ``max_loras`` (the last) stays zero: tokens without an adapter point there when a step mixes base and adapter
-rows. Ranks below ``max_lora_rank`` are zero-padded, so rows of different ranks share one batched op.
+rows. The buffers are as wide as the largest rank loaded so far (grown on demand, up to ``max_lora_rank``): smaller
+ranks are zero-padded to it, so rows of different ranks share one batched op, and a server of rank-16 adapters pays
+for rank 16, not for ``max_lora_rank``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from loraplex.ops.lora_batch import LoRABatch
 class LoRAStack(nn.Module):
     """LoRA for one projection whose output is the concatenation of its modules' outputs (e.g. q|k|v).
 
-    ``lora_a: [S + 1, n_slices · R, in]`` (slice i's A in rows ``i·R .. i·R + r``), ``lora_b[i]: [S + 1, size_i, R]``.
+    ``lora_a: [S + 1, n_slices · R, in]`` (slice i's A in rows ``i·R .. i·R + r``), ``lora_b[i]: [S + 1, size_i, R]``
+    with ``R = self.rank``, the largest rank written so far (at most ``max_rank``).
     """
 
     def __init__(self, projection: Projection, shapes: ModuleShapes, max_loras: int, max_rank: int,
@@ -27,23 +30,40 @@ class LoRAStack(nn.Module):
         self.layer = layer  # X-LoRA weights are per (layer, module)
         self.module_pos = [MODULES.index(m) for m in projection.modules]
         self.max_rank = max_rank
+        self.rank = 1  # R: the buffers' width; grows to the largest rank written (``_grow``)
         self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
-        self.lora_a = torch.zeros(max_loras + 1, len(self.modules_) * max_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = [torch.zeros(max_loras + 1, n, max_rank, dtype=dtype, device=device) for n in out_sizes]
+        self.lora_a = torch.zeros(max_loras + 1, len(self.modules_), in_features, dtype=dtype, device=device)
+        self.lora_b = [torch.zeros(max_loras + 1, n, 1, dtype=dtype, device=device) for n in out_sizes]
         self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
         self.ranks = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)  # true rank per slot (kernels)
 
+    def _grow(self, rank: int) -> None:
+        """Widen the buffers to ``rank`` (every slot keeps its weights; the new columns are zero)."""
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} > max_lora_rank {self.max_rank}")
+        s, n, old = self.lora_a.shape[0], len(self.modules_), self.rank
+        a = self.lora_a.new_zeros(s, n * rank, self.lora_a.shape[-1])
+        a.view(s, n, rank, -1)[:, :, :old].copy_(self.lora_a.view(s, n, old, -1))
+        self.lora_a = a
+        for i, b in enumerate(self.lora_b):
+            self.lora_b[i] = b.new_zeros(s, b.shape[1], rank)
+            self.lora_b[i][:, :, :old].copy_(b)
+        self.rank = rank
+
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one adapter's (A, B·scale) per module name into ``slot``; absent modules stay zero."""
+        needed = max((a.shape[0] for m, (a, _) in weights.items() if m in self.modules_), default=0)
+        if needed > self.rank:
+            self._grow(needed)
         self.lora_a[slot].zero_()
         self.occupied.discard(slot)
-        self.ranks[slot] = max((a.shape[0] for m, (a, _) in weights.items() if m in self.modules_), default=0)
+        self.ranks[slot] = needed
         for i, module in enumerate(self.modules_):
             self.lora_b[i][slot].zero_()
             if module in weights:
                 a, b = weights[module]
                 r = a.shape[0]
-                self.lora_a[slot, i * self.max_rank:i * self.max_rank + r].copy_(a)
+                self.lora_a[slot, i * self.rank:i * self.rank + r].copy_(a)
                 self.lora_b[i][slot, :, :r].copy_(b)
                 self.occupied.add(slot)
 
