@@ -155,28 +155,47 @@ def test_auto_is_routed_once_at_the_ingress_and_other_routes_forward(client):
     assert client.get("/info").status_code == 200
     assert {m["id"] for m in client.get("/v1/models").json()["data"]} >= {"tiny", *ADAPTERS}
 
+def generated(client: httpx.Client, adapter: str) -> float:
+    """Tokens generated for ``adapter``, summed over the replicas (from the ingress' merged /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    return sum(s.value for s in fams["loraplex_generation_tokens"].samples
+               if s.name.endswith("_total") and s.labels.get("adapter") == adapter)
+
+
+def test_base_requests_spread_and_a_client_leaving_aborts(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        homes = {r.headers["x-loraplex-replica"] for r in pool.map(lambda _: complete(client, "tiny", 24), range(8))}
+    assert len(homes) == 2  # base requests go by load, to both replicas
+
+    time.sleep(2.5)  # the replicas' metrics reach the catalog within ~2 s
+    before = generated(client, "c")
+    with client.stream("POST", "/v1/completions", json={"model": "c", "prompt": PROMPT, "max_tokens": 480,
+                                                        "ignore_eos": True, "stream": True}) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    time.sleep(3.0)
+    assert 1 <= generated(client, "c") - before < 240  # aborted on the replica, not run to 480 tokens
+
 def test_replica_killed_mid_stream_fails_only_its_requests(client):
     import ray
 
-    homes = {}
-    for name in ("a", "b"):
-        r = complete(client, name)
-        homes[name] = r.headers["x-loraplex-replica"]
-    if homes["a"] == homes["b"]:  # after the LRU test a and b may share a replica: find one elsewhere
-        other = next(n for n in ADAPTERS if (r := complete(client, n)).headers["x-loraplex-replica"] != homes["a"])
-        homes["b"] = other
-        names = ("a", other)
-    else:
-        names = ("a", "b")
-    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
-    with client.stream("POST", "/v1/completions", json={**body, "model": names[0]}) as doomed, \
+    victim = complete(client, "a").headers["x-loraplex-replica"]
+    time.sleep(SETTLE_S)
+    other = next(n for n in ADAPTERS[1:] if complete(client, n).headers["x-loraplex-replica"] != victim)
+    names = ("a", other)
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(victim))
+    actor = ray.get_actor(actor["name"], namespace=actor["namespace"])  # found first: killed right after a token
+    body = {"prompt": PROMPT, "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
+    # n = 8 rows of 480 tokens keep the doomed replica busy for seconds after its first token
+    with client.stream("POST", "/v1/completions", json={**body, "model": names[0], "n": 8}) as doomed, \
             client.stream("POST", "/v1/completions", json={**body, "model": names[1]}) as survivor:
-        assert doomed.headers["x-loraplex-replica"] != survivor.headers["x-loraplex-replica"]
-        victim = doomed.headers["x-loraplex-replica"]
+        assert doomed.headers["x-loraplex-replica"] == victim != survivor.headers["x-loraplex-replica"]
         doomed_lines, survivor_lines = doomed.iter_lines(), survivor.iter_lines()
         assert next(doomed_lines).startswith("data: ") and next(survivor_lines).startswith("data: ")
-        actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(victim))
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        ray.kill(actor, no_restart=True)
         doomed_events = [line[6:] for line in doomed_lines if line.startswith("data: ")]
         survivor_events = [line[6:] for line in survivor_lines if line.startswith("data: ")]
     assert "error" in json.loads(doomed_events[-1])  # the killed replica's stream ends with an error event
