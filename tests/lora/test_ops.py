@@ -191,3 +191,42 @@ def test_slot_buffers_grow_to_the_largest_rank_loaded_and_keep_every_slot():
     torch.testing.assert_close(after[1, 32:48], (x[1] @ a.T) @ b.T)
     with pytest.raises(ValueError, match="max_lora_rank"):
         stack.set_slot(2, {"q_proj": (torch.randn(65, 32), torch.randn(32, 65))})
+
+
+@pytest.mark.parametrize("form", ["bgmv", "dense", "segments", "gated"])
+def test_narrowing_to_true_ranks_changes_nothing_but_the_work(form):
+    """With ``rank_of`` the torch forms read only each slot's true rank (segments their own, decodes the step's
+    largest): the same result as over the zero-padded buffers."""
+    from loraplex.ops.lora_batch import Bgmv, Dense, LoRABatch, Segment, XLoRAGroup
+
+    torch.manual_seed(3)
+    width, n_in, outs = 32, 24, (20, 12)
+    rank_of = [4, 16, 8, 0]
+    lora_a = torch.zeros(4, 2 * width, n_in)
+    lora_bs = [torch.zeros(4, n, width) for n in outs]
+    for s, r in enumerate(rank_of):
+        for i in range(2):
+            lora_a[s, i * width:i * width + r] = torch.randn(r, n_in)
+            lora_bs[i][s, :, :r] = torch.randn(outs[i], r)
+    out_slices = [(0, 20), (20, 12)]
+    x = torch.randn(9, n_in)
+    if form == "bgmv":
+        batch = LoRABatch(9, Bgmv(torch.tensor([[0], [1], [2], [3], [0], [2], [1], [1], [3]])),
+                          used_slots=frozenset({0, 1, 2}))
+    elif form == "dense":
+        batch = LoRABatch(9, Dense(torch.tensor([0, 2]), torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 1])),
+                          used_slots=frozenset({0, 2}))
+    elif form == "segments":
+        batch = LoRABatch(0, None, (Segment(0, 4, 0), Segment(4, 7, 1, 0.5), Segment(7, 9, 2)),
+                          used_slots=frozenset({0, 1, 2}))
+    if form == "gated":
+        group = XLoRAGroup(torch.tensor([1, 3, 5]), torch.tensor([0, 2]), torch.rand(3, 2, 2))
+        y_full, y_narrow = torch.zeros(9, 32), torch.zeros(9, 32)
+        ops.add_lora_gated(y_full, x, lora_a, lora_bs, out_slices, group, group.weights)
+        ops.add_lora_gated(y_narrow, x, lora_a, lora_bs, out_slices, group, group.weights, rank_of=rank_of)
+    else:
+        y_full, y_narrow = torch.zeros(9, 32), torch.zeros(9, 32)
+        ops.add_lora(y_full, x, lora_a, lora_bs, out_slices, batch)
+        ops.add_lora(y_narrow, x, lora_a, lora_bs, out_slices, batch, rank_of=rank_of)
+    assert y_full.abs().sum() > 0
+    torch.testing.assert_close(y_narrow, y_full, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,7 @@ class LoRAStack(nn.Module):
         self.lora_b = [torch.zeros(max_loras + 1, n, 1, dtype=dtype, device=device) for n in out_sizes]
         self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
         self.ranks = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)  # true rank per slot (kernels)
+        self.rank_of = [0] * (max_loras + 1)  # the same as ints (the torch forms narrow to it)
 
     def _grow(self, rank: int) -> None:
         """Widen the buffers to ``rank`` (every slot keeps its weights; the new columns are zero)."""
@@ -57,7 +58,7 @@ class LoRAStack(nn.Module):
             self._grow(needed)
         self.lora_a[slot].zero_()
         self.occupied.discard(slot)
-        self.ranks[slot] = needed
+        self.ranks[slot] = self.rank_of[slot] = needed
         for i, module in enumerate(self.modules_):
             self.lora_b[i][slot].zero_()
             if module in weights:
@@ -70,7 +71,7 @@ class LoRAStack(nn.Module):
     def forward(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> None:
         if self.occupied.isdisjoint(batch.used_slots):  # e.g. attention-only adapters skip the MLP stacks
             return
-        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch, self.ranks)
+        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch, self.ranks, self.rank_of)
         for group in batch.xlora:
             ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group,
-                               group.weights[:, self.layer, self.module_pos], batch.row_tile)
+                               group.weights[:, self.layer, self.module_pos], batch.row_tile, self.rank_of)

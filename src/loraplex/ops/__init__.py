@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -16,6 +17,7 @@ from loraplex.ops.lora_torch import (
     dense_lora,
     dense_lora_gated,
     dense_lora_weighted,
+    narrow_ranks,
 )
 
 __all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
@@ -56,16 +58,21 @@ def use_triton(device: torch.device) -> bool:
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-             out_slices: list[tuple[int, int]], batch: LoRABatch, ranks: torch.Tensor | None = None) -> None:
+             out_slices: list[tuple[int, int]], batch: LoRABatch, ranks: torch.Tensor | None = None,
+             rank_of: Sequence[int] | None = None) -> None:
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment. ``ranks``
-    (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank.
+    (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank;
+    ``rank_of`` (the same, as ints) lets the torch forms do the same: each segment and token group at its own
+    rank, the decodes at the largest rank among the step's slots.
     A batch-invariant step (``batch.row_tile``) takes its token groups through ``ops.batch_invariant``."""
     if batch.row_tile:
-        add_lora_grouped(y, x, lora_a, lora_bs, out_slices, batch.groups, batch.row_tile)
+        add_lora_grouped(y, x, lora_a, lora_bs, out_slices, batch.groups, batch.row_tile, rank_of)
         return
     nd = batch.num_decodes
     fast = _triton() if use_triton(x.device) else None
+    if fast is None and rank_of is not None and batch.decodes is not None:
+        lora_a, lora_bs = narrow_ranks(lora_a, lora_bs, max(rank_of[s] for s in batch.used_slots))
     match batch.decodes:
         case Bgmv(slots, weights) if fast is not None:
             fast.add_lora_bgmv_triton(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights, ranks)
@@ -81,14 +88,16 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
         fast.add_lora_segments_triton(y, x, lora_a, lora_bs, out_slices, batch.segments, ranks)
         return
     for start, end, slot, weight in batch.segments:
-        add_lora_segment(y[start:end], x[start:end], lora_a, lora_bs, out_slices, slot, weight)
+        a, bs = (lora_a, lora_bs) if rank_of is None else narrow_ranks(lora_a, lora_bs, rank_of[slot])
+        if bs[0].shape[-1]:  # rank 0 here: the adapter does not target this projection
+            add_lora_segment(y[start:end], x[start:end], a, bs, out_slices, slot, weight)
 
 
 def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
                      out_slices: list[tuple[int, int]], slot: int, weight: float = 1.0) -> None:
     """SGMV for one segment of tokens sharing ``slot``: ``y[:, slice_i] += w · (x @ A[slot].T)_i @ B_i[slot].T``."""
     r = lora_bs[0].shape[-1]
-    h = x @ lora_a[slot].T  # [n, n_slices · r]
+    h = x @ lora_a[slot].reshape(-1, lora_a.shape[-1]).T  # [n, n_slices · r]
     if weight != 1.0:
         h = h * weight
     for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
@@ -97,11 +106,14 @@ def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
 
 def add_lora_gated(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
                    out_slices: list[tuple[int, int]], group: XLoRAGroup, weights: torch.Tensor,
-                   row_tile: int = 0) -> None:
+                   row_tile: int = 0, rank_of: Sequence[int] | None = None) -> None:
     """X-LoRA: tokens ``group.rows`` get ``Σ_e weights[t, i, e] · B_i[s_e] A_i[s_e] x`` on output slice i, with
     ``s_e = group.slots[e]`` (a per-token, per-slice mixture of the E experts; ``weights: [Tx, n_slices, E]`` is
-    the group's weights at this stack's layer and modules). ``row_tile`` > 0: on fixed row tiles (batch-invariant)."""
+    the group's weights at this stack's layer and modules). ``row_tile`` > 0: on fixed row tiles (batch-invariant);
+    ``rank_of``: the experts' true ranks (then computed at the largest of them, whatever else is loaded)."""
     rows = group.rows
+    if rank_of is not None:
+        lora_a, lora_bs = narrow_ranks(lora_a, lora_bs, max(rank_of[s] for s in group.slots.tolist()))
 
     def gated(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [n, in], [n, n_slices, E] -> [n, out]
         out = y.new_zeros(xs.shape[0], y.shape[1])

@@ -15,11 +15,12 @@ Semantics (each op equals its plain form up to rounding; the tests check both th
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from loraplex.ops.lora_batch import TokenGroup
+from loraplex.ops.lora_torch import narrow_ranks
 
 
 def row_tiled(fn: Callable[..., torch.Tensor], x: torch.Tensor, tile: int, *rows_of: torch.Tensor) -> torch.Tensor:
@@ -36,16 +37,21 @@ def row_tiled(fn: Callable[..., torch.Tensor], x: torch.Tensor, tile: int, *rows
 
 
 def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
-                     out_slices: list[tuple[int, int]], groups: tuple[TokenGroup, ...], tile: int) -> None:
+                     out_slices: list[tuple[int, int]], groups: tuple[TokenGroup, ...], tile: int,
+                     rank_of: Sequence[int] | None = None) -> None:
     """LoRA for tokens gathered by adapter (``groups``, in the order their deltas are added): per group
-    ``y[rows, slice_i] += w · (x[rows] @ A[slot].T)_i @ B_i[slot].T`` with both GEMMs on fixed row tiles."""
-    r = lora_bs[0].shape[-1]
+    ``y[rows, slice_i] += w · (x[rows] @ A[slot].T)_i @ B_i[slot].T`` with both GEMMs on fixed row tiles, each at
+    the adapter's own rank (``rank_of``), so neither the other adapters nor the buffers' width change its bits."""
     for g in groups:
-        a = lora_a[g.slot]  # [n_slices · r, in]
+        a_all, bs = (lora_a, lora_bs) if rank_of is None else narrow_ranks(lora_a, lora_bs, rank_of[g.slot])
+        r = bs[0].shape[-1]
+        if r == 0:  # the adapter does not target this projection
+            continue
+        a = a_all[g.slot].reshape(-1, lora_a.shape[-1])  # [n_slices · r, in]
         h = row_tiled(lambda xt: xt @ a.T, x.index_select(0, g.rows), tile)  # [n, n_slices · r]
         if g.weights is not None:
             h = h * g.weights.unsqueeze(-1).to(h.dtype)
-        for i, ((start, size), lora_b) in enumerate(zip(out_slices, lora_bs)):
-            b = lora_b[g.slot]  # [size, r]
+        for i, ((start, size), lora_b) in enumerate(zip(out_slices, bs)):
+            b = lora_b[g.slot].contiguous()  # [size, r]
             delta = row_tiled(lambda ht: ht @ b.T, h[:, i * r:(i + 1) * r].contiguous(), tile)
             y[:, start:start + size].index_add_(0, g.rows, delta)

@@ -3,10 +3,22 @@
 Shapes: ``x: [T, in]``, ``lora_a: [S, r, in]``, ``lora_b: [S, out, r]``, ``slots: [T, K]`` (long; each token carries
 K (slot, weight) pairs — K = 1 for a single adapter, K > 1 for a mixture), ``weights: [T, K]``.
 Semantics: ``y[t] += Σ_k weights[t, k] · (x[t] @ lora_a[s].T) @ lora_b[s].T   where s = slots[t, k]``.
+``lora_a`` may also be a ``[S, n, r, in]`` view (``narrow_ranks``: the first r rank rows of each stacked slice).
 """
 from __future__ import annotations
 
 import torch
+
+
+def narrow_ranks(lora_a: torch.Tensor, lora_bs: list[torch.Tensor], r: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Views of the first ``r`` rank columns of every slot (no copy): ``lora_a [S, n·R, in] -> [S, n, r, in]``,
+    ``lora_bs[i] [S, out, R] -> [S, out, r]``. The padding past a slot's true rank is zero, so an op over the views
+    equals the op over the whole buffers when ``r`` is at least the rank of every slot it reads."""
+    s, n_in = lora_a.shape[0], lora_a.shape[-1]
+    n, width = len(lora_bs), lora_bs[0].shape[-1]
+    if r >= width:
+        return lora_a, lora_bs
+    return lora_a.view(s, n, width, n_in)[:, :, :r], [b[:, :, :r] for b in lora_bs]
 
 
 def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -29,7 +41,7 @@ def dense_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: 
     """
     t, d = x.shape[0], unique.shape[0]
     r = lora_bs[0].shape[-1]
-    a = lora_a.index_select(0, unique)  # [D, n·r, in]
+    a = lora_a.index_select(0, unique)  # [D, n·r, in] (or [D, n, r, in])
     h = x @ a.reshape(-1, a.shape[-1]).T  # [T, D·n·r]
     rows = torch.arange(t, device=x.device)
     if d > 1:
@@ -76,10 +88,10 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                 weights: torch.Tensor | None) -> torch.Tensor:
     """``h[t, k] = weights[t, k] · x[t] @ lora_a[slots[t, k]].T`` → ``[T, K, r]`` (``weights`` None = all ones)."""
     t, k = slots.shape
-    r, n_in = lora_a.shape[1], lora_a.shape[2]
-    a = lora_a.index_select(0, slots.reshape(-1)).view(t * k, r, n_in)  # [T·K, r, in]
+    n_in = lora_a.shape[-1]
+    a = lora_a.index_select(0, slots.reshape(-1)).view(t * k, -1, n_in)  # [T·K, n·r, in]
     xs = x.unsqueeze(-1) if k == 1 else x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T·K, in, 1]
-    h = torch.bmm(a, xs).view(t, k, r)
+    h = torch.bmm(a, xs).view(t, k, -1)
     return h if weights is None else h * weights.unsqueeze(-1).to(h.dtype)
 
 
