@@ -49,20 +49,22 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, nargs="+", default=[16],
+                    help="adapter ranks; several (e.g. 8 16 64) give adapter i the rank i mod their count")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--max-lora-rank", type=int, default=None,
-                    help="the engine's slot width cap (default: --rank; 64 is the server's default)")
+                    help="the engine's slot width cap (default: the largest --rank; 64 is the server's default)")
     ap.add_argument("--sweep", type=int, nargs="*", default=None,
                     help="instead: distinct-adapter counts to sweep (e.g. 1 8 32 128), max(32, n) prompts each, "
                          "max_loras = --adapters")
     args = ap.parse_args()
     if args.sweep:
+        args.rank = args.rank[0]
         return sweep(args)
     n_prompts = 32
     llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=args.adapters,
-              max_lora_rank=args.max_lora_rank or args.rank, max_cpu_loras=args.adapters)
+              max_lora_rank=args.max_lora_rank or max(args.rank), max_cpu_loras=args.adapters)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8] + " " * (i // 8)}],
                                                   tokenize=False, add_generation_prompt=True),
@@ -71,7 +73,7 @@ def main() -> None:
     spec = llm.llm_engine.loaded.spec
     names = [f"a{i}" for i in range(args.adapters)]
     for i, n in enumerate(names):
-        write_random_adapter(tmp / n, spec, args.rank, i)
+        write_random_adapter(tmp / n, spec, args.rank[i % len(args.rank)], i)
     reqs = [LoRARequest(names[i % args.adapters], i % args.adapters + 1, str(tmp / names[i % args.adapters]))
             for i in range(n_prompts)]
     sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -109,7 +111,8 @@ def main() -> None:
             results[f"transformers+PEFT {args.adapters} adapters"] = total / timed(
                 lambda: peft.generate(input_ids=ids, adapter_names=adapter_names, **gen))
 
-    print(f"32 prompts x {args.new_tokens} tokens, {args.adapters} distinct rank-{args.rank} all-linear adapters, "
+    print(f"32 prompts x {args.new_tokens} tokens, {args.adapters} distinct rank-{'/'.join(map(str, args.rank))} "
+          "all-linear adapters, "
           f"bf16, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| engine | tok/s |")
     print("|---|---|")

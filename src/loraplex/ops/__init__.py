@@ -71,11 +71,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
         return
     nd = batch.num_decodes
     fast = _triton() if use_triton(x.device) else None
+    seg_a, seg_bs = lora_a, lora_bs
     if fast is None and rank_of is not None and batch.decodes is not None:
         lora_a, lora_bs = narrow_ranks(lora_a, lora_bs, max(rank_of[s] for s in batch.used_slots))
     match batch.decodes:
         case Bgmv(slots, weights) if fast is not None:
             fast.add_lora_bgmv_triton(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights, ranks)
+        case Bgmv(slots, None) if rank_of is not None and slots.shape[1] == 1:
+            _bgmv_by_rank(y[:nd], x[:nd], seg_a, seg_bs, out_slices, slots, rank_of)
         case Bgmv(slots, weights):
             add_lora_bgmv(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights)
         case Dense(slots, index):
@@ -88,9 +91,30 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
         fast.add_lora_segments_triton(y, x, lora_a, lora_bs, out_slices, batch.segments, ranks)
         return
     for start, end, slot, weight in batch.segments:
-        a, bs = (lora_a, lora_bs) if rank_of is None else narrow_ranks(lora_a, lora_bs, rank_of[slot])
+        a, bs = (seg_a, seg_bs) if rank_of is None else narrow_ranks(seg_a, seg_bs, rank_of[slot])
         if bs[0].shape[-1]:  # rank 0 here: the adapter does not target this projection
             add_lora_segment(y[start:end], x[start:end], a, bs, out_slices, slot, weight)
+
+
+def _bgmv_by_rank(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
+                  out_slices: list[tuple[int, int]], slots: torch.Tensor, rank_of: Sequence[int]) -> None:
+    """BGMV with the decode tokens split by their adapter's rank: each group gathers only its true rank (a step
+    mixing ranks 8, 16 and 64 reads each adapter at its own rank, not all at 64)."""
+    by_rank: dict[int, list[int]] = {}
+    for t, s in enumerate(slots[:, 0].tolist()):
+        by_rank.setdefault(rank_of[s], []).append(t)
+    if len(by_rank) == 1:
+        a, bs = narrow_ranks(lora_a, lora_bs, next(iter(by_rank)))
+        add_lora_bgmv(y, x, a, bs, out_slices, slots, None)
+        return
+    for r, rows in by_rank.items():
+        if r == 0:  # base rows, or adapters that skip this projection
+            continue
+        idx = torch.tensor(rows, device=x.device)
+        a, bs = narrow_ranks(lora_a, lora_bs, r)
+        part = y.new_zeros(len(rows), y.shape[1])
+        add_lora_bgmv(part, x.index_select(0, idx), a, bs, out_slices, slots.index_select(0, idx), None)
+        y.index_add_(0, idx, part)
 
 
 def add_lora_segment(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
