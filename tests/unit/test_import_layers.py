@@ -9,7 +9,7 @@ import loraplex
 ROOT = Path(loraplex.__file__).parent
 # The intended order, lowest first; a unit may import only units before it (and top-level leaf modules).
 LAYERS = ["ops", "layers", "models", "lora", "kv_cache", "scheduler", "sampling", "engine", "routing", "llm", "platform",
-          "server", "scaleout", "merge", "cli"]
+          "server", "scaleout", "ray_serve", "merge", "cli"]
 
 
 def _unit(module: str) -> str | None:

@@ -72,7 +72,7 @@ def argv_of(config: dict) -> list[str]:
 
 
 def build_app(config: dict) -> Application:
-    """``serve run loraplex.scaleout.ray_serve:build_app model=PATH num_replicas=2 lora_modules="a=/p b=/q"``."""
+    """``serve run loraplex.ray_serve:build_app model=PATH num_replicas=2 lora_modules="a=/p b=/q"``."""
     return application(parser().parse_args(argv_of(config)))
 
 

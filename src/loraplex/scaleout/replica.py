@@ -7,6 +7,9 @@ and streams the response back: ``ResponseStart`` first, then body chunks as the 
 
 Adapters live in the cluster's catalog (``catalog.py``); a replica registers one in its engine only when a request
 needs it and follows the catalog (a long poll) to drop adapters unloaded cluster-wide.
+
+NOTE: an adapter unloaded cluster-wide leaves its (released) handle in Serve's LRU until it ages out: Serve offers no
+way to drop one entry, so until then it counts toward "the replica holding the fewest" when Serve places a new id.
 """
 from __future__ import annotations
 
