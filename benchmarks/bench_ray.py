@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -89,6 +90,7 @@ def loads(url: str) -> int:
 
 def run_config(replicas: int, affinity: bool, adapter_dir: Path, warm: list[str], seq: list[str],
                args) -> dict:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 

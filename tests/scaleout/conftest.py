@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 
 import pytest
@@ -35,6 +36,7 @@ def cluster(tiny_llama_dir, scaleout_adapters):
     """``(base URL, app name)`` of the application on a session-wide local Ray cluster; shut down at the end."""
     if importlib.util.find_spec("ray") is None:
         pytest.skip("ray[serve] is not installed (pip install 'loraplex[ray]'); make install installs it")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from a test cluster
     import ray
     from ray import serve
 
