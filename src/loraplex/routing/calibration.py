@@ -3,7 +3,7 @@
 Scores (every class alike):
 
     example_score(sims) = 0.75 · max(sims) + 0.25 · mean(top-2 sims)
-    card_score(q, c)    = 0.7 · example_score(q vs c's examples) + 0.3 · sim(q, c's description)   (one alone if
+    card_score(q, c)    = 0.5 · example_score(q vs c's examples) + 0.5 · sim(q, c's description)   (one alone if
                           the card lacks the other)
     lead(q, c)          = (card_score(q, c) − example_score(q vs the general card)) / spread
 
@@ -34,9 +34,9 @@ from loraplex.routing.scorers import CardSims, Scorer
 
 GENERAL = "(base)"  # the general card's name among a scorer's cards
 GENERAL_FILE = Path(__file__).with_name("data") / "general_card.json"
-EXAMPLE_WEIGHT = 0.7
+EXAMPLE_WEIGHT = 0.5
 NEGATIVE_QUANTILE = 0.95
-POSITIVE_SHARE = 0.15
+POSITIVE_SHARE = 0.3
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ from loraplex.routing.cards import AdapterCard
 from loraplex.routing.rules import Rule, load_rules
 from loraplex.routing.scorers import Scorer, make_scorer
 
-DEFAULT_MARGIN = 0.25  # in spreads; chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
+DEFAULT_MARGIN = 0.1  # in spreads; chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
 RECENT_DECISIONS = 50
 
 

@@ -105,7 +105,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="one threshold for every card on its lead over the base (the general card), in units of "
                         "the scorer's spread (default: each card's own, fitted from its examples)")
     r.add_argument("--router-margin", type=float, default=None,
-                   help="lead over the runner-up needed to pick an adapter, in spreads (default 0.25)")
+                   help="lead over the runner-up needed to pick an adapter, in spreads (default 0.1)")
     r.add_argument("--router-rules", default=None, metavar="FILE",
                    help='JSON rules {"rules": [{"adapter", "keywords" | "regex"}]}, tried before scores')
     r.add_argument("--router-scorer", default="auto", choices=SCORER_NAMES,
