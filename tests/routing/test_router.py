@@ -50,7 +50,11 @@ def test_minilm_embeddings_are_normalised_and_cjk_falls_back_to_lexical():
     for name in ("congcong", "benben"):
         query = ("聪聪" if name == "congcong" else "笨笨") + ",今天你想聊什么?"
         sims, lexical = scorer.similarities(query)[name], scorer.lexical.similarities(query)[name]
-        assert sims.examples == pytest.approx(lexical.examples)  # all [UNK]: TF-IDF alone
+        (q,), (share,) = scorer.embed([query])
+        cosine = scorer._cards[name][1][1:] @ q
+        assert share > 0.5  # read as TF-IDF by that share
+        assert sims.examples == pytest.approx([(1 - share) * c + share * x for c, x in zip(cosine, lexical.examples)],
+                                              abs=1e-5)
         assert router.route(query).candidates[0][0] == name
 
 
