@@ -5,6 +5,7 @@ Layout of a step: decode rows (one token each) first, then prefill chunks, all o
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -13,6 +14,7 @@ import torch
 
 from loraplex.config import CacheConfig
 from loraplex.engine.lora_batch import build_lora_batch
+from loraplex.engine.thread_tuner import ThreadTuner
 from loraplex import ops
 from loraplex.layers.attention import AttentionMetadata, PagedRows, PrefillChunk
 from loraplex.layers.xlora_gate import XLoRAGate
@@ -68,6 +70,9 @@ class ModelRunner:
         # row_tile > 0 (deterministic): fixed GEMM shapes and per-token attention, so no per-step kernel switch
         self.row_tile = row_tile
         self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16 and not row_tile
+        # CPU steps run on as many threads as measured fastest for their size (not in deterministic mode, whose
+        # kernels must not change with the thread count)
+        self.threads = ThreadTuner(torch.get_num_threads()) if device.type == "cpu" and not row_tile else None
         self.dtype = dtype
         self._gates: dict[str, tuple[XLoRAPlan, XLoRAGate]] = {}  # X-LoRA name -> (its plan, classifier on device)
         self._xlora_scores: dict[str, torch.Tensor] = {}  # request -> expert weights of its scored tokens
@@ -221,6 +226,18 @@ class ModelRunner:
         rows = sorted(sched.scheduled, key=lambda r: r.num_tokens > 1)  # stable: decodes first
         if not rows:
             return ModelRunnerOutput()
+        if self.threads is None:
+            return self._execute(rows, adapters)
+        n = sum(r.num_tokens for r in rows)
+        threads = self.threads.choose(n)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        out = self._execute(rows, adapters)
+        self.threads.record(n, threads, time.perf_counter() - start)
+        return out
+
+    def _execute(self, rows: list[ScheduledRequest], adapters: StepAdapters | None) -> ModelRunnerOutput:
         ids, pos, meta, sample_idx = self.prepare(rows)
         lora, to_score = self.lora_batch(rows, adapters)
         sampling_rows = [r for r in rows if r.sample]

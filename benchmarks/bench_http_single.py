@@ -1,0 +1,122 @@
+"""One user: batch-1 decode offline vs over HTTP (one streaming client), same prompts, same process settings.
+
+    python benchmarks/bench_http_single.py [--new-tokens 64] [--requests 4] [--rounds 2] [--adapter congcong]
+
+Offline: ``LLM.generate`` one prompt at a time. HTTP: ``loraplex serve`` (a subprocess, embedded SmolLM2, demo
+adapters) and one client streaming ``/v1/completions`` with ``ignore_eos``. Decode tok/s is ``(N - 1) / (t_last -
+t_first)`` per request (the first token's prefill taken out), TTFT from the client's send; rounds alternate offline
+and HTTP so machine noise hits both. The batch-1 floor is the weights' bytes over the copy bandwidth of this run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import QUESTIONS, copy_bandwidth  # noqa: E402
+
+
+def start_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--port", str(port), "--log-level", "warning"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for _ in range(1200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def offline(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float], list[float], int]:
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    llm = LLM(enable_lora=True)
+    model = llm.llm_engine.runner.model
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    lr = LoRARequest(adapter, 1, adapter) if adapter else None
+    engine = llm.llm_engine
+    rates, ttfts = [], []
+    for i, p in enumerate([prompts[0]] + prompts):  # the first one warms up
+        engine.add_request(engine.tokenizer.encode(p), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                           f"r{i}", lora_request=lr)
+        t0, times = time.perf_counter(), []
+        while engine.has_unfinished_requests():
+            if engine.step():
+                times.append(time.perf_counter())
+        if i:
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+            ttfts.append(times[0] - t0)
+    del llm, engine, model
+    gc.collect()
+    return rates, ttfts, nbytes
+
+
+def http(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float], list[float]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_server(port)
+    rates, ttfts = [], []
+    try:
+        with httpx.Client(timeout=300) as client:
+            for i, p in enumerate([prompts[0]] + prompts):
+                body = {"model": adapter or "SmolLM2-135M-Instruct", "prompt": p, "max_tokens": n, "temperature": 0,
+                        "ignore_eos": True, "stream": True}
+                t0, times = time.perf_counter(), []
+                with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            if json.loads(line[6:])["choices"][0]["text"]:
+                                times.append(time.perf_counter())
+                if i:
+                    rates.append((len(times) - 1) / (times[-1] - times[0]))
+                    ttfts.append(times[0] - t0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return rates, ttfts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--adapter", default="congcong", help="demo adapter to serve the requests ('' = the base)")
+    args = ap.parse_args()
+    prompts = QUESTIONS[:args.requests]
+    res: dict[str, tuple[list[float], list[float]]] = {"offline": ([], []), "http": ([], [])}
+    nbytes = 0
+    for _ in range(args.rounds):
+        r, t, nbytes = offline(prompts, args.new_tokens, args.adapter or None)
+        res["offline"][0].extend(r), res["offline"][1].extend(t)
+        r, t = http(prompts, args.new_tokens, args.adapter or None)
+        res["http"][0].extend(r), res["http"][1].extend(t)
+    bw = copy_bandwidth() / 2
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; dtype auto; {args.new_tokens} tokens, adapter {args.adapter or 'none'}; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s read, floor {bw / nbytes:.1f} tok/s ({nbytes / 1e6:.0f} MB)")
+    print("| path | decode tok/s (median) | of floor | TTFT ms (median) |\n|---|---|---|---|")
+    med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
+    for k, (rate, ttft) in med.items():
+        print(f"| {k} | {rate:.1f} | {rate / (bw / nbytes):.0%} | {ttft * 1000:.0f} |")
+    print(f"HTTP / offline: {med['http'][0] / med['offline'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
