@@ -9,14 +9,18 @@ Runs alternate between the two engines and report the median, so machine noise h
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from loraplex import LLM, SamplingParams
 from loraplex.models.registry import resolve_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 
 QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short poem about autumn.",
              "Explain photosynthesis to a child.", "List three uses of copper.", "What is 17 times 23?",
@@ -24,16 +28,8 @@ QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short po
 
 
 def copy_bandwidth() -> float:
-    """Bytes per second of a large tensor copy (read + write counted once each)."""
-    src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() / best
+    """Bytes per second of a large tensor copy (read + write counted once each; ``roofline`` has the read rate)."""
+    return 2 * roofline.copy_bandwidth()
 
 
 def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int) -> float:
@@ -88,20 +84,23 @@ def main() -> None:
                 e2e[name, eng].append(len(ps) * args.new_tokens / t_full)
                 decode[name, eng].append(len(ps) * (args.new_tokens - 1) / (t_full - t_one))
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.llm_engine.runner.model.parameters())
-    bw = copy_bandwidth()
-    floor = bw / 2 / weight_bytes  # a decode step reads every weight once; copy bw counts read + write
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"dtype {args.dtype}; {args.new_tokens} new tokens; median of {args.repeats}")
-    print("| case | measure | transformers tok/s | loraplex tok/s | ratio |")
-    print("|---|---|---|---|---|")
+    model = llm.llm_engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    spec = llm.llm_engine.loaded.spec
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), model.dtype, rows=(1, args.batch))
+    # a decode step reads every weight once and multiplies them by its rows: the floor per generated token
+    floor = {name: len(ps) / roof.floor_seconds(weight_bytes, roofline.forward_flops(spec, len(ps)), len(ps))
+             for name, ps in cases.items()}
+    print(roof.header())
+    print(f"dtype {args.dtype}; {args.new_tokens} new tokens; median of {args.repeats}; weights "
+          f"{weight_bytes / 1e6:.0f} MB")
+    print("| case | measure | transformers tok/s | loraplex tok/s | ratio | floor tok/s | loraplex of floor |")
+    print("|---|---|---|---|---|---|---|")
     for name in cases:
         for label, table in (("end-to-end", e2e), ("decode", decode)):
             hf_tps, our_tps = (statistics.median(table[name, e]) for e in engines)
-            print(f"| {name} | {label} | {hf_tps:.1f} | {our_tps:.1f} | {our_tps / hf_tps:.2f}x |")
-    b1 = statistics.median(decode["batch 1", "loraplex"])
-    print(f"\nweights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bw / 2 / 1e9:.1f} GB/s read -> floor "
-          f"{floor:.1f} tok/s; batch-1 decode at {b1 / floor:.0%} of the floor")
+            print(f"| {name} | {label} | {hf_tps:.1f} | {our_tps:.1f} | {our_tps / hf_tps:.2f}x | "
+                  f"{floor[name]:.1f} | {our_tps / floor[name]:.0%} |")
 
 
 if __name__ == "__main__":
