@@ -30,14 +30,16 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, argv: list[str], max_body_bytes: int | None = None, tiny: bool = True) -> None:
-        """``tiny``: the tiny test model's way (fp32, no demo adapters, a minimal chat template); else ``argv`` alone
+        """``tiny``: the tiny test model's way (fp32 unless ``argv`` names a dtype, no demo adapters, a minimal chat
+        template); else ``argv`` alone
         (no model given: the embedded SmolLM2 with the demo adapters and its own template)."""
         p = argparse.ArgumentParser()
         add_serve_args(p)
         self.port = free_port()
         fresh = [] if "--metrics-max-age" in argv else ["--metrics-max-age", "0"]  # tests read counters at once
         args = p.parse_args([*argv, "--port", str(self.port), *fresh,
-                             *(["--dtype", "float32", "--no-demo-adapters"] if tiny else [])])
+                             *(([] if "--dtype" in argv else ["--dtype", "float32"]) + ["--no-demo-adapters"]
+                               if tiny else [])])
         self.state = build_state(args)
         if tiny:
             self.state.engine.engine.tokenizer.chat_template = CHAT_TEMPLATE

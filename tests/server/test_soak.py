@@ -1,7 +1,7 @@
 """Soak: 500 concurrent streaming requests over the base and adapters, ~30 % of the clients hanging up mid-stream,
 while an extra adapter is loaded, used, pinned, unpinned and unloaded in a loop. No 5xx; every completed greedy stream
-equals its sequential reference (fp32); afterwards no KV block is held, no adapter is left pinned, the server still
-answers. Prints requests/s and the peak RSS."""
+equals its sequential reference (fp32; and bf16 with --deterministic); afterwards no KV block is held, no adapter is
+left pinned, the server still answers. Prints requests/s and the peak RSS."""
 from __future__ import annotations
 
 import asyncio
@@ -13,21 +13,34 @@ import time
 import httpx
 import pytest
 
-from loraplex import SamplingParams
-from tests.server.conftest import ADAPTERS, RunningServer
+from loraplex import LLM, LoRARequest, SamplingParams
+from tests.server.conftest import ADAPTERS, CHAT_TEMPLATE, RunningServer
 
 N_REQUESTS = 500
 HANG_UP = 0.3
+# fp32 as it is; bf16 only with --deterministic (otherwise a stream's rounding depends on what shares its batches)
+MODES = {"fp32": ["--dtype", "float32"], "bf16-deterministic": ["--dtype", "bfloat16", "--deterministic"]}
 
 
-@pytest.fixture(scope="module")
-def soak_server(tiny_llama_dir, adapter_dir):
+@pytest.fixture(scope="module", params=list(MODES))
+def soak_server(request, tiny_llama_dir, adapter_dir):
     mods = [f"{n}={adapter_dir / n}" for n in ADAPTERS]
     srv = RunningServer([str(tiny_llama_dir), "--served-model-name", "tiny", "--max-loras", "3",
                          "--lora-modules", *mods, "--max-num-seqs", "64", "--max-waiting", "1000",
-                         "--enable-runtime-lora"])
+                         "--enable-runtime-lora", *MODES[request.param]])
+    srv.mode = request.param
     yield srv
     srv.stop()
+
+
+def _reference(soak_server, tiny_llama_dir, adapter_dir, fp32_reference):
+    """The offline engine on the same weights and mode: what each request must return."""
+    if soak_server.mode == "fp32":
+        return fp32_reference
+    llm = LLM(model=str(tiny_llama_dir), dtype="bfloat16", enable_lora=True, max_loras=3, deterministic=True)
+    llm.get_tokenizer().chat_template = CHAT_TEMPLATE
+    llm.lora = {n: LoRARequest(n, i + 1, str(adapter_dir / n)) for i, n in enumerate(ADAPTERS)}
+    return llm
 
 
 async def _stream(client, url, body, hang_after: int | None):
@@ -66,7 +79,8 @@ async def _churn(client, url, adapter_dir, stop: asyncio.Event) -> int:
 
 
 @pytest.mark.slow
-def test_soak_concurrent_streams_with_hangups_and_adapter_churn(soak_server, reference, adapter_dir):
+def test_soak_concurrent_streams_with_hangups_and_adapter_churn(soak_server, reference, adapter_dir, tiny_llama_dir):
+    reference = _reference(soak_server, tiny_llama_dir, adapter_dir, reference)
     rng = random.Random(0)
     models = [None, *ADAPTERS]
     jobs = []
@@ -105,5 +119,5 @@ def test_soak_concurrent_streams_with_hangups_and_adapter_churn(soak_server, ref
     assert not store.pinned and not store.refcount and "churn" not in store.registry
     assert httpx.get(soak_server.url + "/health").status_code == 200
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nsoak: {N_REQUESTS} streams ({N_REQUESTS - len(completed)} hung up) in {elapsed:.1f} s = "
+    print(f"\nsoak ({soak_server.mode}): {N_REQUESTS} streams ({N_REQUESTS - len(completed)} hung up) in {elapsed:.1f} s = "
           f"{N_REQUESTS / elapsed:.1f} requests/s, {cycles} adapter load/use/pin/unload cycles, peak RSS {rss_mb:.0f} MB")
