@@ -3,8 +3,8 @@ used to choose anything; ``tests/routing/heldout``). The floors are the measured
 "Router accuracy") less a small allowance, so a change that routes worse fails here.
 
 The issue's targets — held-out English ≥ 0.95, Chinese ≥ 0.90, general prompts kept on the base ≥ 0.98 with the
-embedding scorer, ≥ 0.85 with TF-IDF — are met only for Chinese with the default scorer (USE: 0.925 English,
-0.900 Chinese, 0.917 general); the floors below are what the router does today.
+embedding scorer, ≥ 0.85 with TF-IDF — are met only for Chinese with the default scorer (USE: 0.900 English,
+0.925 Chinese, 0.896 general); the floors below are what the router does today.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from tests.routing.evalset import (
 
 # measured (docs/benchmarks.md) - 0.03, rounded down: dev (eval_set.json), dev_domains, held-out en / zh / general
 FLOORS = {
-    "use": {"dev": 0.84, "dev_domains": 0.89, "en": 0.89, "zh": 0.87, "general": 0.88},
-    "e5": {"dev": 0.86, "dev_domains": 0.86, "en": 0.78, "zh": 0.87, "general": 0.91},
-    "minilm": {"dev": 0.79, "dev_domains": 0.76, "en": 0.83, "zh": 0.43, "general": 0.96},
-    "lexical": {"dev": 0.57, "dev_domains": 0.45, "en": 0.37, "zh": 0.19, "general": 0.96},
+    "use": {"dev": 0.88, "dev_domains": 0.90, "en": 0.87, "zh": 0.89, "general": 0.86},
+    "e5": {"dev": 0.93, "dev_domains": 0.85, "en": 0.78, "zh": 0.83, "general": 0.88},
+    "minilm": {"dev": 0.91, "dev_domains": 0.80, "en": 0.82, "zh": 0.58, "general": 0.94},
+    "lexical": {"dev": 0.64, "dev_domains": 0.54, "en": 0.43, "zh": 0.33, "general": 0.96},
 }
 
 

@@ -18,6 +18,7 @@ from loraplex.routing import (
     load_rules,
     make_scorer,
 )
+from loraplex.routing import router as router_module
 from loraplex.routing.scorers import lexical_tokens
 from tests.conftest import save_tiny_adapter
 from tests.routing.evalset import demo_router, load_eval
@@ -221,3 +222,17 @@ def test_offline_cards_follow_the_registry(routed_llm, tiny_llama_dir):
         llm.llm_engine.add_lora(llm.lora["cook"])
     with pytest.raises(ValueError, match="enable_lora"):
         LLM(model=str(tiny_llama_dir), dtype="float32").generate("x", params, use_tqdm=False, lora_request="auto")
+
+
+def test_a_word_only_one_card_uses_lifts_that_card(monkeypatch):
+    r = _cards_router()
+    persona = AdapterCard("Zorblax, a cheerful assistant.", ("Zorblax, who made you?", "Hi Zorblax!"))
+    query = "Good morning Zorblax, how are you doing?"  # a greeting (the general card's), but for Zorblax
+    r.set_card("zorb", persona)
+    assert r._own_words(query, ["law", "cook", "zorb"]) == {"zorb": 1}  # "good", "morning" are general words
+    lifted = dict(r.route(query).candidates)
+    monkeypatch.setattr(router_module, "OWN_WORD_BONUS", 0.0)
+    plain = dict(r.route(query).candidates)
+    assert lifted["zorb"] - plain["zorb"] == pytest.approx(1.0) and lifted["cook"] == plain["cook"]
+    r.set_card("twin", persona)  # two cards use the word: it lifts neither
+    assert r._own_words(query, ["law", "cook", "zorb", "twin"]) == {}

@@ -26,10 +26,11 @@ from loraplex.routing.calibration import (
 )
 from loraplex.routing.cards import AdapterCard
 from loraplex.routing.rules import Rule, load_rules
-from loraplex.routing.scorers import Scorer, make_scorer
+from loraplex.routing.scorers import Scorer, lexical_tokens, make_scorer
 
 DEFAULT_MARGIN = 0.1  # in spreads; chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
 RECENT_DECISIONS = 50
+OWN_WORD_BONUS = 1.0  # spreads added to a card's lead per query word only its card uses (not general, no other card)
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Router:
         if len(self.general.examples) < 2:
             raise ValueError("general card: needs at least two examples (the base's class)")
         self.scorer.add(GENERAL, self.general.texts())
+        self._general_words = {w for t in self.general.texts() for w in lexical_tokens(t)}
+        self._words: dict[str, frozenset[str]] = {}  # each card's words that the general card does not use
 
     @property
     def blocking(self) -> bool:
@@ -102,15 +105,18 @@ class Router:
                 return
             if card is None or card.empty:
                 self.scorer.remove(name)
+                self._words.pop(name, None)
                 card = None
             else:
                 self.scorer.add(name, card.texts())
+                self._words[name] = frozenset(w for t in card.texts() for w in lexical_tokens(t)) - self._general_words
             self._cards[name] = card
             self._changed(name)
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._cards.pop(name, None)
+            self._words.pop(name, None)
             self.scorer.remove(name)
             self._changed(name)
 
@@ -167,6 +173,17 @@ class Router:
         """The last decisions (``recent`` of them), oldest first, with their wall-clock times."""
         return list(self._recent)
 
+    def _own_words(self, text: str, names: list[str]) -> dict[str, int]:
+        """For each card, how many of the text's words it alone uses: not the general card, no other card (a
+        persona's name, a domain's term the base never sees)."""
+        words = self._words
+        out: dict[str, int] = {}
+        for w in set(lexical_tokens(text)) - self._general_words:
+            owners = [n for n in names if w in words.get(n, ())]
+            if len(owners) == 1:
+                out[owners[0]] = out.get(owners[0], 0) + 1
+        return out
+
     def _route(self, prompt: str, system: str | None, allowed: Callable[[str], bool] | None) -> RouteDecision:
         text = f"{system.strip()}\n{prompt}" if system and system.strip() else prompt
         for rule in self.rules:
@@ -185,11 +202,12 @@ class Router:
         spread = self.spread
         sims = self.scorer.similarities(text)
         base = example_score(sims[GENERAL].examples)
+        own = self._own_words(text, names)
         ranked = []
         for n in names:
             if n not in sims:  # registered meanwhile, not scored yet
                 continue
-            lead = (card_score(sims[n], self.example_weight) - base) / spread
+            lead = (card_score(sims[n], self.example_weight) - base) / spread + OWN_WORD_BONUS * own.get(n, 0)
             ranked.append((n, lead - (self.threshold if self.threshold is not None else calibration[n].threshold)))
         ranked.sort(key=lambda x: -x[1])
         if not ranked:
