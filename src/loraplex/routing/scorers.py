@@ -152,7 +152,8 @@ SCORER_NAMES = ("auto", "embedding", *AUTO_ORDER, "lexical")
 def make_scorer(kind: str = "auto") -> Scorer:
     """A scorer by name: ``use``, ``e5``, ``minilm`` (embedding models, each from its PyPI package), ``lexical``,
     ``embedding`` (the first installed embedding model) or ``auto`` (that, else ``lexical``). ``.reason`` says why
-    it was chosen; ``.fallback`` is set when ``auto`` could not have its first choice (logged as a warning)."""
+    it was chosen; ``.fallback`` is set when ``auto`` could not have its first choice (logged as a warning here, so
+    ``LLM(...)`` users see it too)."""
     from loraplex.routing.embedders import ENCODERS, EmbeddingScorer
 
     if kind not in SCORER_NAMES:
@@ -172,6 +173,8 @@ def make_scorer(kind: str = "auto") -> Scorer:
             scorer.reason = f"{kind}: {k} ({ENCODERS[k].package})" + (f"; not installed: {', '.join(missing)}"
                                                                     if missing else "")
             scorer.fallback = bool(missing) and k != AUTO_ORDER[0]
+            if scorer.fallback:
+                log.warning("router scorer %s: %s", scorer.name, scorer.reason)
             return scorer
     if kind == "embedding":
         raise RuntimeError("router scorer embedding: no embedding package is installed (pip install --no-deps "
@@ -179,4 +182,6 @@ def make_scorer(kind: str = "auto") -> Scorer:
     scorer = LexicalScorer()
     scorer.reason = f"auto: no embedding package installed ({', '.join(missing)}), TF-IDF words instead"
     scorer.fallback = True
+    log.warning("router scorer lexical: %s; pip install --no-deps %s for multilingual embeddings", scorer.reason,
+                ENCODERS[AUTO_ORDER[0]].package)
     return scorer

@@ -124,14 +124,15 @@ def open_platform(args, engine: LLMEngine) -> Platform | None:
 
 
 def build_router(args) -> Router:
-    """The router of ``model: "auto"``; logs which scorer it uses and why (a warning when ``auto`` fell back)."""
+    """The router of ``model: "auto"``; logs which scorer it uses and why (``make_scorer`` warns when ``auto`` fell
+    back)."""
     try:
         router = Router(make_scorer(args.router_scorer), args.router_threshold, args.router_margin,
                         args.router_rules)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"--router-*: {e}") from None
     scorer = router.scorer
-    (log.warning if scorer.fallback else log.info)("router scorer: %s (%s)", scorer.name, scorer.reason)
+    log.info("router scorer: %s (%s)", scorer.name, scorer.reason)
     return router
 
 
