@@ -18,7 +18,6 @@ from loraplex.routing import (
     load_rules,
     make_scorer,
 )
-from loraplex.routing import router as router_module
 from loraplex.routing.scorers import lexical_tokens
 from tests.conftest import save_tiny_adapter
 from tests.routing.evalset import demo_router, load_eval
@@ -231,8 +230,9 @@ def test_a_word_only_one_card_uses_lifts_that_card(monkeypatch):
     r.set_card("zorb", persona)
     assert r._own_words(query, ["law", "cook", "zorb"]) == {"zorb": 1}  # "good", "morning" are general words
     lifted = dict(r.route(query).candidates)
-    monkeypatch.setattr(router_module, "OWN_WORD_BONUS", 0.0)
+    monkeypatch.setattr(r.scorer, "own_word_bonus", 0.0)
     plain = dict(r.route(query).candidates)
-    assert lifted["zorb"] - plain["zorb"] == pytest.approx(1.0) and lifted["cook"] == plain["cook"]
+    assert lifted["zorb"] - plain["zorb"] == pytest.approx(LexicalScorer.own_word_bonus)
+    assert lifted["cook"] == plain["cook"] and lifted["zorb"] > 0  # lifted above its threshold
     r.set_card("twin", persona)  # two cards use the word: it lifts neither
     assert r._own_words(query, ["law", "cook", "zorb", "twin"]) == {}

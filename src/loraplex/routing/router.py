@@ -30,7 +30,6 @@ from loraplex.routing.scorers import Scorer, lexical_tokens, make_scorer
 
 DEFAULT_MARGIN = 0.1  # in spreads; chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
 RECENT_DECISIONS = 50
-OWN_WORD_BONUS = 1.0  # spreads added to a card's lead per query word only its card uses (not general, no other card)
 
 
 @dataclass
@@ -202,12 +201,12 @@ class Router:
         spread = self.spread
         sims = self.scorer.similarities(text)
         base = example_score(sims[GENERAL].examples)
-        own = self._own_words(text, names)
+        own, bonus = self._own_words(text, names), self.scorer.own_word_bonus
         ranked = []
         for n in names:
             if n not in sims:  # registered meanwhile, not scored yet
                 continue
-            lead = (card_score(sims[n], self.example_weight) - base) / spread + OWN_WORD_BONUS * own.get(n, 0)
+            lead = (card_score(sims[n], self.example_weight) - base) / spread + bonus * own.get(n, 0)
             ranked.append((n, lead - (self.threshold if self.threshold is not None else calibration[n].threshold)))
         ranked.sort(key=lambda x: -x[1])
         if not ranked:
