@@ -90,7 +90,8 @@ class Roofline:
         return max(bytes_moved / self.bandwidth, flops / self.rate[rows])
 
     def header(self) -> str:
-        rates = ", ".join(f"M={max(m, MIN_ROWS)}: {r / 1e9:.0f} GFLOP/s" for m, r in self.rate.items())
+        rates = ", ".join(f"{m} rows (measured at M={max(m, MIN_ROWS)}): {r / 1e9:.0f} GFLOP/s"
+                          for m, r in self.rate.items())
         return (f"CPU {self.cpu} [{' '.join(self.flags) or 'no AVX2'}], {torch.get_num_threads()} threads, torch "
                 f"{torch.__version__}; copy bandwidth {self.bandwidth / 1e9:.1f} GB/s read; "
                 f"{str(self.dtype).removeprefix('torch.')} matmul at the model's shapes {rates}")
