@@ -74,7 +74,9 @@ def test_streaming_through_the_ingress(client):
                        json={"model": "a", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and len(events) >= 3
+    # NOTE: a fast engine may finish all 6 tokens before the first read, and queued outputs are coalesced into one
+    # event: the count of events is timing, the text and the closing [DONE] are not
+    assert events[-1] == "[DONE]" and len(events) >= 2
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
     assert text == complete(client, "a").json()["choices"][0]["text"]
 
