@@ -18,5 +18,9 @@ def test_quantized_server_serves_adapters_and_reports_memory(tiny_llama_dir, ada
             r = httpx.post(srv.url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4})
             assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert str(srv.engine.runner.model.layers[0].mlp.down_proj.wq.dtype) == "torch.int8"
+        info = httpx.get(srv.url + "/info").json()  # the steps just run were timed per thread count
+        assert info["deterministic"] is False
+        assert all(ms > 0 for bucket in info["cpu_threads"].values() for ms in bucket.values())
+        assert info["cpu_threads"]
     finally:
         srv.stop()

@@ -118,6 +118,9 @@ def test_soak_concurrent_streams_with_hangups_and_adapter_churn(soak_server, ref
     store = soak_server.engine.lora_store
     assert not store.pinned and not store.refcount and "churn" not in store.registry
     assert httpx.get(soak_server.url + "/health").status_code == 200
+    info = httpx.get(soak_server.url + "/info").json()
+    assert info["deterministic"] is (soak_server.mode != "fp32")
+    assert (info["cpu_threads"] is None) is info["deterministic"]  # no thread switching in deterministic mode
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nsoak ({soak_server.mode}): {N_REQUESTS} streams ({N_REQUESTS - len(completed)} hung up) in {elapsed:.1f} s = "
           f"{N_REQUESTS / elapsed:.1f} requests/s, {cycles} adapter load/use/pin/unload cycles, peak RSS {rss_mb:.0f} MB")

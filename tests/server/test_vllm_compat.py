@@ -207,6 +207,9 @@ def test_lorax_client(server, reference, adapter_dir):
     mix = reference.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False,
                              lora_request=[(reference.lora["a4"], 0.5), (reference.lora["a8"], 0.5)])[0]
     assert merged.generated_text == mix.outputs[0].text
+    # the local directory was registered under its path: unload it, so the shared server lists what it did before
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": str(adapter_dir / "a8"), "wait": True})
+    assert r.status_code == 200, r.text
 
 
 def test_text_generation_client_top_tokens(server, reference):

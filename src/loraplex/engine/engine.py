@@ -344,6 +344,12 @@ class LLMEngine:
                 "kv_cache": nbytes([t for kv in self.runner.kv_caches for t in kv]),
                 "lora_slots": nbytes([t for s in stacks for t in (s.lora_a, *s.lora_b)])}
 
+    def thread_choices(self) -> dict[str, dict[int, float]] | None:
+        """What the CPU thread tuner measured so far: per step-size bucket, ms per token under each thread count
+        (None off the CPU and in deterministic mode)."""
+        tuner = self.runner.threads
+        return None if tuner is None else tuner.summary()
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.pool.num_blocks, s.num_preemptions,

@@ -67,4 +67,6 @@ class ThreadTuner:
     def summary(self) -> dict[str, dict[int, float]]:
         """Per bucket (``"<=1"``, ``"<=4"``, …, ``">32"``): threads -> ms per token, as measured so far."""
         names = [f"<={e}" for e in BUCKET_EDGES] + [f">{BUCKET_EDGES[-1]}"]
-        return {n: {c: round(v * 1e3, 3) for c, v in b.cost.items()} for n, b in zip(names, self._buckets) if b.cost}
+        # NOTE: list() copies each dict in one C call, so another thread may read while the engine records
+        return {n: {c: round(v * 1e3, 3) for c, v in list(b.cost.items())} for n, b in zip(names, self._buckets)
+                if b.cost}

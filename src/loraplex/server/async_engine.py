@@ -142,11 +142,13 @@ class AsyncEngine:
         return self.engine.serves_adapters
 
     def info(self) -> dict:
-        """Engine facts for /info: dtype, device, token budget per step, quantization, bytes held."""
+        """Engine facts for /info: dtype, device, token budget per step, quantization, deterministic mode, bytes
+        held, and the CPU thread tuner's measurements (ms per token per thread count, per step-size bucket)."""
         c = self.engine.config
         return {"dtype": str(c.model.dtype).removeprefix("torch."), "device": c.model.device,
                 "max_num_batched_tokens": c.scheduler.max_num_batched_tokens, "quantization": c.model.quantization,
-                "memory_bytes": self.engine.memory()}
+                "deterministic": c.model.deterministic, "memory_bytes": self.engine.memory(),
+                "cpu_threads": self.engine.thread_choices()}
 
     def has_adapter(self, name: str) -> bool:
         return self.engine.adapter(name) is not None

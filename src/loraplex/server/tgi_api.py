@@ -197,4 +197,5 @@ async def info(request: Request):
             "max_batch_total_tokens": e["max_num_batched_tokens"], "validation_workers": 1,
             "max_client_batch_size": 1, "router": "loraplex", "version": __version__, "sha": None,
             "docker_label": None, "lora_adapters": st.engine.adapter_names(),
-            "quantization": e["quantization"], "memory_bytes": e["memory_bytes"]}  # loraplex's own fields
+            "quantization": e["quantization"], "memory_bytes": e["memory_bytes"],  # loraplex's own fields
+            "deterministic": e["deterministic"], "cpu_threads": e["cpu_threads"]}
