@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from safetensors.torch import save_file
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.layers.projections import MODULES, hf_module_path
 from loraplex.models.registry import resolve_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 
 QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short poem about autumn.",
              "Explain photosynthesis to a child.", "List three uses of copper.", "What is 17 times 23?",
@@ -119,6 +123,21 @@ def main() -> None:
     for k, v in results.items():
         print(f"| {k} | {v:.1f} |")
     ours = results[f"loraplex {args.adapters} adapters"]
+    # the roofline of a decode step over the 32 prompts: the base weights once, plus every distinct adapter used
+    # at its own rank (A and B of every module of every layer), against the base GEMMs' FLOPs at 32 rows
+    model = llm.llm_engine.runner.model
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # LoRA slots are not parameters
+    per_rank = spec.num_layers * sum(i + o for i, o in spec.module_shapes.shapes.values()) * 2  # bf16 bytes
+    used = {reqs[i].lora_name for i in range(n_prompts)}
+    lora_bytes = sum(per_rank * args.rank[int(n[1:]) % len(args.rank)] for n in used)
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), torch.bfloat16, rows=(n_prompts,))
+    flops = roofline.forward_flops(spec, n_prompts)
+    floor_base = n_prompts / roof.floor_seconds(base_bytes, flops, n_prompts)
+    floor_lora = n_prompts / roof.floor_seconds(base_bytes + lora_bytes, flops, n_prompts)
+    print(roof.header())
+    print(f"decode floor: base-only {floor_base:.0f} tok/s, with the adapters' {lora_bytes / 1e6:.0f} MB "
+          f"{floor_lora:.0f} tok/s; loraplex base-only at {results['loraplex base-only'] / floor_base:.0%}, "
+          f"adapters at {ours / floor_lora:.0%} of theirs (end-to-end rates, prefill included)")
     print(f"\nloraplex adapters / own base-only: {ours / results['loraplex base-only']:.0%}")
     if not args.skip_peft:
         print(f"loraplex adapters / transformers+PEFT: {ours / results[f'transformers+PEFT {args.adapters} adapters']:.1f}x")
