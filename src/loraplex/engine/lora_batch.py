@@ -51,22 +51,17 @@ def token_groups(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int],
                  device: torch.device | str = "cpu") -> tuple[TokenGroup, ...]:
     """The batch-invariant form: every adapter token of the step gathered by (pair index, slot), pair 0 of every
     token first, so each token's deltas are added in its request's order whatever else is in the step."""
-    rows_of: dict[tuple[int, int, float], list[int]] = {}
+    by_pair: dict[tuple[int, int], tuple[list[int], list[float]]] = {}  # (pair index, slot) -> token rows, weights
     start = 0
     for r in rows:
         for k, (name, w) in enumerate(r.loras):
-            rows_of.setdefault((k, slot_of[name], w), []).extend(range(start, start + r.num_tokens))
+            idx, weights = by_pair.setdefault((k, slot_of[name]), ([], []))
+            idx.extend(range(start, start + r.num_tokens))
+            weights.extend([w] * r.num_tokens)
         start += r.num_tokens
-    by_slot: dict[tuple[int, int], list[tuple[list[int], float]]] = {}
-    for (k, slot, w), idx in rows_of.items():
-        by_slot.setdefault((k, slot), []).append((idx, w))
-    groups = []
-    for (k, slot), parts in sorted(by_slot.items()):
-        idx = [i for p, _ in parts for i in p]
-        weights = None if all(w == 1.0 for _, w in parts) else \
-            torch.tensor([w for p, w in parts for _ in p], dtype=torch.float32, device=device)
-        groups.append(TokenGroup(torch.tensor(idx, device=device), slot, weights))
-    return tuple(groups)
+    return tuple(TokenGroup(torch.tensor(idx, device=device), slot,
+                            None if all(w == 1.0 for w in ws) else torch.tensor(ws, dtype=torch.float32, device=device))
+                 for (_, slot), (idx, ws) in sorted(by_pair.items()))
 
 
 def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,

@@ -1,16 +1,15 @@
 """How many CPU threads a step should use, chosen by timing steps while serving (not by a constant per CPU).
 
 A batch-1 decode on a small model streams its weights; a second OpenMP thread helps only when the core it needs is
-free. Beside an HTTP server's event loop and a local client, that core is often busy: each parallel region then
-waits for the descheduled thread, and two threads run slower than one (measured on a 2-core Zen 4: one streaming
-client got 20 tok/s with 2 threads, 30 with 1, while offline 2 threads won, 45 to 35). So the runner times its
+free. Beside an HTTP server's event loop and a local client, or a busy neighbour, that core is often taken: each
+parallel region then waits for the descheduled thread, and two threads run slower than one (docs/benchmarks.md,
+"Threads per step"), while on a quiet machine two win. So the runner times its
 steps per size bucket under each candidate thread count and uses the fastest, trying the others again now and then
 as the load changes.
 """
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
 
 # Step sizes (tokens) that share a choice: a batch-1 decode, a few decodes, a batch, prefill-sized steps.
@@ -59,7 +58,7 @@ class ThreadTuner:
         b = self._bucket(num_tokens)
         per_token = seconds / max(num_tokens, 1)
         prev = b.cost.get(threads)
-        b.cost[threads] = per_token if prev is None or math.isnan(prev) else prev + self.alpha * (per_token - prev)
+        b.cost[threads] = per_token if prev is None else prev + self.alpha * (per_token - prev)
         b.tries[threads] = b.tries.get(threads, 0) + 1
         b.last[threads] = b.steps
         b.steps += 1

@@ -16,13 +16,5 @@ class RowTiled(nn.Module):
         self.inner = inner
         self.tile = tile
 
-    @property
-    def in_features(self) -> int:
-        return self.inner.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.inner.out_features
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.row_tiled(self.inner, x, self.tile)
