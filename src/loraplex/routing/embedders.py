@@ -199,6 +199,11 @@ class EmbeddingScorer(Scorer):
 
     blocking = True  # a forward pass (a few ms, more under load): servers wait for it off the event loop
 
+    @property
+    def vectorises(self) -> bool:
+        """MiniLM's vectors of a Chinese text are ``[UNK]``s: it keeps the similarity blend with TF-IDF."""
+        return getattr(self.encoder, "reads_cjk", True)
+
     def __init__(self, encoder: Encoder | str | None = None, lexical_weight: float = LEXICAL_WEIGHT) -> None:
         if encoder is None or isinstance(encoder, str):
             names = [encoder] if encoder else list(ENCODERS)
@@ -272,6 +277,14 @@ class EmbeddingScorer(Scorer):
                 sims = [(1 - share) * s + share * (x or 0.0) for s, x in zip(sims, (lex.description, *lex.examples))]
             out[name] = CardSims(sims[0] if has_desc else None, tuple(sims[1:]))
         return out
+
+    def card_vectors(self, name: str):
+        with self._lock:
+            has_desc, emb, _ = self._cards[name]
+        return emb if has_desc else emb[1:]
+
+    def query_vector(self, query: str):
+        return _embedding_thread().submit(self._embed, [query], False).result()[0][0]
 
     def cross(self, a: str, b: str) -> list[list[float]]:
         with self._lock:

@@ -1,10 +1,15 @@
 """The router: which adapter (or the base) serves a request, from its text and the adapters' cards.
 
 Rules first (keywords / regex → adapter); otherwise every card is scored against the request, and so is the base
-as a class of its own (the shipped general card, ``calibration.general_card``). Each card's *lead* over the base,
-in units of the scorer's spread, is compared with the card's own threshold (fitted without labels,
-``calibration.py``); the card furthest above its threshold wins if it leads the runner-up by ``margin`` spreads,
-else the base serves.
+as a class of its own (the shipped general card, ``calibration.general_card``). Each card's *lead* over the base is
+compared with the card's threshold; the card furthest above its threshold wins if it leads the runner-up by
+``margin``, else the base serves. The lead comes from one of two methods, by what the scorer gives:
+
+- scorers that give vectors (USE, e5): the competing-class model (``classifier.py``), a softmax over the cards
+  and the base fitted on the cards' and the general card's vectors; lead = the card's log-odds against the base,
+  threshold 0 (it beats the base class), margin ``classifier.MARGIN``;
+- the others (TF-IDF, MiniLM's blend): similarities (``calibration.py``), lead in units of the scorer's spread,
+  each card's threshold fitted without labels, margin ``DEFAULT_MARGIN`` spreads.
 """
 from __future__ import annotations
 
@@ -18,25 +23,29 @@ from pathlib import Path
 from loraplex.routing.calibration import (
     EXAMPLE_WEIGHT,
     GENERAL,
+    NEGATIVE_QUANTILE,
     CardCalibration,
     Calibrator,
     card_score,
     example_score,
     general_card,
+    quantile,
 )
 from loraplex.routing.cards import AdapterCard
+from loraplex.routing.classifier import MARGIN as CLASSIFIER_MARGIN
+from loraplex.routing.classifier import CompetingClasses
 from loraplex.routing.rules import Rule, load_rules
 from loraplex.routing.scorers import Scorer, lexical_tokens, make_scorer
 
-DEFAULT_MARGIN = 0.1  # in spreads; chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
+DEFAULT_MARGIN = 0.1  # the similarity method's, in spreads; chosen on the development sets (tests/routing/*.json)
 RECENT_DECISIONS = 50
 
 
 @dataclass
 class RouteDecision:
     """``adapter`` is ``None`` for the base. ``score`` is the chosen (or best) card's lead over the base minus its
-    threshold, in spreads (> 0 when it cleared it; 1.0 for a rule); ``candidates`` are every scored card with that
-    value, best first."""
+    threshold, in the method's units (> 0 when it cleared it; 1.0 for a rule); ``candidates`` are every scored card
+    with that value, best first."""
 
     adapter: str | None
     score: float
@@ -56,8 +65,8 @@ class Router:
     """``set_card`` / ``remove`` keep it in step with the registered adapters; ``route`` decides.
 
     An adapter registered with ``card=None`` can be the target of a rule but is never chosen by score.
-    ``threshold`` (in spreads, for every card) replaces the per-card calibration when given; ``margin`` is the lead
-    over the runner-up, in spreads. ``general``: the base's card (default: the shipped one). ``recent``: how many
+    ``threshold`` (for every card, in the method's units: spreads, or log-odds) replaces the per-card one when
+    given; ``margin`` is the lead over the runner-up in the same units (default: the method's). ``general``: the base's card (default: the shipped one). ``recent``: how many
     decisions ``recent_decisions`` keeps.
     """
 
@@ -66,7 +75,8 @@ class Router:
                  general: AdapterCard | None = None, recent: int = RECENT_DECISIONS) -> None:
         self.scorer = scorer if scorer is not None else make_scorer()
         self.threshold = threshold
-        self.margin = DEFAULT_MARGIN if margin is None else margin
+        self.classify = self.scorer.vectorises
+        self.margin = (CLASSIFIER_MARGIN if self.classify else DEFAULT_MARGIN) if margin is None else margin
         self.rules = load_rules(rules) if isinstance(rules, (str, Path)) else list(rules or [])
         self.example_weight = example_weight
         self._cards: dict[str, AdapterCard | None] = {}
@@ -74,6 +84,7 @@ class Router:
         self._calibrator = Calibrator(self.scorer, example_weight)
         self._calibration: dict[str, CardCalibration] = {}
         self._stale: set[str] = set()
+        self._model: CompetingClasses | None = None  # refitted when any card changes
         self._recent: deque[tuple[float, RouteDecision]] = deque(maxlen=max(1, recent))
         self.general = general or general_card()
         if len(self.general.examples) < 2:
@@ -121,6 +132,7 @@ class Router:
 
     def _changed(self, name: str) -> None:
         self._calibration.pop(name, None)
+        self._model = None
         if self.scorer.shared_statistics:  # every score moved: recalibrate everything, the spread too
             self._calibrator.invalidate()
             self._stale = set(self.cards)
@@ -128,18 +140,45 @@ class Router:
             self._stale.add(name)
 
     def calibration(self) -> dict[str, CardCalibration]:
-        """Each card's threshold, fitted now for cards that changed since the last call."""
+        """Each card's threshold, fitted now for cards that changed since the last call (with the classifier:
+        threshold 0, and the model refitted on every card)."""
         with self._lock:
+            if self.classify:
+                return self._classifier_calibration()
             for name in self._stale & set(self.cards):
                 self._calibration[name] = self._calibrator.card(name, self._cards[name])
             self._stale.clear()
             return {n: self._calibration[n] for n in self.cards}
+
+    def _classifier_calibration(self) -> dict[str, CardCalibration]:
+        model = self.model()
+        if model is None:
+            return {}
+        if set(self._calibration) != set(model.names):  # summaries: the general prompts' and the examples' leads
+            general = model.leads(self.scorer.card_vectors(GENERAL))  # [n, K]
+            self._calibration = {
+                n: CardCalibration(0.0, quantile(general[:, k].tolist(), NEGATIVE_QUANTILE),
+                                   float(model.leads(self.scorer.card_vectors(n))[:, k].mean()))
+                for k, n in enumerate(model.names)}
+        return dict(self._calibration)
+
+    def model(self) -> CompetingClasses | None:
+        """The competing-class model over the current cards (``None`` without cards or vectors)."""
+        with self._lock:
+            if self._model is None and self.classify and self.cards:
+                self._calibration = {}
+                self._model = CompetingClasses.fit(self.scorer.card_vectors(GENERAL),
+                                                   {n: self.scorer.card_vectors(n) for n in self.cards})
+            return self._model
 
     def threshold_of(self, name: str) -> float:
         return self.threshold if self.threshold is not None else self.calibration()[name].threshold
 
     @property
     def spread(self) -> float:
+        """The similarity method's unit (1.0 with the classifier: its leads are log-odds)."""
+        if self.classify:
+            return 1.0
         with self._lock:
             return self._calibrator.spread
 
@@ -164,7 +203,7 @@ class Router:
             cards[name] = {**fitted, "examples": len(card.examples), "description": bool(card.description)}
         decisions = self.recent_decisions()[::-1][:recent]
         return {"scorer": {"name": self.scorer.name, "reason": self.scorer.reason, "fallback": self.scorer.fallback},
-                "spread": round(self.spread, 6), "margin": self.margin, "threshold": self.threshold,
+                "method": "classifier" if self.classify else "similarity", "spread": round(self.spread, 6), "margin": self.margin, "threshold": self.threshold,
                 "general_examples": len(self.general.examples), "rules": len(self.rules), "cards": cards,
                 "recent": [{"time": round(t, 3), **d.to_dict()} for t, d in decisions]}
 
@@ -198,27 +237,34 @@ class Router:
         if not names:
             return RouteDecision(None, 0.0, [], "no adapter has a card")
         calibration = self.calibration() if self.threshold is None else {}
-        spread = self.spread
-        sims = self.scorer.similarities(text)
-        base = example_score(sims[GENERAL].examples)
-        own, bonus = self._own_words(text, names), self.scorer.own_word_bonus
-        ranked = []
-        for n in names:
-            if n not in sims:  # registered meanwhile, not scored yet
-                continue
-            lead = (card_score(sims[n], self.example_weight) - base) / spread + bonus * own.get(n, 0)
-            ranked.append((n, lead - (self.threshold if self.threshold is not None else calibration[n].threshold)))
+        leads = self._classifier_leads(text) if self.classify else self._similarity_leads(text, names)
+        ranked = [(n, lead - (self.threshold if self.threshold is not None else calibration[n].threshold))
+                  for n, lead in leads.items() if n in names and (n in calibration or self.threshold is not None)]
         ranked.sort(key=lambda x: -x[1])
         if not ranked:
             return RouteDecision(None, 0.0, [], "no adapter has a card")
         best, score = ranked[0]
         if score <= 0:  # NOTE: strictly above: a text sharing nothing with any card (lead 0) never routes
-            return RouteDecision(None, score, ranked, f"base: best {best} is {-score:.3f} spreads below its "
-                                                      "threshold")
+            return RouteDecision(None, score, ranked, f"base: best {best} is {-score:.3f} below its threshold")
         second = ranked[1] if len(ranked) > 1 else None
         if second is not None and score - second[1] < self.margin:
             return RouteDecision(None, score, ranked, f"base: best {best} leads {second[0]} by "
                                                       f"{score - second[1]:.3f} < margin {self.margin}")
-        return RouteDecision(best, score, ranked, f"{best} is {score:.3f} spreads above its threshold"
+        return RouteDecision(best, score, ranked, f"{best} is {score:.3f} above its threshold"
                                                   + (f", {score - second[1]:.3f} ahead of {second[0]}" if second
                                                      else ""))
+
+    def _classifier_leads(self, text: str) -> dict[str, float]:
+        model = self.model()
+        if model is None:
+            return {}
+        return dict(zip(model.names, model.leads(self.scorer.query_vector(text))[0].tolist()))
+
+    def _similarity_leads(self, text: str, names: list[str]) -> dict[str, float]:
+        """Each card's lead over the base in spreads, plus the own-word bonus (``calibration.py``)."""
+        spread = self.spread
+        sims = self.scorer.similarities(text)
+        base = example_score(sims[GENERAL].examples)
+        own, bonus = self._own_words(text, names), self.scorer.own_word_bonus
+        return {n: (card_score(sims[n], self.example_weight) - base) / spread + bonus * own.get(n, 0)
+                for n in names if n in sims}  # a card registered meanwhile is not scored yet

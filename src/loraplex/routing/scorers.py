@@ -34,7 +34,9 @@ class Scorer:
     (as a query) against each text of card ``b``. ``blocking`` scorers are too slow for an event loop thread;
     ``shared_statistics``: a card's scores change when another card changes (TF-IDF's document frequencies).
     ``reason`` says why ``make_scorer`` chose it, ``fallback`` whether that was not the first choice.
-    ``own_word_bonus``: spreads the router adds to a card's lead per query word only that card uses."""
+    ``own_word_bonus``: spreads the router adds to a card's lead per query word only that card uses.
+    ``vectorises``: the scorer also gives each text a vector (``card_vectors`` / ``query_vector``), and the router
+    then fits the competing-class model (``classifier.py``) on them instead of comparing similarities."""
 
     name = "scorer"
     blocking = False
@@ -42,6 +44,7 @@ class Scorer:
     own_word_bonus = 1.0  # chosen on the development sets (tests/routing/eval_set.json, dev_domains.json)
     reason = "chosen by name"
     fallback = False
+    vectorises = False
 
     def add(self, name: str, texts: list[str]) -> None:
         raise NotImplementedError
@@ -53,6 +56,14 @@ class Scorer:
         raise NotImplementedError
 
     def cross(self, a: str, b: str) -> list[list[float]]:
+        raise NotImplementedError
+
+    def card_vectors(self, name: str):
+        """``[m, dim]`` numpy vectors of the card's description (when it has one) and examples."""
+        raise NotImplementedError
+
+    def query_vector(self, query: str):
+        """``[dim]`` numpy vector of a request's text."""
         raise NotImplementedError
 
 
