@@ -52,7 +52,8 @@ class AdapterStats(NamedTuple):
 
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU
-QUANTIZATIONS = (None, "int8", "int4")  # --quantization: weight-only int8 (per channel) / int4 (per group, CPU)
+# --quantization: weight-only int8 (per channel) / int4 (per group, CPU) / gguf (a GGUF file's own, nearest format)
+QUANTIZATIONS = (None, "int8", "int4", "gguf")
 GPU_KV_CACHE_FRACTION = 0.8  # of the free device memory after loading weights
 
 
@@ -110,7 +111,8 @@ class LLMEngine:
                   quantization: str | None = None,
                   deterministic: bool = ModelConfig.deterministic) -> "LLMEngine":
         """Resolve and load ``model`` and size the KV cache (``kv_cache_memory`` in bytes; default 1 GiB on CPU);
-        ``quantization="int8" | "int4"``: weight-only quantized decoder projections (vLLM's argument name);
+        ``quantization="int8" | "int4"``: weight-only quantized decoder projections (vLLM's argument name), quantized
+        tensor by tensor at load; ``"gguf"``: a GGUF file's tensors kept in the nearest kernel format to their type;
         ``deterministic``: batch-invariant kernels, so a request's tokens do not depend on what shares its steps."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: {quantization!r} is not supported (one of {QUANTIZATIONS[1:]})")
@@ -127,10 +129,8 @@ class LLMEngine:
             raise ValueError("deterministic: not available with the Triton kernels (CUDA, or LORAPLEX_TRITON=1) yet; "
                              "run without --deterministic there")
         source = resolve_model(model)
-        loaded = load_model(source, torch_dtype, device, max_model_len)
-        if quantization is not None:
-            loaded.model.quantize(quantization,
-                                  lambda kind, n_in, n_out: quant_plan(kind, n_in, n_out, torch_dtype, device))
+        loaded = load_model(source, torch_dtype, device, max_model_len, quantization,
+                            lambda kind, n_in, n_out: quant_plan(kind, n_in, n_out, torch_dtype, device))
         model_config = ModelConfig(source.model_id, torch_dtype, device, seed, quantization, deterministic)
         if deterministic:
             loaded.model.make_batch_invariant(model_config.row_tile)

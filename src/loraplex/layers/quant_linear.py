@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex.ops.quant import int4_group_size, int4_linear, int8_linear, pack_int4, quantize_int4, quantize_int8
+from loraplex.ops.quant import int4_linear, int8_linear
 
 
 class QuantLinear(nn.Module):
@@ -23,22 +23,14 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """Drop-in for a frozen ``nn.Linear``: ``Wq`` int8 ``[out, in]``, per-row scales."""
+    """Drop-in for a frozen ``nn.Linear``: ``Wq`` int8 ``[out, in]``, per-row fp32 scales (``ops.quant.quantize_int8``;
+    built by ``models.quant_load``)."""
 
     def __init__(self, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  plan: list[tuple[int, str]]) -> None:
         super().__init__(tuple(wq.shape), bias, plan)
         self.register_buffer("wq", wq)
         self.register_buffer("scales", scales)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, plan: list[tuple[int, str]]) -> "Int8Linear":
-        return cls.from_weight(linear.weight.data, None if linear.bias is None else linear.bias.data, plan)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, plan: list[tuple[int, str]]) -> "Int8Linear":
-        wq, scales = quantize_int8(weight)
-        return cls(wq.to(weight.device), scales.to(weight.device), bias, plan)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of the dequantized weight (an embedding table quantized per row): ``Wq[ids] · s[ids]``."""
@@ -49,7 +41,8 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights (packed, tinygemm layout; CPU)."""
+    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights (packed, tinygemm layout; CPU);
+    ``scales_zeros [in / group, out, 2]`` in the compute dtype (groups of 32 hold GGUF's Q4 blocks exactly)."""
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
                  plan: list[tuple[int, str]], shape: tuple[int, int]) -> None:
@@ -57,15 +50,6 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.group = group
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, plan: list[tuple[int, str]], group: int = 128) -> "Int4Linear":
-        if linear.weight.device.type != "cpu":
-            raise ValueError("quantization: int4 runs on CPU only for now (use int8 on CUDA)")
-        group = int4_group_size(linear.in_features, group)
-        q, sz = quantize_int4(linear.weight.data, group)
-        bias = None if linear.bias is None else linear.bias.data
-        return cls(pack_int4(q), sz, group, bias, plan, tuple(linear.weight.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.packed, self.group, self.scales_zeros, self.bias, self.path_for(x.shape[0]))

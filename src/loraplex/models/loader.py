@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,9 +13,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from loraplex.models.gguf_tensors import read_gguf
 from loraplex.models.model_config import ModelSpec
+from loraplex.models.quant_load import Dense, PlanFor, fill_quantized, targets
 from loraplex.models.registry import ModelSource
 from loraplex.models.transformer import DecoderLM
+
+log = logging.getLogger("loraplex.engine")
 
 
 @dataclass
@@ -54,6 +59,31 @@ def _hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 bar.update()
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor read alone with ``readinto`` (no memory map, so pages already used do not stay in the process):
+    the quantizing load's peak is what it builds, not the file."""
+    files = safetensors_files(path)
+    with tqdm(desc="Loading safetensors weights (quantizing)", unit="tensor", leave=False) as bar:
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+                header.pop("__metadata__", None)
+                for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    if info["dtype"] not in SAFETENSORS_DTYPES:
+                        raise ValueError(f"model: tensor {name!r} in {f.name} has dtype {info['dtype']}, "
+                                         f"expected one of {', '.join(SAFETENSORS_DTYPES)}")
+                    lo, hi = info["data_offsets"]
+                    buf = torch.empty(hi - lo, dtype=torch.uint8)
+                    fh.seek(8 + n + lo)
+                    fh.readinto(memoryview(buf.numpy()))
+                    yield name, buf.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+                    bar.update()
+
+
 def _gguf_weights(source: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -70,35 +100,60 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
 
 
+def _cached(out: Path, marker: str, write) -> Path:
+    """``out`` under the cache, written once by ``write(tmp_dir)`` into a temporary sibling then renamed."""
+    if (out / marker).is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    write(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / marker).is_file():  # not "another process wrote it first": a real error
+            raise
+    return out
+
+
+def _gguf_key(source: ModelSource) -> str:
+    st = (source.path / source.gguf_file).stat()
+    return f"{Path(source.gguf_file).stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def gguf_metadata(source: ModelSource) -> Path:
+    """An HF directory with only the config and tokenizer of a GGUF file (transformers reads the metadata, no tensor),
+    cached: reading them takes ~9 s for SmolLM2."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    def write(tmp: Path) -> None:
+        hf_config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        ModelSpec.from_hf_config(hf_config)  # refuse unsupported architectures early
+        AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file).save_pretrained(tmp)
+        hf_config.save_pretrained(tmp)
+
+    return _cached(cache_dir() / f"{_gguf_key(source)}-meta", "config.json", write)
+
+
 def convert_gguf(source: ModelSource) -> ModelSource:
     """Dequantize a GGUF file once into an HF directory (fp32 safetensors, config, tokenizer) under the cache.
 
     Reading GGUF metadata and dequantizing takes ~15 s for SmolLM2-135M; the converted copy loads in ~1 s.
     """
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    gguf = source.path / source.gguf_file
-    st = gguf.stat()
-    out = cache_dir() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
-    if (out / "model.safetensors").is_file():
-        return ModelSource(source.model_id, out)
-    hf_config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
-    ModelSpec.from_hf_config(hf_config)  # refuse unsupported architectures before the slow part
-    tokenizer = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
-    tensors = {name: t.contiguous() for name, t in _gguf_weights(source, hf_config)}
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
-    hf_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_file(tensors, str(tmp / "model.safetensors"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "model.safetensors").is_file():  # not "another process converted it first": a real error
-            raise
-    return ModelSource(source.model_id, out)
+    def write(tmp: Path) -> None:
+        meta = gguf_metadata(source)
+        log.info("dequantizing %s to fp32 once (--quantization gguf keeps its quantized blocks instead)",
+                 source.gguf_file)
+        hf_config = AutoConfig.from_pretrained(str(meta))
+        tensors = {name: t.contiguous() for name, t in _gguf_weights(source, hf_config)}
+        for f in meta.iterdir():
+            shutil.copy(f, tmp / f.name)
+        save_file(tensors, str(tmp / "model.safetensors"))
+
+    return ModelSource(source.model_id, _cached(cache_dir() / _gguf_key(source), "model.safetensors", write))
 
 
 def local_hf_dir(model: str | None = None) -> str:
@@ -120,17 +175,26 @@ def _eos_ids(source: ModelSource, hf_config, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: str, max_model_len: int | None) -> LoadedModel:
+def load_model(source: ModelSource, dtype: torch.dtype, device: str, max_model_len: int | None,
+               quantization: str | None = None, plan_for: PlanFor | None = None) -> LoadedModel:
     """Build the decoder for ``source`` and fill it with its weights (cast to ``dtype`` on ``device``).
 
     ``max_model_len`` defaults to the model's own limit (context length, or sliding window when it has one).
+    ``quantization`` int8 | int4 | gguf: the projections, embedding and LM head are quantized tensor by tensor as
+    they are read (``quant_load``), never all in full precision; ``plan_for(method, in, out)`` gives each shape's
+    kernel paths. ``gguf`` (GGUF files only) keeps each tensor in the nearest kernel format to its own type.
+    Without it a GGUF file is dequantized (once, cached) and cast to ``dtype``.
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    if source.is_gguf:
-        source = convert_gguf(source)
+    if quantization == "gguf" and not source.is_gguf:
+        raise ValueError(f"quantization: 'gguf' keeps a GGUF file's own quantization, but {source.model_id!r} is "
+                         f"not a .gguf model; use int8 or int4")
+    if quantization is not None and plan_for is None:
+        raise ValueError("plan_for: needed with quantization (which kernel path serves which batch size)")
+    hf_dir = (gguf_metadata(source) if quantization else convert_gguf(source).path) if source.is_gguf else source.path
     try:
-        hf_config = AutoConfig.from_pretrained(str(source.path))
+        hf_config = AutoConfig.from_pretrained(str(hf_dir))
     except ValueError as e:
         raise ValueError(f"model: cannot read the config of {source.model_id!r}: {e}") from e
     spec = ModelSpec.from_hf_config(hf_config)
@@ -139,8 +203,23 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str, max_model_l
         max_model_len = limit
     elif not 2 <= max_model_len <= limit:
         raise ValueError(f"max_model_len: must be in [2, {limit}] for {source.model_id!r}, got {max_model_len}")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
-    model = DecoderLM(spec, dtype, device, max_positions=max_model_len)
-    model.load_weights(_hf_weights(source.path))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    if quantization is None:
+        model = DecoderLM(spec, dtype, device, max_positions=max_model_len)
+        model.load_weights(_hf_weights(hf_dir))
+    else:
+        model = DecoderLM(spec, dtype, device, max_positions=max_model_len, skeleton=True)
+        if source.is_gguf:
+            _, gguf = read_gguf(str(source.path / source.gguf_file), spec.num_heads, spec.num_kv_heads)
+            kinds = targets(quantization, spec, {name: t.qtype for name, t in gguf})
+            tensors = tqdm(gguf, desc="Loading GGUF weights (quantized)", unit="tensor", leave=False)
+        else:
+            kinds = targets(quantization, spec, {})
+            tensors = ((name, Dense(t)) for name, t in _read_safetensors(hf_dir))
+        built = fill_quantized(model, tensors, kinds, plan_for)
+        log.info("%s: projections %s; embedding %s, LM head %s", quantization,
+                 ", ".join(f"{n} {k}" for k, n in sorted(built.items())), kinds["embed"].kind,
+                 kinds["embed" if spec.tie_word_embeddings else "head"].kind)
     model.eval()
-    return LoadedModel(source, spec, model, tokenizer, _eos_ids(source, hf_config, tokenizer), max_model_len)
+    src = ModelSource(source.model_id, hf_dir)
+    return LoadedModel(source, spec, model, tokenizer, _eos_ids(src, hf_config, tokenizer), max_model_len)

@@ -5,7 +5,7 @@ through :class:`AttentionMetadata`. q/k/v and gate/up projections are stacked in
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from loraplex.layers.attention import AttentionMetadata, paged_attention
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
-from loraplex.layers.quant_linear import Int4Linear, Int8Linear
+from loraplex.layers.quant_linear import Int8Linear
 from loraplex.layers.row_tiled import RowTiled
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
@@ -101,21 +101,26 @@ class DecoderLayer(nn.Module):
 class DecoderLM(nn.Module):
     """Embedding → N decoder layers → final norm → LM head (tied or not)."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: str | torch.device, max_positions: int) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: str | torch.device, max_positions: int,
+                 skeleton: bool = False) -> None:
+        """``skeleton``: the embedding, layers, norm and LM head on ``meta`` (no memory), for the quantizing loader
+        (``models.quant_load``) to replace tensor by tensor; the rotary tables are real either way."""
         super().__init__()
         self.spec = spec
         self.dtype, self.device = dtype, torch.device(device)
-        self.head: Int8Linear | None = None  # quantized models: the LM head (and the tied embedding) in int8
+        self.head: Int8Linear | None = None  # quantized models: the LM head in int8 (quant_load)
+        self.embed_q: Int8Linear | None = None  # ... and the embedding (the same table when tied)
         self.row_tile = 0  # > 0: batch-invariant (make_batch_invariant)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+        wdev = "meta" if skeleton else device
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=wdev)
         self.embed_tokens.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, dtype, device) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, dtype, wdev) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, wdev)
         if spec.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
-            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype, device)
+            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype, wdev)
             self.lm_head_weight = self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -144,33 +149,6 @@ class DecoderLM(nn.Module):
         for layer, w in zip(self.layers, per_layer):
             for p in PROJECTIONS:
                 getattr(layer, p.block).lora[p.name].set_slot(slot, w)
-
-    def quantize(self, method: str, plan_for: Callable[[str, int, int], list[tuple[int, str]]]) -> None:
-        """``int8`` (per output channel) or ``int4`` (groups of 128 input columns, or the largest of 64 / 32 that
-        divides the width) weight-only quantization of every decoder projection (q|k|v, o, gate|up, down) after
-        loading; the embedding and the LM head go to int8 per vocabulary row. ``plan_for(method, in, out)``: which
-        ``ops.quant`` path serves which batch size for that shape (see ``Int8Linear``)."""
-        kinds = {"int8": Int8Linear, "int4": Int4Linear}
-        if method not in kinds:
-            raise ValueError(f"quantization: {method!r} is not supported (one of {sorted(kinds)})")
-        plans: dict[tuple[int, int], list[tuple[int, str]]] = {}
-        for layer in self.layers:
-            for block, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
-                                ("mlp", "down_proj")):
-                module, linear = getattr(layer, block), getattr(getattr(layer, block), name)
-                shape = (linear.in_features, linear.out_features)
-                if shape not in plans:
-                    plans[shape] = plan_for(method, *shape)
-                setattr(module, name, kinds[method].from_linear(linear, plans[shape]))
-        # The LM head (read whole every decode step) and the embedding go to int8 per vocabulary row, whatever the
-        # method (4 bits lose too much there); a tied pair shares one table.
-        head = self.lm_head_weight.data
-        self.head = Int8Linear.from_weight(head, None, plan_for("int8", head.shape[1], head.shape[0]))
-        self.embed_q = self.head if self.spec.tie_word_embeddings else \
-            Int8Linear.from_weight(self.embed_tokens.weight.data, None, self.head.plan)
-        self.embed_tokens = self.lm_head_weight = None
-        if hasattr(self, "lm_head"):
-            del self.lm_head
 
     def make_batch_invariant(self, tile: int) -> None:
         """Run every token-row GEMM (the projections, quantized or not, and the LM head) on row tiles of ``tile``

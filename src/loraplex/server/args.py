@@ -69,8 +69,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a scrape may reuse the per-adapter series (the engine's gauges are always live)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
-    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],
+    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "gguf"],
                    help="weight-only int8 (per output channel) or int4 (groups of 128, CPU) decoder projections; "
+                        "gguf: a .gguf model's Q4 blocks kept as int4, Q5-Q8 as int8 (README's table); "
                         "LoRA adds on top in --dtype")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default 1 GiB on CPU)")
     p.add_argument("--api-key", default=None)
