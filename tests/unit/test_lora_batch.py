@@ -58,3 +58,14 @@ def test_xlora_rows_add_only_their_experts_slots():
     b = build_lora_batch([row(1, "a"), row(1, xlora="x"), row(2, xlora="x")], SLOTS, ZERO)
     assert isinstance(b.decodes, Bgmv) and b.decodes.slots.tolist() == [[0], [ZERO]]
     assert not b.segments and b.used_slots == {0, 6, 7} and b.xlora == ()
+
+
+def test_the_measured_dense_ratio_decides_the_form():
+    names = ["a", "b"] * 4  # 4 tokens per adapter
+    rows = [row(1, n) for n in names]
+    assert isinstance(build_lora_batch(rows, SLOTS, ZERO, dense_ratio=4).decodes, Dense)
+    assert isinstance(build_lora_batch(rows, SLOTS, ZERO, dense_ratio=8).decodes, Bgmv)
+    assert isinstance(build_lora_batch(rows, SLOTS, ZERO, dense_ratio=float("inf")).decodes, Bgmv)
+    mix = [("a", 0.7), ("b", 0.3)]
+    assert isinstance(build_lora_batch([row(1, mix=mix)] * 4, SLOTS, ZERO, dense_ratio=2).decodes, DenseWeighted)
+    assert isinstance(build_lora_batch([row(1, mix=mix)] * 4, SLOTS, ZERO, dense_ratio=4).decodes, Bgmv)

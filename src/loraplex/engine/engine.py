@@ -350,6 +350,13 @@ class LLMEngine:
         tuner = self.runner.threads
         return None if tuner is None else tuner.summary()
 
+    def kernel_choices(self) -> dict[str, float | None]:
+        """Where two kernels compete, what was measured to serve which step (``engine.kernel_choice``); a ratio
+        that never favours the dense LoRA form is None (JSON has no infinity)."""
+        k = self.runner.kernels
+        return {"gemv_tokens": k.gemv_tokens,
+                "dense_lora_ratio": None if k.dense_lora_ratio == float("inf") else k.dense_lora_ratio}
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.pool.num_blocks, s.num_preemptions,

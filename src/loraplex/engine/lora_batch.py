@@ -12,7 +12,8 @@ import torch
 from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, TokenGroup
 from loraplex.scheduler.output import ScheduledRequest
 
-# Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV.
+# Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV,
+# where nothing measured it (``engine.kernel_choice`` measures it on each CPU).
 DENSE_LORA_TOKENS_PER_ADAPTER = 4
 
 
@@ -30,11 +31,11 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
 
 
 def _mixture_decodes(decodes: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,
-                     device) -> Bgmv | DenseWeighted:
+                     device, dense_ratio: float) -> Bgmv | DenseWeighted:
     """Mixtures among the decodes: K (slot, weight) pairs per token, or the dense form when few adapters serve many
     tokens."""
     unique = sorted({slot_of[n] for r in decodes for n, _ in r.loras})
-    if len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(decodes):  # few adapters: read each once
+    if len(unique) * dense_ratio <= len(decodes):  # few adapters: read each once
         pos = {s: j for j, s in enumerate(unique)}
         dense = torch.zeros(len(decodes), len(unique))
         for i, r in enumerate(decodes):
@@ -65,13 +66,15 @@ def token_groups(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int],
 
 
 def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,
-                     device: torch.device | str = "cpu", row_tile: int = 0) -> LoRABatch | None:
+                     device: torch.device | str = "cpu", row_tile: int = 0,
+                     dense_ratio: float = DENSE_LORA_TOKENS_PER_ADAPTER) -> LoRABatch | None:
     """The step's LoRA batch (None when no row uses an adapter: the base pays nothing).
 
     ``rows`` are in step order (one-token decodes first); ``slot_of`` maps every adapter they name to its device
     slot; ``zero_slot`` is the all-zero slot base rows point at when they share a gather with adapter rows.
     X-LoRA rows contribute no form here (see ``ModelRunner.xlora_groups``), only their experts' ``used_slots``.
     ``row_tile`` > 0: the batch-invariant form (``token_groups``, GEMMs on row tiles of that size).
+    ``dense_ratio``: decode tokens per distinct adapter from which the dense form serves them (else BGMV).
     """
     if not any(r.lora_names for r in rows):
         return None
@@ -82,13 +85,13 @@ def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int
     segments: list[Segment] = []
     form = None
     if any(r.lora_mix for r in decodes):
-        form = _mixture_decodes(decodes, slot_of, zero_slot, device)
+        form = _mixture_decodes(decodes, slot_of, zero_slot, device, dense_ratio)
     elif any(r.lora_name is not None for r in decodes):
         slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
         unique = sorted(set(slots))
         if len(unique) == 1:  # one adapter for every decode: a segment (merged with prefills of it below)
             segments.append(Segment(0, len(decodes), unique[0]))
-        elif len(unique) * DENSE_LORA_TOKENS_PER_ADAPTER <= len(slots):
+        elif len(unique) * dense_ratio <= len(slots):
             pos = {s: i for i, s in enumerate(unique)}
             form = Dense(torch.tensor(unique, device=device), torch.tensor([pos[s] for s in slots], device=device))
         else:

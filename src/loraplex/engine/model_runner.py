@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from loraplex.config import CacheConfig
+from loraplex.engine.kernel_choice import KernelChoice, kernel_choice
 from loraplex.engine.lora_batch import build_lora_batch
 from loraplex.engine.thread_tuner import ThreadTuner
 from loraplex import ops
@@ -28,10 +29,6 @@ from loraplex.scheduler.output import (
     SchedulerOutput,
     XLoRAPhase,
 )
-
-# NOTE: on CPU, ATen's own bf16 GEMV streams weights ~2x faster than oneDNN for one row (SmolLM2 weights: 6.8 ms vs
-# 15 ms on 2 cores), while oneDNN wins from 3 rows up; so steps of at most this many tokens bypass oneDNN.
-NATIVE_GEMV_MAX_TOKENS = 2
 
 
 class StepAdapters(NamedTuple):
@@ -69,7 +66,9 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         # row_tile > 0 (deterministic): fixed GEMM shapes and per-token attention, so no per-step kernel switch
         self.row_tile = row_tile
-        self.native_gemv = device.type == "cpu" and dtype == torch.bfloat16 and not row_tile
+        # which kernel serves which step where two compete (oneDNN or not for tiny steps, dense LoRA or BGMV):
+        # measured on this CPU at this model's shapes (cached), not in deterministic mode (fixed kernels there)
+        self.kernels = KernelChoice() if row_tile else kernel_choice(self.spec, dtype, device)
         # CPU steps run on as many threads as measured fastest for their size (not in deterministic mode, whose
         # kernels must not change with the thread count)
         self.threads = ThreadTuner(torch.get_num_threads()) if device.type == "cpu" and not row_tile else None
@@ -83,7 +82,8 @@ class ModelRunner:
         to score after the forward (see :meth:`xlora_groups`). ``rows`` are in step order (decodes first)."""
         if adapters is None:
             return None, []
-        batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device, self.row_tile)
+        batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device, self.row_tile,
+                                 self.kernels.dense_lora_ratio)
         if batch is None or not adapters.xloras:
             return batch, []
         groups, to_score = self.xlora_groups(rows, adapters)
@@ -242,7 +242,7 @@ class ModelRunner:
         lora, to_score = self.lora_batch(rows, adapters)
         sampling_rows = [r for r in rows if r.sample]
         out = ModelRunnerOutput()
-        with _onednn(not (self.native_gemv and ids.numel() <= NATIVE_GEMV_MAX_TOKENS)):
+        with _onednn(ids.numel() > self.kernels.gemv_tokens):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)
             self.score_xlora(hidden, to_score)
             out.prompt_logprobs = self.prompt_logprobs(hidden, rows)

@@ -143,12 +143,13 @@ class AsyncEngine:
 
     def info(self) -> dict:
         """Engine facts for /info: dtype, device, token budget per step, quantization, deterministic mode, bytes
-        held, and the CPU thread tuner's measurements (ms per token per thread count, per step-size bucket)."""
+        held, the CPU thread tuner's measurements (ms per token per thread count, per step-size bucket) and the
+        kernel choices measured on this machine (``engine.kernel_choice``)."""
         c = self.engine.config
         return {"dtype": str(c.model.dtype).removeprefix("torch."), "device": c.model.device,
                 "max_num_batched_tokens": c.scheduler.max_num_batched_tokens, "quantization": c.model.quantization,
                 "deterministic": c.model.deterministic, "memory_bytes": self.engine.memory(),
-                "cpu_threads": self.engine.thread_choices()}
+                "cpu_threads": self.engine.thread_choices(), "kernels": self.engine.kernel_choices()}
 
     def has_adapter(self, name: str) -> bool:
         return self.engine.adapter(name) is not None

@@ -198,4 +198,4 @@ async def info(request: Request):
             "max_client_batch_size": 1, "router": "loraplex", "version": __version__, "sha": None,
             "docker_label": None, "lora_adapters": st.engine.adapter_names(),
             "quantization": e["quantization"], "memory_bytes": e["memory_bytes"],  # loraplex's own fields
-            "deterministic": e["deterministic"], "cpu_threads": e["cpu_threads"]}
+            "deterministic": e["deterministic"], "cpu_threads": e["cpu_threads"], "kernels": e["kernels"]}

@@ -1,0 +1,138 @@
+"""Where two kernels compete, which one serves which step — measured on this machine at the model's own shapes,
+once, then cached in ``$LORAPLEX_CACHE/kernel_choice.json`` (beside the dtype and quantization measurements).
+
+Two choices (each was a constant fitted to one CPU before):
+
+* ``gemv_tokens``: CPU steps of at most this many tokens run their GEMMs with oneDNN off (ATen's own kernel). For one
+  row, ATen's bf16 GEMV streams weights up to ~2× faster than oneDNN on some CPUs (Zen 4), not on others; from a few
+  rows up oneDNN wins. 0 = never bypass.
+* ``dense_lora_ratio``: decode tokens per distinct adapter from which the dense LoRA form (each adapter read once,
+  as GEMMs over all the step's adapters) beats the per-token BGMV gather (``engine.lora_batch``). ``inf`` = never.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.engine.cpu_dtype import cached_measurement, machine_key
+from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER
+from loraplex.models.model_config import ModelSpec
+from loraplex.ops.lora_torch import dense_lora
+from loraplex.ops import add_lora_bgmv
+
+log = logging.getLogger("loraplex.engine")
+
+GEMV_ROWS = (1, 2, 3, 4)  # step sizes measured with and without oneDNN
+DECODES, RANK = 32, 16  # the LoRA measurement: a decode batch over adapters of this rank
+ADAPTERS = (32, 16, 8, 4, 2)  # distinct adapters among the DECODES tokens: tokens per adapter 1, 2, 4, 8, 16
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The measured choices (see the module docstring); the field defaults serve where nothing is measured."""
+
+    gemv_tokens: int = 0
+    dense_lora_ratio: float = DENSE_LORA_TOKENS_PER_ADAPTER
+
+
+def best_time(fn: Callable[[], object], budget: float = 0.03, min_runs: int = 3) -> float:
+    """The fastest of repeated runs of ``fn`` within about ``budget`` seconds (after one warm-up run)."""
+    fn()
+    best, runs, end = float("inf"), 0, time.perf_counter() + budget
+    while runs < min_runs or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        best, runs = min(best, time.perf_counter() - t), runs + 1
+    return best
+
+
+def _onednn(enabled: bool) -> None:
+    torch._C._set_mkldnn_enabled(enabled)
+
+
+def measure_gemv_tokens(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """The largest step size in ``GEMV_ROWS`` up to which one layer's GEMMs run faster with oneDNN off."""
+    s = spec
+    shapes = [(s.hidden_size, s.q_size + 2 * s.kv_size), (s.q_size, s.hidden_size),
+              (s.hidden_size, 2 * s.intermediate_size), (s.intermediate_size, s.hidden_size)]
+    ws = [torch.randn(o, i).to(dtype) for i, o in shapes]
+    prev = torch._C._get_mkldnn_enabled()
+    if not prev:
+        return 0  # oneDNN is off in this process anyway
+    best = 0
+    try:
+        for m in GEMV_ROWS:
+            xs = [torch.randn(m, w.shape[1]).to(dtype) for w in ws]
+
+            def layer() -> None:
+                for x, w in zip(xs, ws):
+                    F.linear(x, w)
+
+            times = {}
+            for enabled in (True, False):
+                _onednn(enabled)
+                times[enabled] = best_time(layer)
+            if times[False] >= times[True]:
+                break
+            best = m
+    finally:
+        _onednn(prev)
+    return best
+
+
+def measure_dense_lora_ratio(spec: ModelSpec, dtype: torch.dtype) -> float:
+    """The fewest decode tokens per adapter at which ``dense_lora`` beats the BGMV gather on the q|k|v and down
+    projections' shapes (rank ``RANK``, ``DECODES`` tokens), holding for every larger ratio measured."""
+    s = spec
+    cases = [(s.hidden_size, [s.q_size, s.kv_size, s.kv_size]), (s.intermediate_size, [s.hidden_size])]
+    slots = max(ADAPTERS) + 1
+    bufs = [(torch.randn(slots, len(outs) * RANK, n_in).to(dtype),
+             [torch.randn(slots, n, RANK).to(dtype) for n in outs],
+             [(sum(outs[:i]), n) for i, n in enumerate(outs)], torch.randn(DECODES, n_in).to(dtype),
+             torch.zeros(DECODES, sum(outs), dtype=dtype)) for n_in, outs in cases]
+    wins: list[tuple[float, bool]] = []
+    for d in ADAPTERS:
+        token_slots = torch.arange(DECODES) % d
+        unique, index = torch.arange(d), token_slots
+
+        def bgmv() -> None:
+            for a, bs, out_slices, x, y in bufs:
+                add_lora_bgmv(y, x, a, bs, out_slices, token_slots.unsqueeze(1), None)
+
+        def dense() -> None:
+            for a, bs, out_slices, x, y in bufs:
+                dense_lora(y, x, a, bs, out_slices, unique, index)
+
+        wins.append((DECODES / d, best_time(dense) < best_time(bgmv)))
+    ratio = math.inf
+    for tokens_per_adapter, dense_wins in reversed(wins):  # from the most tokens per adapter down
+        if not dense_wins:
+            break
+        ratio = tokens_per_adapter
+    return ratio
+
+
+def kernel_choice(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> KernelChoice:
+    """The cached choice for this machine, dtype and model shape (measured on first use, ~0.5 s); the defaults on
+    devices other than the CPU (CUDA takes the Triton kernels)."""
+    if device.type != "cpu":
+        return KernelChoice()
+    key = (f"{machine_key()} | {dtype} | {spec.hidden_size}x{spec.intermediate_size} "
+           f"q{spec.q_size} kv{spec.kv_size}")
+
+    def measure() -> dict:
+        with torch.inference_mode():
+            return {"gemv_tokens": measure_gemv_tokens(spec, dtype),
+                    "dense_lora_ratio": measure_dense_lora_ratio(spec, dtype)}
+
+    got = cached_measurement("kernel_choice.json", key, measure)
+    choice = KernelChoice(int(got["gemv_tokens"]), float(got["dense_lora_ratio"]))
+    log.info("kernels measured here: steps of <= %d tokens bypass oneDNN; the dense LoRA form from %s decode "
+             "tokens per adapter", choice.gemv_tokens, choice.dense_lora_ratio)
+    return choice
