@@ -2,8 +2,9 @@
 
 - development sets (defaults may be chosen on them): ``eval_set.json`` (the demo adapters' domains and general
   prompts) and ``dev_domains.json`` (new domains with short cards);
-- held-out sets (never used to choose anything): ``heldout/cards_{en,zh}.json`` with ``heldout/prompts_{en,zh}.json``
-  (8 domains × 10 prompts each, cards written apart from the prompts) and ``heldout/general.json``.
+- held-out sets (never used to choose anything), ``heldout/`` and ``heldout2/`` (written before the competing-class
+  method, after ``heldout/`` had been looked at): ``cards_{en,zh}.json`` with ``prompts_{en,zh}.json`` (8 domains ×
+  10 prompts each, cards written apart from the prompts) and ``general.json``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ HERE = Path(__file__).parent
 EVAL_FILE = HERE / "eval_set.json"
 DEV_DOMAINS_FILE = HERE / "dev_domains.json"
 HELDOUT = HERE / "heldout"
+HELDOUT2 = HERE / "heldout2"
+HELDOUT_SETS = {"heldout": HELDOUT, "heldout2": HELDOUT2}
 
 
 @dataclass(frozen=True)
@@ -50,16 +53,16 @@ def dev_domains() -> tuple[dict[str, AdapterCard], list[Item]]:
     return cards, items
 
 
-def heldout(lang: str) -> tuple[dict[str, AdapterCard], list[Item]]:
-    """Cards and in-domain prompts of one language (``en`` / ``zh``)."""
+def heldout(lang: str, root: Path = HELDOUT) -> tuple[dict[str, AdapterCard], list[Item]]:
+    """Cards and in-domain prompts of one language (``en`` / ``zh``) of the held-out set in ``root``."""
     cards = {n: AdapterCard(c["description"], tuple(c["examples"]))
-             for n, c in _read(HELDOUT / f"cards_{lang}.json").items()}
-    items = [Item(d, p) for d, ps in _read(HELDOUT / f"prompts_{lang}.json").items() for p in ps]
+             for n, c in _read(root / f"cards_{lang}.json").items()}
+    items = [Item(d, p) for d, ps in _read(root / f"prompts_{lang}.json").items() for p in ps]
     return cards, items
 
 
-def heldout_general() -> list[Item]:
-    data = _read(HELDOUT / "general.json")
+def heldout_general(root: Path = HELDOUT) -> list[Item]:
+    data = _read(root / "general.json")
     return [Item(None, p) for lang in ("en", "zh") for p in data[lang]]
 
 
@@ -94,15 +97,15 @@ def evaluate(router: Router, items: list[Item]) -> tuple[float, str]:
     return acc, "\n".join(lines)
 
 
-def heldout_figures(scorer) -> tuple[dict[str, float], str]:
+def heldout_figures(scorer, root: Path = HELDOUT) -> tuple[dict[str, float], str]:
     """Held-out accuracy: ``en`` / ``zh`` (in-domain prompts routed to their card, with that language's 8 cards)
     and ``general`` (general prompts of both languages kept on the base, with each card set loaded)."""
     figures, reports, general = {}, [], []
     for lang in ("en", "zh"):
-        cards, items = heldout(lang)
+        cards, items = heldout(lang, root)
         router = cards_router(scorer, cards)
         figures[lang], report = evaluate(router, items)
-        g, greport = evaluate(router, heldout_general())
+        g, greport = evaluate(router, heldout_general(root))
         general.append(g)
         reports += [f"[{lang}] " + report, f"[general, {lang} cards] " + greport]
     figures["general"] = sum(general) / len(general)
