@@ -103,10 +103,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                                         "by the adapters' cards (adapter_card.json, or description/examples)")
     r.add_argument("--router-name", default="auto", help='the model name that asks for routing (default "auto")')
     r.add_argument("--router-threshold", type=float, default=None,
-                   help="one threshold for every card on its lead over the base (the general card), in units of "
-                        "the scorer's spread (default: each card's own, fitted from its examples)")
+                   help="one threshold for every card on its lead over the base (the general card): log-odds "
+                        "with use / e5 (default 0: beat the base class), spreads with minilm / lexical (default: "
+                        "each card's own, fitted from its examples)")
     r.add_argument("--router-margin", type=float, default=None,
-                   help="lead over the runner-up needed to pick an adapter, in spreads (default 0.1)")
+                   help="lead over the runner-up needed to pick an adapter, in the same units (default 0 log-odds "
+                        "with use / e5, 0.1 spreads with minilm / lexical)")
     r.add_argument("--router-rules", default=None, metavar="FILE",
                    help='JSON rules {"rules": [{"adapter", "keywords" | "regex"}]}, tried before scores')
     r.add_argument("--router-scorer", default="auto", choices=SCORER_NAMES,
