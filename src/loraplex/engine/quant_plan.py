@@ -15,8 +15,6 @@ from loraplex.ops.quant import (
     int4_linear,
     int8_linear,
     pack_int4,
-    quantize_int4,
-    quantize_int8,
 )
 
 log = logging.getLogger("loraplex.engine")
@@ -33,16 +31,16 @@ def _time(fn, budget: float = 0.05) -> float:
     return best
 
 
-def _kernels(method: str, n_in: int, n_out: int, device: str):
-    """(paths, ``run(x, path)``) for a random ``n_in → n_out`` weight quantized by ``method``."""
-    w = torch.randn(n_out, n_in)
+def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
+    """(paths, ``run(x, path)``) for random ``n_in → n_out`` weights in ``method``'s format (made in that format
+    directly: the LM head's shape in fp32 would be ~1 GB for a 150k vocabulary)."""
     if method == "int4":
         group = int4_group_size(n_in, 128)
-        q, sz = quantize_int4(w, group)
-        packed = pack_int4(q)
+        packed = pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.int32))
+        sz = (torch.rand(n_in // group, n_out, 2) / 8).to(dtype)  # held in the compute dtype, as quant_load does
         return list(INT4_PATHS), lambda x, path: int4_linear(x, packed, group, sz, None, path)
-    wq, scales = quantize_int8(w)
-    wq, scales = wq.to(device), scales.to(device)
+    wq = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device)
+    scales = torch.rand(n_out, device=device) / 64
     return list(INT8_PATHS), lambda x, path: int8_linear(x, wq, scales, None, path)
 
 
@@ -50,7 +48,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                  method: str = "int8") -> list[tuple[int, str]]:
     """Fastest path per batch size for an ``n_in → n_out`` linear; a path 3× slower than the best is dropped for
     larger batches (it only gets slower)."""
-    paths, run = _kernels(method, n_in, n_out, device)
+    paths, run = _kernels(method, n_in, n_out, dtype, device)
     alive, plan = paths, []
     if device != "cpu" or dtype == torch.bfloat16:
         alive = [p for p in alive if not p.endswith("_bf16")]  # the same as the plain path there

@@ -94,9 +94,11 @@ class GGUFTensor:
     perm: torch.Tensor | None = None
 
     def _raw(self, lo: int, hi: int) -> np.ndarray:
-        if self.perm is None:
-            return np.array(self.data[lo:hi])
-        return np.array(self.data[self.perm[lo:hi].numpy()])
+        if self.perm is not None:
+            return np.array(self.data[self.perm[lo:hi].numpy()])
+        out = np.array(self.data[lo:hi])
+        self._drop(self.data[lo:hi])
+        return out
 
     def float_rows(self, lo: int, hi: int) -> torch.Tensor:
         """Rows ``lo:hi`` dequantized to fp32 (``gguf.quants.dequantize``)."""
@@ -116,12 +118,16 @@ class GGUFTensor:
 
     def release(self) -> None:
         """Drop this tensor's pages from the process (they stay in the page cache): peak RSS ≈ what was built."""
-        mm = getattr(self.data, "_mmap", None)  # numpy.memmap views keep their file's mmap
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        self._drop(self.data)
+
+    @staticmethod
+    def _drop(view: np.ndarray) -> None:
+        mm = getattr(view, "_mmap", None)  # numpy.memmap views keep their file's mmap
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED") or view.nbytes == 0:
             return
-        start = self.data.ctypes.data - np.frombuffer(mm, np.uint8, 1).ctypes.data
+        start = view.ctypes.data - np.frombuffer(mm, np.uint8, 1).ctypes.data
         lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-        mm.madvise(mmap.MADV_DONTNEED, lo, start + self.data.nbytes - lo)
+        mm.madvise(mmap.MADV_DONTNEED, lo, start + view.nbytes - lo)
 
 
 def _llama_rotation(rows: int, n_head: int) -> torch.Tensor:

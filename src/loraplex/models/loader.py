@@ -59,29 +59,15 @@ def _hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 bar.update()
 
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor read alone with ``readinto`` (no memory map, so pages already used do not stay in the process):
-    the quantizing load's peak is what it builds, not the file."""
-    files = safetensors_files(path)
-    with tqdm(desc="Loading safetensors weights (quantizing)", unit="tensor", leave=False) as bar:
-        for f in files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-                header.pop("__metadata__", None)
-                for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                    if info["dtype"] not in SAFETENSORS_DTYPES:
-                        raise ValueError(f"model: tensor {name!r} in {f.name} has dtype {info['dtype']}, "
-                                         f"expected one of {', '.join(SAFETENSORS_DTYPES)}")
-                    lo, hi = info["data_offsets"]
-                    buf = torch.empty(hi - lo, dtype=torch.uint8)
-                    fh.seek(8 + n + lo)
-                    fh.readinto(memoryview(buf.numpy()))
-                    yield name, buf.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
-                    bar.update()
+def _safetensors_sources(path: Path) -> Iterator[tuple[str, Dense]]:
+    """Each tensor of the checkpoint as a :class:`Dense` source, in file order, nothing read yet."""
+    for f in safetensors_files(path):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                yield name, Dense(fh, 8 + n + info["data_offsets"][0], info["dtype"], info["shape"])
 
 
 def _gguf_weights(source: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -215,7 +201,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str, max_model_l
             tensors = tqdm(gguf, desc="Loading GGUF weights (quantized)", unit="tensor", leave=False)
         else:
             kinds = targets(quantization, spec, {})
-            tensors = ((name, Dense(t)) for name, t in _read_safetensors(hf_dir))
+            tensors = tqdm(_safetensors_sources(hf_dir), desc="Loading safetensors weights (quantizing)",
+                           unit="tensor", leave=False)
         built = fill_quantized(model, tensors, kinds, plan_for)
         log.info("%s: projections %s; embedding %s, LM head %s", quantization,
                  ", ".join(f"{n} {k}" for k, n in sorted(built.items())), kinds["embed"].kind,

@@ -7,6 +7,8 @@ safetensors, and from the tensors' GGUF types too for GGUF (``gguf_tensors.GGUF_
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -21,7 +23,23 @@ from loraplex.models.gguf_tensors import EXACT_INT4, FLOAT_TYPES
 from loraplex.ops.quant import int4_group_size, pack_int4, quantize_int4, quantize_int8
 
 log = logging.getLogger("loraplex.engine")
-CHUNK = 1 << 22  # elements dequantized at once (16 MB in fp32)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps the chunk temporaries' holes between the kept buffers:
+    ~40 % of the weights' size by the end of a load otherwise, and peak RSS counts them)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+CHUNK = 1 << 20  # elements dequantized at once (4 MB in fp32; the quantizers make a few temporaries of it)
 PlanFor = Callable[[str, int, int], list[tuple[int, str]]]
 
 
@@ -37,19 +55,29 @@ class Source(Protocol):
 
 
 class Dense:
-    """A safetensors tensor already in memory (read alone, not memory-mapped)."""
+    """A dense tensor of a safetensors file, read row range by row range (``readinto``, no memory map): a 150k-row
+    embedding never sits whole in memory beside its quantized table."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor, self.shape, self.qtype = tensor, tuple(tensor.shape), "dense"
+    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+    def __init__(self, file, offset: int, dtype: str, shape: list[int]) -> None:
+        if dtype not in self.DTYPES:
+            raise ValueError(f"model: safetensors dtype {dtype} is not read here (one of {', '.join(self.DTYPES)})")
+        self.file, self.offset, self.dtype = file, offset, self.DTYPES[dtype]
+        self.shape, self.qtype = tuple(shape), "dense"
+        self.row_bytes = self.dtype.itemsize * (self.shape[1] if len(self.shape) > 1 else 1)
 
     def float_rows(self, lo: int, hi: int) -> torch.Tensor:
-        return self.tensor[lo:hi].float()
+        buf = torch.empty((hi - lo) * self.row_bytes, dtype=torch.uint8)
+        self.file.seek(self.offset + lo * self.row_bytes)
+        self.file.readinto(memoryview(buf.numpy()))
+        return buf.view(self.dtype).view(hi - lo, *self.shape[1:]).float()
 
     def int4_exact(self):
         raise ValueError("a dense tensor has no exact int4 form")
 
     def release(self) -> None:
-        self.tensor = None
+        pass
 
 
 class Target(NamedTuple):
@@ -104,9 +132,10 @@ class Fill:
         else:
             self.w = torch.empty(n_out, n_in, dtype=dtype, device=device)
 
-    def put(self, what: str, index: int, src: Source) -> None:
+    def put(self, name: str, what: str, index: int, src: Source) -> None:
+        """Quantize checkpoint tensor ``name`` (part ``index`` of the stack's ``what``: weight or bias) into place."""
         if (what, index) not in self.waiting:
-            raise ValueError(f"model: checkpoint has part {index} of this projection's {what} twice")
+            raise ValueError(f"model: checkpoint tensor {name!r} appears twice")
         self.waiting.discard((what, index))
         off, rows = self.offsets[index], src.shape[0]
         if what == "bias":
@@ -136,10 +165,12 @@ class Fill:
         if self.target.kind == "int8":
             return Int8Linear(self.wq, self.scales, self.bias, plan_for("int8", self.n_in, self.wq.shape[0]))
         if self.target.kind == "int4":
-            if self.device.type != "cpu":
-                raise ValueError("quantization: int4 runs on CPU only for now (use int8 on CUDA)")
             n_out = self.q.shape[0]
-            packed = pack_int4(self.q.to(torch.int32))
+            rows = 1024 if n_out % 64 == 0 else n_out  # tinygemm packs blocks of 64 rows independently
+            packed = torch.empty(n_out, self.n_in // 2, dtype=torch.uint8)
+            for r in range(0, n_out, rows):
+                packed[r:r + rows] = pack_int4(self.q[r:r + rows].to(torch.int32))
+            del self.q
             return Int4Linear(packed, self.sz, self.target.group, self.bias, plan_for("int4", self.n_in, n_out),
                               (n_out, self.n_in))
         linear = nn.Linear(self.n_in, self.w.shape[0], bias=self.bias is not None, device="meta")
@@ -149,11 +180,13 @@ class Fill:
         return linear
 
 
-def fill_quantized(model, tensors: Iterable[tuple[str, Source]], targets: dict[str, Target],
+def fill_quantized(model, tensors: Iterable[tuple[str, Source]], kinds: dict[str, Target],
                    plan_for: PlanFor) -> Counter:
     """Load ``tensors`` (HF names) into ``model``, a ``DecoderLM`` built with ``skeleton=True``; returns how many
     projections got each format. Raises on unknown, duplicate or missing tensors."""
     spec, shapes, dtype, device = model.spec, model.spec.module_shapes, model.dtype, model.device
+    if device.type != "cpu" and any(t.kind == "int4" for t in kinds.values()):
+        raise ValueError("quantization: int4 runs on CPU only for now (use int8 on CUDA)")
     plans: dict[tuple, list[tuple[int, str]]] = {}
     plan_for = (lambda f: lambda *key: plans[key] if key in plans else plans.setdefault(key, f(*key)))(plan_for)
     fills: dict[str, Fill] = {}
@@ -168,19 +201,21 @@ def fill_quantized(model, tensors: Iterable[tuple[str, Source]], targets: dict[s
             key, block = f"{parts[1]}.{shard.projection.name}", getattr(model.layers[int(parts[1])], parts[2])
             if key not in fills:
                 skel = getattr(block, shard.projection.name)
-                fills[key] = Fill(targets[key], shapes.in_features(shard.projection), shapes.out_sizes(
+                fills[key] = Fill(kinds[key], shapes.in_features(shard.projection), shapes.out_sizes(
                     shard.projection), getattr(skel, "bias", None) is not None, dtype, device)
             _check_shape(hf_name, src, (shard.size, shapes.in_features(shard.projection))[:len(src.shape)])
-            fills[key].put(parts[4], shard.index, src)
+            fills[key].put(hf_name, parts[4], shard.index, src)
+            _trim()
             if fills[key].complete:
                 setattr(block, shard.projection.name, fills.pop(key).build(plan_for))
-                built[targets[key].kind] += 1
+                built[kinds[key].kind] += 1
         elif name in ("embed_tokens.weight", "lm_head.weight"):
             key = "embed" if name == "embed_tokens.weight" else "head"
             _check_shape(hf_name, src, (spec.vocab_size, spec.hidden_size))
-            fill = Fill(targets[key], spec.hidden_size, [spec.vocab_size], False, dtype, device)
-            fill.put("weight", 0, src)
+            fill = Fill(kinds[key], spec.hidden_size, [spec.vocab_size], False, dtype, device)
+            fill.put(hf_name, "weight", 0, src)
             _set_table(model, key, fill, plan_for)
+            _trim()
         else:
             _materialize(model, hf_name, name, src, dtype)
     if fills:
