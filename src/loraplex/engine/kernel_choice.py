@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from loraplex.engine.cpu_dtype import cached_measurement, machine_key
 from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER
+from loraplex.layers.lora import LoRAStack
+from loraplex.layers.projections import PROJECTIONS
 from loraplex.models.model_config import ModelSpec
-from loraplex.ops.lora_torch import dense_lora
-from loraplex.ops import add_lora_bgmv
+from loraplex.ops.lora_batch import Bgmv, Dense, LoRABatch
 
 log = logging.getLogger("loraplex.engine")
 
@@ -87,29 +88,29 @@ def measure_gemv_tokens(spec: ModelSpec, dtype: torch.dtype) -> int:
 
 
 def measure_dense_lora_ratio(spec: ModelSpec, dtype: torch.dtype) -> float:
-    """The fewest decode tokens per adapter at which ``dense_lora`` beats the BGMV gather on the q|k|v and down
-    projections' shapes (rank ``RANK``, ``DECODES`` tokens), holding for every larger ratio measured."""
-    s = spec
-    cases = [(s.hidden_size, [s.q_size, s.kv_size, s.kv_size]), (s.intermediate_size, [s.hidden_size])]
-    slots = max(ADAPTERS) + 1
-    bufs = [(torch.randn(slots, len(outs) * RANK, n_in).to(dtype),
-             [torch.randn(slots, n, RANK).to(dtype) for n in outs],
-             [(sum(outs[:i]), n) for i, n in enumerate(outs)], torch.randn(DECODES, n_in).to(dtype),
-             torch.zeros(DECODES, sum(outs), dtype=dtype)) for n_in, outs in cases]
+    """The fewest decode tokens per adapter at which the dense form beats BGMV (whichever BGMV kernel serves here:
+    the C kernel or the torch gather), on real ``LoRAStack`` s of the model's q|k|v and down projections (rank
+    ``RANK``, ``DECODES`` tokens), holding for every larger ratio measured."""
+    shapes = spec.module_shapes
+    stacks, xs, ys = [], [], []
+    n_slots = max(ADAPTERS)
+    for p in (PROJECTIONS[0], PROJECTIONS[3]):
+        stack = LoRAStack(p, shapes, n_slots, RANK, dtype, "cpu")
+        for slot in range(n_slots):
+            stack.set_slot(slot, {m: (torch.randn(RANK, shapes.shapes[m][0]).to(dtype),
+                                      torch.randn(shapes.shapes[m][1], RANK).to(dtype)) for m in p.modules})
+        stacks.append(stack)
+        xs.append(torch.randn(DECODES, shapes.in_features(p)).to(dtype))
+        ys.append(torch.zeros(DECODES, sum(shapes.out_sizes(p)), dtype=dtype))
     wins: list[tuple[float, bool]] = []
     for d in ADAPTERS:
         token_slots = torch.arange(DECODES) % d
-        unique, index = torch.arange(d), token_slots
-
-        def bgmv() -> None:
-            for a, bs, out_slices, x, y in bufs:
-                add_lora_bgmv(y, x, a, bs, out_slices, token_slots.unsqueeze(1), None)
-
-        def dense() -> None:
-            for a, bs, out_slices, x, y in bufs:
-                dense_lora(y, x, a, bs, out_slices, unique, index)
-
-        wins.append((DECODES / d, best_time(dense) < best_time(bgmv)))
+        used = frozenset(range(d))
+        forms = {"bgmv": LoRABatch(DECODES, Bgmv(token_slots.unsqueeze(1)), used_slots=used),
+                 "dense": LoRABatch(DECODES, Dense(torch.arange(d), token_slots), used_slots=used)}
+        times = {name: best_time(lambda: [st(y, x, batch) for st, x, y in zip(stacks, xs, ys)])
+                 for name, batch in forms.items()}
+        wins.append((DECODES / d, times["dense"] < times["bgmv"]))
     ratio = math.inf
     for tokens_per_adapter, dense_wins in reversed(wins):  # from the most tokens per adapter down
         if not dense_wins:

@@ -33,10 +33,24 @@ class LoRAStack(nn.Module):
         self.rank = 1  # R: the buffers' width; grows to the largest rank written (``_grow``)
         self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
         self.lora_a = torch.zeros(max_loras + 1, len(self.modules_), in_features, dtype=dtype, device=device)
-        self.lora_b = [torch.zeros(max_loras + 1, n, 1, dtype=dtype, device=device) for n in out_sizes]
+        self.transposed_b = ops.cpu_bgmv_serves(self.lora_a)
+        self.lora_bt: list[torch.Tensor] | None = [] if self.transposed_b else None
+        self.lora_b = [self._new_b(max_loras + 1, n, 1, i) for i, n in enumerate(out_sizes)]
         self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
         self.ranks = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)  # true rank per slot (kernels)
         self.rank_of = [0] * (max_loras + 1)  # the same as ints (the torch forms narrow to it)
+
+    def _new_b(self, slots: int, size: int, rank: int, i: int) -> torch.Tensor:
+        """A zero B buffer ``[slots, size, rank]`` for slice ``i`` (a view of the transposed storage when the C
+        kernel serves)."""
+        if not self.transposed_b:
+            return self.lora_a.new_zeros(slots, size, rank)
+        bt = self.lora_a.new_zeros(slots, rank, size)
+        if i < len(self.lora_bt):
+            self.lora_bt[i] = bt
+        else:
+            self.lora_bt.append(bt)
+        return bt.transpose(1, 2)
 
     def _grow(self, rank: int) -> None:
         """Widen the buffers to ``rank`` (every slot keeps its weights; the new columns are zero)."""
@@ -47,7 +61,7 @@ class LoRAStack(nn.Module):
         a.view(s, n, rank, -1)[:, :, :old].copy_(self.lora_a.view(s, n, old, -1))
         self.lora_a = a
         for i, b in enumerate(self.lora_b):
-            self.lora_b[i] = b.new_zeros(s, b.shape[1], rank)
+            self.lora_b[i] = self._new_b(s, b.shape[1], rank, i)
             self.lora_b[i][:, :, :old].copy_(b)
         self.rank = rank
 
@@ -71,7 +85,7 @@ class LoRAStack(nn.Module):
     def forward(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> None:
         if self.occupied.isdisjoint(batch.used_slots):  # e.g. attention-only adapters skip the MLP stacks
             return
-        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch, self.ranks, self.rank_of)
+        ops.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, batch, self.ranks, self.rank_of, self.lora_bt)
         for group in batch.xlora:
             ops.add_lora_gated(y, x, self.lora_a, self.lora_b, self.out_slices, group,
                                group.weights[:, self.layer, self.module_pos], batch.row_tile, self.rank_of)

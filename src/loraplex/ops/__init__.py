@@ -1,6 +1,7 @@
 """One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms:
-CUDA tensors take the Triton kernels (``lora_triton``) for BGMV and SGMV when Triton is importable, everything else
-the torch implementations (``lora_torch``, each beside its reference)."""
+CUDA tensors take the Triton kernels (``lora_triton``) for BGMV and SGMV when Triton is importable; CPU BGMV steps
+the C kernel (``lora_cpu``) when it is built; everything else the torch implementations (``lora_torch``, each beside
+its reference)."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from loraplex.ops import lora_cpu
 from loraplex.ops.batch_invariant import add_lora_grouped, row_tiled
 from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, TokenGroup, XLoRAGroup
 from loraplex.ops.lora_torch import (
@@ -21,7 +23,7 @@ from loraplex.ops.lora_torch import (
 )
 
 __all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
-           "add_lora_gated", "row_tiled", "use_triton"]
+           "add_lora_gated", "cpu_bgmv_serves", "row_tiled", "use_triton"]
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
@@ -57,14 +59,21 @@ def use_triton(device: torch.device) -> bool:
     return (device.type == "cuda" or TRITON_ON_CPU) and _triton() is not None
 
 
+def cpu_bgmv_serves(buffer: torch.Tensor) -> bool:
+    """Will BGMV steps over LoRA buffers like ``buffer`` take the C kernel (CPU, its dtype supported, the kernel
+    built, Triton not asked for)? Then ``LoRAStack`` stores its B buffers transposed for it."""
+    return not use_triton(buffer.device) and lora_cpu.available(buffer)
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],
              out_slices: list[tuple[int, int]], batch: LoRABatch, ranks: torch.Tensor | None = None,
-             rank_of: Sequence[int] | None = None) -> None:
+             rank_of: Sequence[int] | None = None, lora_bts: list[torch.Tensor] | None = None) -> None:
     """Apply a step's LoRA: decode tokens by BGMV (gather per token) or, when few distinct adapters serve many
     tokens, by the dense form that reads each adapter once; one SGMV matmul pair per prefill segment. ``ranks``
     (``[S]`` int32, each slot's true rank) lets the Triton kernels skip the zero padding up to the max rank;
     ``rank_of`` (the same, as ints) lets the torch forms do the same: each segment and token group at its own
-    rank, the decodes at the largest rank among the step's slots.
+    rank, the decodes at the largest rank among the step's slots. ``lora_bts``: the B buffers transposed
+    (``cpu_bgmv_serves``), with ``ranks`` what the C BGMV kernel reads in place.
     A batch-invariant step (``batch.row_tile``) takes its token groups through ``ops.batch_invariant``."""
     if batch.row_tile:
         add_lora_grouped(y, x, lora_a, lora_bs, out_slices, batch.groups, batch.row_tile, rank_of)
@@ -77,6 +86,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     match batch.decodes:
         case Bgmv(slots, weights) if fast is not None:
             fast.add_lora_bgmv_triton(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights, ranks)
+        case Bgmv(slots, weights) if lora_bts is not None and ranks is not None:
+            lora_cpu.add_lora_bgmv_cpu(y[:nd], x[:nd], seg_a, lora_bts, out_slices, slots, weights, ranks)
         case Bgmv(slots, None) if rank_of is not None and slots.shape[1] == 1:
             _bgmv_by_rank(y[:nd], x[:nd], seg_a, seg_bs, out_slices, slots, rank_of)
         case Bgmv(slots, weights):

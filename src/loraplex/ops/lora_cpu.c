@@ -1,0 +1,79 @@
+/* BGMV on the CPU reading the LoRA slot buffers in place (no per-token copies of A and B), each token at its
+ * adapter's true rank. Built at first use by ops/lora_cpu.py (gcc -O3 -march=native -fopenmp); the torch form in
+ * ops/lora_torch.py (bgmv_shrink / bgmv_expand) is its reference.
+ *
+ * Semantics, for every token t and pair k with s = slots[t, k], w = weights[t, k] (1 when weights is NULL),
+ * r = ranks[s] (0 = skip) and every stacked slice i:
+ *     y[t, start_i + o] += w * sum_j Bt_i[s, j, o] * (sum_c A[s, i*R + j, c] * x[t, c])      (j < r)
+ * Layouts: x [T, n_in] (row stride x_stride), A [S, n*R, n_in], and B_i transposed, Bt_i [S, R, size_i] (so the
+ * expand streams rows of outputs), all contiguous; y rows of stride y_stride. Accumulation in fp32; bf16 tensors are converted on the fly and y is rounded once per pair.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u); /* NaN stays NaN */
+    c.u += 0x7fffu + ((c.u >> 16) & 1u);
+    return (uint16_t)(c.u >> 16);
+}
+
+#define DEFINE_BGMV(NAME, T_, LOAD, STORE)                                                                             \
+void NAME(const T_ *x, int64_t x_stride, const T_ *a, const T_ *const *bts, T_ *y, int64_t y_stride,                   \
+          const int64_t *starts, const int64_t *sizes, int64_t n_slices, const int64_t *slots,                         \
+          const float *weights, int64_t n_tokens, int64_t k_pairs, const int32_t *ranks, int64_t n_in, int64_t R,      \
+          int64_t max_size, int n_threads) {                                                                           \
+    _Pragma("omp parallel num_threads(n_threads)")                                                                     \
+    {                                                                                                                  \
+        float *xf = (float *)malloc(sizeof(float) * (size_t)(n_in + n_slices * R + max_size));                         \
+        float *h = xf + n_in, *acc = h + n_slices * R;                                                                 \
+        _Pragma("omp for schedule(static)")                                                                            \
+        for (int64_t t = 0; t < n_tokens; t++) {                                                                       \
+            const T_ *xt = x + t * x_stride;                                                                           \
+            for (int64_t c = 0; c < n_in; c++) xf[c] = LOAD(xt[c]);                                                    \
+            T_ *yt = y + t * y_stride;                                                                                 \
+            for (int64_t k = 0; k < k_pairs; k++) {                                                                    \
+                int64_t s = slots[t * k_pairs + k];                                                                    \
+                float w = weights ? weights[t * k_pairs + k] : 1.0f;                                                   \
+                int64_t r = ranks[s] < R ? ranks[s] : R;                                                               \
+                if (r <= 0 || w == 0.0f) continue;                                                                     \
+                const T_ *as = a + s * n_slices * R * n_in;                                                            \
+                for (int64_t i = 0; i < n_slices; i++)                                                                 \
+                    for (int64_t j = 0; j < r; j++) {                                                                  \
+                        const T_ *row = as + (i * R + j) * n_in;                                                       \
+                        float dot = 0.0f;                                                                              \
+                        _Pragma("omp simd reduction(+:dot)")                                                           \
+                        for (int64_t c = 0; c < n_in; c++) dot += LOAD(row[c]) * xf[c];                                \
+                        h[i * R + j] = dot * w;                                                                        \
+                    }                                                                                                  \
+                for (int64_t i = 0; i < n_slices; i++) {                                                               \
+                    const T_ *bt = bts[i] + s * R * sizes[i];                                                          \
+                    const float *hi = h + i * R;                                                                       \
+                    T_ *yo = yt + starts[i];                                                                           \
+                    for (int64_t o = 0; o < sizes[i]; o++) acc[o] = 0.0f;                                              \
+                    for (int64_t j = 0; j < r; j++) {                                                                  \
+                        const T_ *row = bt + j * sizes[i];                                                             \
+                        float hj = hi[j];                                                                              \
+                        _Pragma("omp simd")                                                                            \
+                        for (int64_t o = 0; o < sizes[i]; o++) acc[o] += LOAD(row[o]) * hj;                            \
+                    }                                                                                                  \
+                    for (int64_t o = 0; o < sizes[i]; o++) yo[o] = STORE(LOAD(yo[o]) + acc[o]);                        \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+        free(xf);                                                                                                      \
+    }                                                                                                                  \
+}
+
+#define ID(v) (v)
+DEFINE_BGMV(bgmv_f32, float, ID, ID)
+DEFINE_BGMV(bgmv_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
