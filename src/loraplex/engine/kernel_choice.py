@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraplex import ops
 from loraplex.engine.cpu_dtype import cached_measurement, machine_key
 from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER
 from loraplex.layers.lora import LoRAStack
@@ -124,8 +125,9 @@ def kernel_choice(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> 
     devices other than the CPU (CUDA takes the Triton kernels)."""
     if device.type != "cpu":
         return KernelChoice()
+    bgmv = "C" if ops.cpu_bgmv_serves(torch.zeros(1, dtype=dtype)) else "torch"  # which BGMV the ratio is against
     key = (f"{machine_key()} | {dtype} | {spec.hidden_size}x{spec.intermediate_size} "
-           f"q{spec.q_size} kv{spec.kv_size}")
+           f"q{spec.q_size} kv{spec.kv_size} | BGMV {bgmv}")
 
     def measure() -> dict:
         with torch.inference_mode():
