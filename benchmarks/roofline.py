@@ -2,14 +2,17 @@
 shapes and dtype, and the floor of a case ``max(bytes / bandwidth, flops / matmul rate)``.
 
     from roofline import Roofline
-    roof = Roofline.measure(model_shapes, dtype, rows=(1, 32))
+    roof = Roofline.measure(model_shapes(spec), dtype, rows=(1, 32))
     print(roof.header())
     floor_s = roof.floor_seconds(bytes_moved, flops, rows=32)
+    floor_tps = roof.decode_floor(spec, weight_bytes(model) + n * lora_bytes(spec, 16, 2), rows=32)
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +92,11 @@ class Roofline:
         """The least time a step can take: reading its bytes, or computing its FLOPs at this row count's rate."""
         return max(bytes_moved / self.bandwidth, flops / self.rate[rows])
 
+    def decode_floor(self, spec, bytes_moved: float, rows: int) -> float:
+        """The most tokens/s decode steps of ``rows`` rows can give when each reads ``bytes_moved`` (weights + the
+        adapters its rows use): ``rows / floor_seconds(bytes_moved, forward_flops(spec, rows), rows)``."""
+        return rows / self.floor_seconds(bytes_moved, forward_flops(spec, rows), rows)
+
     def header(self) -> str:
         rates = ", ".join(f"{m} rows (measured at M={max(m, MIN_ROWS)}): {r / 1e9:.0f} GFLOP/s"
                           for m, r in self.rate.items())
@@ -109,3 +117,35 @@ def model_shapes(spec) -> list[tuple[int, int]]:
 def forward_flops(spec, tokens: int) -> float:
     """Matmul FLOPs of a forward over ``tokens`` tokens (attention's own, small at these lengths, left out)."""
     return sum(2 * tokens * i * o for i, o in model_shapes(spec))
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a model's weights as stored, what a decode step reads: its dtype, or a quantized format's packed
+    values and scales (the state dict's tensors, tied ones counted once; non-persistent buffers such as rope tables
+    and LoRA slots, which are not in it, left out)."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+
+
+def gemm_weight_bytes(spec, elem_bytes: int) -> int:
+    """Bytes of the weights of ``model_shapes(spec)`` at ``elem_bytes`` per value, for a model in another process
+    (a server): every projection and the LM head; embedding rows and norms, a few KB per step, left out."""
+    return sum(i * o for i, o in model_shapes(spec)) * elem_bytes
+
+
+def lora_bytes(spec, rank: int, elem_bytes: int, modules=None) -> int:
+    """Bytes of one rank-``rank`` LoRA adapter on ``modules`` (default: every linear) of every layer:
+    ``rank · (in + out) · elem_bytes`` per module per layer."""
+    shapes = spec.module_shapes.shapes
+    per_layer = sum(i + o for m, (i, o) in shapes.items() if modules is None or m in modules)
+    return spec.num_layers * rank * per_layer * elem_bytes
+
+
+def adapter_bytes(path, elem_bytes: int) -> int:
+    """Bytes of the tensors in a PEFT directory's ``adapter_model.safetensors`` (a LoRA's A and B, or an X-LoRA's
+    classifier) at ``elem_bytes`` per value, the run's dtype; ``path`` may name a demo adapter (``"pirate"``)."""
+    from safetensors import safe_open
+
+    from loraplex.lora.demo import resolve_adapter_path
+
+    with safe_open(str(Path(resolve_adapter_path(str(path))) / "adapter_model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * elem_bytes
