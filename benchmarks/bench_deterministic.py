@@ -3,26 +3,25 @@
     python benchmarks/bench_deterministic.py [--dtype bfloat16] [--prompts 32] [--new-tokens 32] [--repeats 3]
 
 Throughput (default vs deterministic engine, alternating runs, median) at batch 1 and for ``--prompts`` requests
-spread over the base and the three demo adapters; the batch-1 weight-bandwidth floor (copy bandwidth measured in the
-run); then stability: every request greedy alone, then all of them in one batch, and how many streams differ
-(token ids, and log-probs bit for bit) in each mode.
+spread over the base and the three demo adapters, each against its roofline measured in the run (``roofline.py``:
+weights + the adapters its rows use over the read bandwidth, or its FLOPs over the matmul rate); then stability:
+every request greedy alone, then all of them in one batch, and how many streams differ (token ids, and log-probs
+bit for bit) in each mode.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.demo import demo_adapters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import QUESTIONS, copy_bandwidth  # noqa: E402
+import roofline  # noqa: E402
+from bench_engine import QUESTIONS  # noqa: E402
 
 
 def run(llm: LLM, prompts: list[list[int]], loras: list, n: int, logprobs: bool = False):
@@ -61,17 +60,22 @@ def main() -> None:
             llm.reset_prefix_cache()
             rates.setdefault((mode, "many"), []).append(run(llm, prompts, loras, args.new_tokens)[0])
     med = {k: statistics.median(v) for k, v in rates.items()}
-    model = engines["default"].llm_engine.runner.model
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    bw = copy_bandwidth() / 2
-    floor = bw / weights
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; dtype {str(engines['default'].llm_engine.config.model.dtype).removeprefix('torch.')};"
-          f" copy bandwidth {bw / 1e9:.1f} GB/s read, batch-1 floor {floor:.1f} tok/s ({weights / 1e6:.0f} MB)")
-    print(f"| mode | batch-1 tok/s | of floor | {args.prompts} prompts (base + 3 adapters) tok/s |")
-    print("|---|---|---|---|")
+    engine = engines["default"].llm_engine
+    spec, dtype = engine.loaded.spec, engine.config.model.dtype
+    weights = roofline.weight_bytes(engine.runner.model)
+    adapters = sum(roofline.adapter_bytes(lr.lora_path, dtype.itemsize) for lr in demos[1:len(prompts)])
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(1, len(prompts)))
+    floor = {"b1": roof.decode_floor(spec, weights, 1),
+             "many": roof.decode_floor(spec, weights + adapters, len(prompts))}
+    print(roof.header())
+    print(f"dtype {str(dtype).removeprefix('torch.')}; weights {weights / 1e6:.0f} MB, the adapters used "
+          f"{adapters / 1e6:.1f} MB; {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"| mode | batch-1 tok/s | floor | of floor | {args.prompts} prompts (base + 3 adapters) tok/s | floor | "
+          "of floor |")
+    print("|---|---|---|---|---|---|---|")
     for mode in engines:
-        print(f"| {mode} | {med[(mode, 'b1')]:.1f} | {med[(mode, 'b1')] / floor:.0%} | {med[(mode, 'many')]:.1f} |")
+        print(f"| {mode} | " + " | ".join(f"{med[mode, c]:.1f} | {floor[c]:.1f} | {med[mode, c] / floor[c]:.0%}"
+                                          for c in ("b1", "many")) + " |")
     print(f"deterministic / default: batch 1 {med[('deterministic', 'b1')] / med[('default', 'b1')]:.2f}x, "
           f"{args.prompts} prompts {med[('deterministic', 'many')] / med[('default', 'many')]:.2f}x")
     print("\nstability: each request alone, then all in one batch")
