@@ -79,10 +79,13 @@ def test_mixture_validation(family_dirs):
 
 @torch.no_grad()
 def test_many_rows_of_one_mixture_take_the_dense_form(family_dirs, monkeypatch):
-    """8 decode rows over the same 2 adapters: the weighted dense form (each adapter read once) serves them."""
+    """8 decode rows over the same 2 adapters: the weighted dense form (each adapter read once) serves them when
+    the measured ratio says so (here forced: 4 tokens per adapter)."""
     from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
     from loraplex.ops.lora_batch import DenseWeighted
 
+    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(dense_lora_ratio=4))
     root = family_dirs
     reqs = {n: LoRARequest(n, i + 1, str(root / n)) for i, n in enumerate("ab")}
     llm = LLM(model=str(root / "base"), dtype="float32", enable_lora=True, max_loras=2)

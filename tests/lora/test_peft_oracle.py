@@ -55,11 +55,27 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs):
     assert store.num_evictions > 0 and not store.refcount  # 5 adapters through 3 slots, nothing left running
 
 
-def test_many_rows_on_few_adapters_match_peft(tiny_model_dir, adapter_dirs):
-    """Twelve decode rows over two adapters and the base take the dense path (each adapter read once)."""
+@pytest.mark.parametrize("dense_ratio", [4.0, float("inf")], ids=["dense", "bgmv"])
+def test_many_rows_on_few_adapters_match_peft(tiny_model_dir, adapter_dirs, monkeypatch, dense_ratio):
+    """Twelve decode rows over two adapters and the base, by the dense form (each adapter read once) or by BGMV
+    (on CPU the C kernel where it builds), whichever the kernel choice says."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
+    from loraplex.ops.lora_batch import Bgmv, Dense
+
+    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(dense_lora_ratio=dense_ratio))
+    forms = []
+    original = model_runner.ModelRunner.lora_batch
+
+    def spy(self, rows, adapters):
+        batch, to_score = original(self, rows, adapters)
+        forms.append(type(batch.decodes) if batch is not None else None)
+        return batch, to_score
+
+    monkeypatch.setattr(model_runner.ModelRunner, "lora_batch", spy)
     llm = LLM(model=str(tiny_model_dir), dtype="float32", device="cpu", enable_lora=True, max_loras=2,
               max_lora_rank=64)
     names = ["r16_all", "r4_attn", None] * 4
@@ -73,3 +89,4 @@ def test_many_rows_on_few_adapters_match_peft(tiny_model_dir, adapter_dirs):
         models[n] = PeftModel.from_pretrained(fresh, adapter_dirs[n]).eval()
     for name, prompt, out in zip(names, prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(models[name], prompt, 6)[0], name
+    assert (Dense if dense_ratio == 4.0 else Bgmv) in forms
