@@ -5,7 +5,8 @@
 Offline: ``LLM.generate`` one prompt at a time. HTTP: ``loraplex serve`` (a subprocess, embedded SmolLM2, demo
 adapters) and one client streaming ``/v1/completions`` with ``ignore_eos``. Decode tok/s is ``(N - 1) / (t_last -
 t_first)`` per request (the first token's prefill taken out), TTFT from the client's send; rounds alternate offline
-and HTTP so machine noise hits both. The batch-1 floor is the weights' bytes over the copy bandwidth of this run.
+and HTTP so machine noise hits both. The batch-1 floor (``roofline.py``, measured in this run after the rounds):
+the weights' and the adapter's bytes over the read bandwidth, or one row's FLOPs over the matmul rate.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import QUESTIONS, copy_bandwidth  # noqa: E402
+import roofline  # noqa: E402
+from bench_engine import QUESTIONS  # noqa: E402
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -42,12 +42,14 @@ def start_server(port: int) -> subprocess.Popen:
     raise RuntimeError("the server did not start")
 
 
-def offline(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float], list[float], int]:
+def offline(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float], list[float], tuple]:
+    """Decode tok/s and TTFTs of each prompt alone, and ``(spec, dtype, bytes a step reads)`` for the roofline."""
     from loraplex import LLM, LoRARequest, SamplingParams
 
     llm = LLM(enable_lora=True)
     model = llm.llm_engine.runner.model
-    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    spec, dtype = llm.llm_engine.loaded.spec, llm.llm_engine.config.model.dtype
+    nbytes = roofline.weight_bytes(model) + (roofline.adapter_bytes(adapter, dtype.itemsize) if adapter else 0)
     lr = LoRARequest(adapter, 1, adapter) if adapter else None
     engine = llm.llm_engine
     rates, ttfts = [], []
@@ -63,7 +65,7 @@ def offline(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float
             ttfts.append(times[0] - t0)
     del llm, engine, model
     gc.collect()
-    return rates, ttfts, nbytes
+    return rates, ttfts, (spec, dtype, nbytes)
 
 
 def http(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float], list[float]]:
@@ -101,20 +103,20 @@ def main() -> None:
     args = ap.parse_args()
     prompts = QUESTIONS[:args.requests]
     res: dict[str, tuple[list[float], list[float]]] = {"offline": ([], []), "http": ([], [])}
-    nbytes = 0
     for _ in range(args.rounds):
-        r, t, nbytes = offline(prompts, args.new_tokens, args.adapter or None)
+        r, t, (spec, dtype, nbytes) = offline(prompts, args.new_tokens, args.adapter or None)
         res["offline"][0].extend(r), res["offline"][1].extend(t)
         r, t = http(prompts, args.new_tokens, args.adapter or None)
         res["http"][0].extend(r), res["http"][1].extend(t)
-    bw = copy_bandwidth() / 2
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; dtype auto; {args.new_tokens} tokens, adapter {args.adapter or 'none'}; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s read, floor {bw / nbytes:.1f} tok/s ({nbytes / 1e6:.0f} MB)")
-    print("| path | decode tok/s (median) | of floor | TTFT ms (median) |\n|---|---|---|---|")
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(1,))
+    floor = roof.decode_floor(spec, nbytes, 1)
+    print(roof.header())
+    print(f"dtype auto ({str(dtype).removeprefix('torch.')}); {args.new_tokens} tokens, adapter "
+          f"{args.adapter or 'none'}; a step reads {nbytes / 1e6:.0f} MB, floor {floor:.1f} tok/s")
+    print("| path | decode tok/s (median) | floor tok/s | of floor | TTFT ms (median) |\n|---|---|---|---|---|")
     med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
     for k, (rate, ttft) in med.items():
-        print(f"| {k} | {rate:.1f} | {rate / (bw / nbytes):.0%} | {ttft * 1000:.0f} |")
+        print(f"| {k} | {rate:.1f} | {floor:.1f} | {rate / floor:.0%} | {ttft * 1000:.0f} |")
     print(f"HTTP / offline: {med['http'][0] / med['offline'][0]:.2f}x")
 
 
