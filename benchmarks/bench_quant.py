@@ -2,8 +2,10 @@
 
     python benchmarks/bench_quant.py [--dtype auto] [--prompts 32] [--new-tokens 64] [--adapters 8]
 
-Reported: batch-1 decode tok/s and ``--prompts``-prompt throughput for each, the weight bytes and the
-weight-bandwidth floor at batch 1 (copy bandwidth measured in the run), and accuracy: greedy token agreement with
+Reported: batch-1 decode tok/s and ``--prompts``-prompt throughput for each, the weight bytes, and each case's
+floor (``roofline.py``, measured in the run: the bytes a step reads — weights as stored, int8 1 byte a value, int4
+half a byte plus scales, and the adapters used — over the read bandwidth, or its FLOPs over the compute dtype's
+matmul rate) with the fraction reached; and accuracy: greedy token agreement with
 the unquantized model (teacher-forced on its tokens, so one early flip does not count the whole tail) and the mean
 per-token KL(unquantized ‖ int8) over the same positions. With ``--adapters N``, the speeds are measured again
 with every request on one of N random rank-16 all-linear adapters (LoRA on top of the quantized base).
@@ -11,7 +13,6 @@ with every request on one of N random rank-16 all-linear adapters (LoRA on top o
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 from loraplex import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import QUESTIONS, copy_bandwidth  # noqa: E402
+import roofline  # noqa: E402
+from bench_engine import QUESTIONS  # noqa: E402
 from bench_lora import write_random_adapter  # noqa: E402
 
 
@@ -93,29 +95,39 @@ def main() -> None:
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"{q} ({i})"}], tokenize=False,
                                                   add_generation_prompt=True), add_special_tokens=False)
                for i in range(args.prompts // len(QUESTIONS) + 1) for q in QUESTIONS][:args.prompts]
-    bw = copy_bandwidth() / 2
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; dtype {str(ref.llm_engine.config.model.dtype).removeprefix('torch.')}")
-    print("| base | weight MB | batch-1 tok/s | floor tok/s | of floor | "
-          f"{args.prompts} prompts tok/s | vs unquantized (b1 / batch) |")
-    print("|---|---|---|---|---|---|---|")
+    spec, dtype = ref.llm_engine.loaded.spec, ref.llm_engine.config.model.dtype
+    rows = len(prompts)
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(1, rows))
+    print(roof.header())
+    print(f"dtype {str(dtype).removeprefix('torch.')} (int8 / int4 computed in it too)")
+    print(f"| base | weight MB | batch-1 tok/s | floor tok/s | of floor | {args.prompts} prompts tok/s | floor tok/s | "
+          "of floor | vs unquantized (b1 / batch) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    weights = {name: roofline.weight_bytes(llm.llm_engine.runner.model) for name, llm in (("unquantized", ref),
+                                                                                          *quants.items())}
     base = None
     for name, llm in (("unquantized", ref), *quants.items()):
-        model = llm.llm_engine.runner.model
-        nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         b1, many = rate(llm, prompts[:1], args.new_tokens), rate(llm, prompts, args.new_tokens // 2)
+        f1, fm = roof.decode_floor(spec, weights[name], 1), roof.decode_floor(spec, weights[name], rows)
         base = base or (b1, many)
-        print(f"| {name} | {nbytes / 1e6:.0f} | {b1:.1f} | {bw / nbytes:.1f} | {b1 / (bw / nbytes):.0%} | "
-              f"{many:.1f} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
+        print(f"| {name} | {weights[name] / 1e6:.0f} | {b1:.1f} | {f1:.1f} | {b1 / f1:.0%} | {many:.1f} | {fm:.1f} | "
+              f"{many / fm:.0%} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
     if loras:
+        # batch 1 reads one adapter; the batch as many as its rows use (adapter i mod N)
+        one = roofline.lora_bytes(spec, 16, dtype.itemsize)
+        used = min(len(loras), rows) * one
         print(f"\nwith {len(loras)} rank-16 all-linear adapters (request i on adapter i mod {len(loras)}):")
-        print("| base | batch-1 tok/s | 32 prompts tok/s | vs unquantized (b1 / batch) |\n|---|---|---|---|")
+        print(f"| base | batch-1 tok/s | floor tok/s | of floor | {args.prompts} prompts tok/s | floor tok/s | "
+              "of floor | vs unquantized (b1 / batch) |\n|---|---|---|---|---|---|---|---|")
         base = None
         for name, llm in (("unquantized", ref), *quants.items()):
             b1, many = rate(llm, prompts[:1], args.new_tokens, loras), rate(llm, prompts, args.new_tokens // 2, loras)
+            f1 = roof.decode_floor(spec, weights[name] + one, 1)
+            fm = roof.decode_floor(spec, weights[name] + used, rows)
             base = base or (b1, many)
-            print(f"| {name} | {b1:.1f} | {many:.1f} | {b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
-    print(f"\ncopy bandwidth {bw / 1e9:.1f} GB/s read")
+            print(f"| {name} | {b1:.1f} | {f1:.1f} | {b1 / f1:.0%} | {many:.1f} | {fm:.1f} | {many / fm:.0%} | "
+                  f"{b1 / base[0]:.2f}x / {many / base[1]:.2f}x |")
+    print()
     for name, quant in quants.items():
         agree, kl = accuracy(ref, quant, prompts, args.new_tokens)
         print(f"{name} vs unquantized, teacher-forced over {args.prompts} x {args.new_tokens} tokens: greedy "
