@@ -11,6 +11,10 @@ prompts. Last, continuous arrivals (32 in flight, 128 requests x 32 tokens, a ne
 all base vs a mix where every fourth request is X-LoRA (the others base / pirate / 3-mixture) — what X-LoRA rows
 cost the rows they share steps with, without a closed batch's tail (in a closed batch the X-LoRA rows, which need
 two forwards per token, finish last and set the time).
+
+Every tok/s is shown against its decode floor (``roofline.py``, measured in the run before the timed parts): the
+weights and the adapters its rows use (an X-LoRA: classifier and experts) over the read bandwidth, or its FLOPs over
+the matmul rate; an X-LoRA row takes two steps a token (scaling pass, real pass), so its share of rows counts twice.
 """
 from __future__ import annotations
 
@@ -28,12 +32,13 @@ from safetensors.torch import save_file
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.demo import demo_adapters
 from loraplex.lora.peft_format import inspect_peft_lora
-from loraplex.lora.xlora import module_order
+from loraplex.lora.xlora import is_xlora_dir, module_order
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 from bench_arrivals import run_arrivals  # noqa: E402
 from bench_lora import QUESTIONS  # noqa: E402
-from bench_mixture import compare_cases  # noqa: E402
+from bench_mixture import adapters_of, compare_cases  # noqa: E402
 
 EXPERTS = ("congcong", "benben", "pirate")
 
@@ -53,6 +58,20 @@ def write_xlora(out: Path, hidden: int, n_modules: int, size: int = 2048) -> Non
         "layerwise_scalings": True, "xlora_dropout_p": 0.0, "adapters": {str(i): str(i) for i in range(3)}}))
     for i, name in enumerate(EXPERTS):
         shutil.copytree(demo_adapters()[name], out / str(i))
+
+
+def floor_of(roof: roofline.Roofline, llm: LLM, lr, rows: int) -> float:
+    """Decode floor tok/s of ``rows`` rows on ``lr`` (as ``compare_cases`` takes it, or an arrivals pattern)."""
+    engine = llm.llm_engine
+    spec, elem = engine.loaded.spec, engine.config.model.dtype.itemsize
+    nbytes = roofline.weight_bytes(engine.runner.model)
+    for path in adapters_of(lr).values():
+        nbytes += roofline.adapter_bytes(path, elem)  # a LoRA's A and B; an X-LoRA's classifier
+        if is_xlora_dir(path):
+            nbytes += sum(roofline.adapter_bytes(Path(path) / str(i), elem) for i in range(len(EXPERTS)))
+    pattern = lr if isinstance(lr, list) and not isinstance(lr[0], tuple) else [lr]  # one entry per row, in turn
+    xlora_share = sum(isinstance(x, LoRARequest) and is_xlora_dir(x.lora_path) for x in pattern) / len(pattern)
+    return roof.decode_floor(spec, nbytes, rows) / (1 + xlora_share)
 
 
 def main() -> None:
@@ -75,17 +94,23 @@ def main() -> None:
     xl = LoRARequest("xl", 10, str(tmp / "xl"))
     pirate, congcong, benben = (LoRARequest(n, i + 1, n) for i, n in enumerate(["pirate", "congcong", "benben"]))
     mix3 = [(pirate, 0.4), (congcong, 0.3), (benben, 0.3)]
+    rows = {len(prompts), 32} | (set() if args.skip_peft or args.arrivals_only else {args.peft_prompts})  # 32: arrivals
+    dtype = llm.llm_engine.config.model.dtype
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, tuple(sorted(rows)))
+    print(roof.header())
     if args.arrivals_only:
-        return arrivals(llm, [None, pirate, mix3, xl], args.repeats)
+        return arrivals(llm, roof, [None, pirate, mix3, xl], args.repeats)
     cases = {"base only": None, "one adapter (pirate)": pirate, "3-adapter mixture": mix3,
              "X-LoRA (3 experts, per-token gate)": xl, "mixed batch (base/pirate/mix3/X-LoRA)": [None, pirate, mix3, xl] * 8}
-    compare_cases(llm, prompts, cases, args.new_tokens, args.repeats)
+    floors = {name: floor_of(roof, llm, lr, len(prompts)) for name, lr in cases.items()}
+    compare_cases(llm, prompts, cases, args.new_tokens, args.repeats, floors)
     if not args.skip_peft:
-        peft_baseline(llm, prompts[:args.peft_prompts], xl, tmp / "xl", args.new_tokens)
-    arrivals(llm, [None, pirate, mix3, xl], args.repeats)
+        peft_baseline(llm, roof, prompts[:args.peft_prompts], xl, tmp / "xl", args.new_tokens)
+    arrivals(llm, roof, [None, pirate, mix3, xl], args.repeats)
 
 
-def arrivals(llm, loras: list, repeats: int, in_flight: int = 32, n: int = 128, new_tokens: int = 32) -> None:
+def arrivals(llm, roof: roofline.Roofline, loras: list, repeats: int, in_flight: int = 32, n: int = 128,
+             new_tokens: int = 32) -> None:
     engine, tok = llm.llm_engine, llm.get_tokenizer()
     prompts = [tok.encode(f"{QUESTIONS[i % 8]} ({i})") for i in range(n)]
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -94,13 +119,16 @@ def arrivals(llm, loras: list, repeats: int, in_flight: int = 32, n: int = 128, 
         return run_arrivals(engine, prompts, sp, pattern, in_flight)
 
     run(loras), run([None])  # warm-up
-    print(f"\n# continuous arrivals: {in_flight} in flight, {n} requests x {new_tokens} tokens")
+    floor_base, floor_mixed = floor_of(roof, llm, None, in_flight), floor_of(roof, llm, loras, in_flight)
+    print(f"\n# continuous arrivals: {in_flight} in flight, {n} requests x {new_tokens} tokens; decode floor: all base "
+          f"{floor_base:.0f} tok/s, the mix {floor_mixed:.0f} tok/s")
     for _ in range(repeats):
         base, mixed = run([None]), run(loras)
-        print(f"all base {base:.0f} tok/s, 1/4 X-LoRA + base/pirate/mix3 {mixed:.0f} tok/s: {mixed / base:.0%}")
+        print(f"all base {base:.0f} tok/s ({base / floor_base:.0%} of floor), 1/4 X-LoRA + base/pirate/mix3 "
+              f"{mixed:.0f} tok/s ({mixed / floor_mixed:.0%} of floor): {mixed / base:.0%}")
 
 
-def peft_baseline(llm, prompts, xl, xl_dir: Path, new_tokens: int) -> None:
+def peft_baseline(llm, roof: roofline.Roofline, prompts, xl, xl_dir: Path, new_tokens: int) -> None:
     from peft import PeftModel, XLoraConfig
     from transformers import AutoModelForCausalLM
 
@@ -132,10 +160,12 @@ def peft_baseline(llm, prompts, xl, xl_dir: Path, new_tokens: int) -> None:
         t = time.perf_counter()
         peft.generate(input_ids=ids, **gen)
         ours["transformers+PEFT X-LoRA (no KV cache)"] = total / (time.perf_counter() - t)
+    floors = {"base": floor_of(roof, llm, None, len(prompts)), "X-LoRA": floor_of(roof, llm, xl, len(prompts))}
     print(f"\n# the first {len(prompts)} prompts x {new_tokens} tokens")
-    print("| engine | tok/s |\n|---|---|")
+    print("| engine | tok/s | floor tok/s | of floor |\n|---|---|---|---|")
     for k, v in ours.items():
-        print(f"| {k} | {v:.1f} |")
+        floor = floors["X-LoRA" if "X-LoRA" in k else "base"]
+        print(f"| {k} | {v:.1f} | {floor:.1f} | {v / floor:.0%} |")
     print(f"\nloraplex X-LoRA / transformers+PEFT X-LoRA: "
           f"{ours['loraplex X-LoRA'] / ours['transformers+PEFT X-LoRA (no KV cache)']:.1f}x")
 
