@@ -3,7 +3,9 @@
     python benchmarks/bench_arrivals.py [--repeats 2]
 
 Base-only vs one random rank-16 all-linear adapter on every request, on the embedded SmolLM2 in bf16: the
-arrival pattern of the serving benchmark without HTTP (steps mix new prefill chunks with decodes).
+arrival pattern of the serving benchmark without HTTP (steps mix new prefill chunks with decodes). Each rate is
+shown against the decode floor of ``--in-flight`` rows (``roofline.py``, measured in the run before the timed runs:
+the weights, and the adapter, over the read bandwidth, or the FLOPs over the matmul rate; prefill not counted).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from loraplex import LLM, LoRARequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 from bench_lora import QUESTIONS, write_random_adapter  # noqa: E402
 
 
@@ -50,9 +53,18 @@ def main() -> None:
         return run_arrivals(engine, prompts, sp, [lora], args.in_flight)
 
     run(adapter), run(None)  # warm-up
+    spec, dtype = engine.loaded.spec, engine.config.model.dtype
+    weights = roofline.weight_bytes(engine.runner.model)
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(args.in_flight,))
+    floor_base = roof.decode_floor(spec, weights, args.in_flight)
+    floor_lora = roof.decode_floor(spec, weights + roofline.lora_bytes(spec, 16, dtype.itemsize), args.in_flight)
+    print(roof.header())
+    print(f"decode floor at {args.in_flight} rows: base-only {floor_base:.0f} tok/s, one adapter "
+          f"{floor_lora:.0f} tok/s")
     for _ in range(args.repeats):
         base, lora = run(None), run(adapter)
-        print(f"base-only {base:.0f} tok/s, one adapter {lora:.0f} tok/s: {lora / base:.0%}")
+        print(f"base-only {base:.0f} tok/s ({base / floor_base:.0%} of floor), one adapter {lora:.0f} tok/s "
+              f"({lora / floor_lora:.0%} of floor): {lora / base:.0%}")
 
 
 if __name__ == "__main__":
