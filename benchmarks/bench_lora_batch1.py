@@ -2,15 +2,21 @@
 
     python benchmarks/bench_lora_batch1.py [--adapter pirate] [--repeats 3] [--new-tokens 64]
 
-Alternates base and adapter runs in one process; reports median tok/s of each and the ratio.
+Alternates base and adapter runs in one process; reports median tok/s of each, the ratio, and each against its
+batch-1 floor (``roofline.py``, measured after the runs: the weights, and the adapter, over the read bandwidth).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from loraplex import LLM, LoRARequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 
 
 def main() -> None:
@@ -33,8 +39,16 @@ def main() -> None:
             llm.generate(prompt_token_ids=ids, sampling_params=sp, lora_request=req, use_tqdm=False)
             runs[name].append(args.new_tokens / (time.perf_counter() - t))
     base, ours = (statistics.median(v) for v in runs.values())
-    print(f"batch 1, {args.new_tokens} tokens, bf16: base {base:.1f} tok/s, with '{args.adapter}' {ours:.1f} tok/s "
-          f"({ours / base:.0%} of base)")
+    engine = llm.llm_engine
+    spec, dtype = engine.loaded.spec, engine.config.model.dtype
+    weights = roofline.weight_bytes(engine.runner.model)
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(1,))
+    floor_base = roof.decode_floor(spec, weights, 1)
+    floor_lora = roof.decode_floor(spec, weights + roofline.adapter_bytes(args.adapter, dtype.itemsize), 1)
+    print(roof.header())
+    print(f"batch 1, {args.new_tokens} tokens, {str(dtype).removeprefix('torch.')}: base {base:.1f} tok/s "
+          f"({base / floor_base:.0%} of its floor {floor_base:.1f}), with '{args.adapter}' {ours:.1f} tok/s "
+          f"({ours / floor_lora:.0%} of its floor {floor_lora:.1f}; {ours / base:.0%} of base)")
 
 
 if __name__ == "__main__":
