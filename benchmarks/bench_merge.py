@@ -5,7 +5,9 @@
 Side by side in one run, bf16, on the embedded SmolLM2: 32 chat prompts (those of bench_lora.py) and batch 1
 (the first of them). Engines: one with LoRA enabled (base rows, and the adapter on every prompt via LoRARequest),
 one plain engine on the base (same graph as a merged model) and one plain engine on the directory written by
-``merge_adapters`` into a temp dir. Runs alternate between configurations; the median tok/s of ``--repeats`` is shown.
+``merge_adapters`` into a temp dir. Runs alternate between configurations; the median tok/s of ``--repeats`` is shown,
+with the fraction of each configuration's decode floor (``roofline.py``, measured after the runs: the weights, and
+the adapter where it runs as a LoRA, over the read bandwidth, or the FLOPs over the matmul rate).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import roofline
 import torch
-# the same prompts as bench_lora.py (benchmarks/ is on sys.path when this runs as a script)
+# the same prompts as bench_lora.py (benchmarks/ is on sys.path when this runs as a script, as for roofline)
 from bench_lora import QUESTIONS
 
 from loraplex import LLM, LoRARequest, SamplingParams
@@ -68,13 +71,21 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, adapter '{args.adapter}', {args.new_tokens} new tokens, bf16, "
           f"median of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"merge_adapters took {merge_s:.1f} s")
-    print("| configuration | 32 prompts tok/s | vs base | batch 1 tok/s | vs base |")
-    print("|---|---|---|---|---|")
+    spec = lora_llm.llm_engine.loaded.spec
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), torch.bfloat16, rows=(32, 1))
+    nbytes = {name: roofline.weight_bytes(llm.llm_engine.runner.model)
+              + (roofline.adapter_bytes(args.adapter, 2) if req else 0) for name, (llm, req) in configs.items()}
+    floor = {(name, b): roof.decode_floor(spec, nbytes[name], b) for name in configs for b in (32, 1)}
+    print(roof.header())
+    print("| configuration | 32 prompts tok/s | vs base | floor | of floor | batch 1 tok/s | vs base | floor | "
+          "of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     med = {k: statistics.median(v) for k, v in results.items()}
     base = "base (LoRA-enabled engine)"
     for name in configs:
-        print(f"| {name} | {med[name, 32]:.1f} | {med[name, 32] / med[base, 32]:.0%} | {med[name, 1]:.1f} | "
-              f"{med[name, 1] / med[base, 1]:.0%} |")
+        print(f"| {name} | " + " | ".join(f"{med[name, b]:.1f} | {med[name, b] / med[base, b]:.0%} | "
+                                          f"{floor[name, b]:.1f} | {med[name, b] / floor[name, b]:.0%}"
+                                          for b in (32, 1)) + " |")
     lora_name, merged_name = list(configs)[2:]
     for batch in (32, 1):
         pairs = [(a.outputs[0].token_ids, b.outputs[0].token_ids)
