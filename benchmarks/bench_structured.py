@@ -6,22 +6,25 @@ All 32 requests are in flight together (one continuous batch) on the embedded Sm
 (the machine's speed drifts between runs; medians are compared). Reported: generated tok/s
 (tokens over wall time) of each run and their ratio, the time spent building and applying the grammar masks per
 step, the schema compile time (first: a fresh compiler; cached: the same schema again), and the fraction of the
-matmul roofline (2 · parameters FLOP per token over the fp32/bf16 matmul rate at M = 32 measured in this run).
+decode floor at 32 rows (``roofline.py``, measured in this run after the timed runs: the weights over the read
+bandwidth, or the FLOPs over the matmul rate at the model's shapes).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
-
-import torch
+from pathlib import Path
 
 import loraplex.sampling.sampler as sampler_mod
 from loraplex import LLM, SamplingParams
 from loraplex.sampling.grammar import GrammarCompiler
 from loraplex.sampling_params import StructuredOutputsParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
@@ -31,20 +34,6 @@ SCHEMA = {"type": "object", "properties": {
 PEOPLE = ["a retired teacher from Lyon", "a young software engineer in Seoul", "a farmer near Nairobi",
           "a chef who moved to Lima", "a student of music in Vienna", "a nurse working nights in Toronto",
           "a fisherman from Bergen", "a painter living in Oaxaca"]
-
-
-def matmul_rate(dtype: torch.dtype, m: int = 32, k: int = 576, n: int = 1536) -> float:
-    """FLOP/s of ``[m, k] @ [k, n]`` (SmolLM2's MLP shape) in ``dtype``."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(20):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(50):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / 50)
-    return 2 * m * k * n / best
 
 
 class MaskTimer:
@@ -87,7 +76,6 @@ def main() -> None:
                                      f"summary. Variant {i}."}], tokenize=False, add_generation_prompt=True),
         add_special_tokens=False) for i in range(4) for p in PEOPLE]
     spec = StructuredOutputsParams(json=SCHEMA)
-    peak = matmul_rate(engine.config.model.dtype)  # measured before and after the runs; the best counts
 
     fresh = GrammarCompiler(tok, engine.loaded.spec.vocab_size, sorted(engine.loaded.eos_token_ids))
     t = time.perf_counter()
@@ -113,21 +101,20 @@ def main() -> None:
                 rate, tokens[name] = run(llm, prompts, sp)
             rates[name].append(rate)
 
-    dtype = engine.config.model.dtype
-    params = sum(p.numel() for p in engine.runner.model.parameters())
-    peak = max(peak, matmul_rate(dtype))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}; 32 requests in flight, "
-          f"{args.new_tokens} max new tokens, greedy; median of {args.repeats}")
-    print("| run | generated tokens | tok/s | vs free | matmul roofline |")
-    print("|---|---|---|---|---|")
+    dtype, model_spec, rows = engine.config.model.dtype, engine.loaded.spec, len(prompts)
+    roof = roofline.Roofline.measure(roofline.model_shapes(model_spec), dtype, rows=(rows,))
+    floor = roof.decode_floor(model_spec, roofline.weight_bytes(engine.runner.model), rows)
+    print(roof.header())
+    print(f"dtype {str(dtype).removeprefix('torch.')}; {rows} requests in flight, {args.new_tokens} max new tokens, "
+          f"greedy; median of {args.repeats}")
+    print("| run | generated tokens | tok/s | vs free | floor tok/s | of floor |")
+    print("|---|---|---|---|---|---|")
     free_tps = statistics.median(rates["free"])
     for name in rates:
         tps = statistics.median(rates[name])
-        print(f"| {name} | {tokens[name]} | {tps:.1f} | {tps / free_tps:.2f}x | {tps * 2 * params / peak:.0%} |")
+        print(f"| {name} | {tokens[name]} | {tps:.1f} | {tps / free_tps:.2f}x | {floor:.1f} | {tps / floor:.0%} |")
     print(f"\nmask (fill + apply, 32 rows): {mask.seconds / max(mask.calls, 1) * 1e3:.2f} ms per step over "
-          f"{mask.calls} steps; schema compile: first {first * 1e3:.1f} ms, cached {cached * 1e6:.0f} us; "
-          f"matmul rate at M=32: {peak / 1e9:.0f} GFLOP/s")
+          f"{mask.calls} steps; schema compile: first {first * 1e3:.1f} ms, cached {cached * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
