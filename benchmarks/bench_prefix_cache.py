@@ -6,12 +6,13 @@ Shared workload: 64 requests over 4 random rank-16 all-linear adapters; each ada
 prompt, each request its own short question, 16 new tokens; ``--in-flight`` requests run at once, the next one is
 admitted as one finishes (adapters in turn). Reported: TTFT p50 (add_request → first token) and generated tok/s.
 No-sharing workload: 64 distinct ~60-token prompts on the base: what caching costs when nothing repeats.
-The cache is emptied before every timed run, so each run starts cold.
+The cache is emptied before every timed run, so each run starts cold. Each tok/s is shown against the decode floor
+of ``--in-flight`` rows (``roofline.py``, measured after the timed runs: the weights and the adapters the workload
+uses over the read bandwidth, or the FLOPs over the matmul rate; prefill, most of the shared workload, not counted).
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from loraplex import LLM, LoRARequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 from bench_lora import QUESTIONS, write_random_adapter  # noqa: E402
 
 PARAGRAPH = ("You are a meticulous assistant for a regional utility company. Answer in plain language, cite the "
@@ -68,8 +70,6 @@ def main() -> None:
     distinct = [tok.encode(f"({i}) " + " ".join(QUESTIONS[(i + j) % 8] for j in range(8)) + f" {i * 7919}")[:100]
                 for i in range(64)]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    print(f"{platform.processor() or platform.machine()}, {args.dtype}, in flight {args.in_flight}, "
-          f"system prompts {[len(s) for s in systems]} tokens, no-sharing prompts ~{len(distinct[0])} tokens")
     for e in engines.values():  # warm-up
         run(e, shared[:8], shared_loras[:8], sp, args.in_flight)
     rows = {"shared": {"off": [], "on": []}, "distinct": {"off": [], "on": []}}
@@ -79,10 +79,22 @@ def main() -> None:
             rows["distinct"][mode].append(run(engines[mode], distinct, [None] * 64, sp, args.in_flight))
     med = {w: {m: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for m, v in d.items()}
            for w, d in rows.items()}
-    print("| workload | caching | TTFT p50 ms | tok/s |\n|---|---|---|---|")
+    engine = engines["on"]
+    spec, dtype = engine.loaded.spec, engine.config.model.dtype
+    weights = roofline.weight_bytes(engine.runner.model)
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(args.in_flight,))
+    # a step holds at most --in-flight rows, so at most that many of the 4 adapters
+    floor = {"shared": roof.decode_floor(spec, weights + min(4, args.in_flight) * roofline.lora_bytes(
+                 spec, 16, dtype.itemsize), args.in_flight),
+             "distinct": roof.decode_floor(spec, weights, args.in_flight)}
+    print(roof.header())
+    print(f"{args.dtype}, in flight {args.in_flight}, system prompts {[len(s) for s in systems]} tokens, no-sharing "
+          f"prompts ~{len(distinct[0])} tokens")
+    print("| workload | caching | TTFT p50 ms | tok/s | decode floor tok/s | of floor |\n|---|---|---|---|---|---|")
     for w in rows:
         for m in ("off", "on"):
-            print(f"| {w} | {m} | {med[w][m][0] * 1000:.0f} | {med[w][m][1]:.1f} |")
+            print(f"| {w} | {m} | {med[w][m][0] * 1000:.0f} | {med[w][m][1]:.1f} | {floor[w]:.1f} | "
+                  f"{med[w][m][1] / floor[w]:.0%} |")
     s, d = med["shared"], med["distinct"]
     print(f"shared: TTFT {s['off'][0] / s['on'][0]:.1f}x lower, throughput {s['on'][1] / s['off'][1]:.2f}x; "
           f"no sharing: throughput with caching {d['on'][1] / d['off'][1]:.1%} of without")
