@@ -5,7 +5,9 @@
 The server (a subprocess, the embedded SmolLM2, bf16) serves random rank-16 all-linear adapters from an
 ``--adapter-dir``; each run sends ``--requests`` completions, the adapter of each drawn uniformly or Zipf(1.1)
 from the first N adapters, plus a base-only run as the baseline. Reports generated tok/s, TTFT and inter-token
-latency p50/p99 (client side, from SSE chunk arrival times).
+latency p50/p99 (client side, from SSE chunk arrival times), and each run's decode floor at ``--clients`` rows
+(``roofline.py``, measured before the server starts: the weights in the server's dtype and the adapters a step can
+hold, at most one per client, over the read bandwidth, or the FLOPs over the matmul rate) with the fraction reached.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 from bench_lora import QUESTIONS, write_random_adapter  # noqa: E402
 
 
@@ -86,6 +89,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
+    from loraplex.config import parse_dtype
     from loraplex.models.loader import local_hf_dir
     from loraplex.models.model_config import ModelSpec
     from loraplex.models.registry import resolve_model
@@ -96,6 +100,10 @@ def main() -> None:
     names = [f"ad{i:03d}" for i in range(max(args.adapters))]
     for i, name in enumerate(names):
         write_random_adapter(tmp / name, spec, args.rank, seed=i)
+    dtype = parse_dtype("auto")  # what the server runs
+    roof = roofline.Roofline.measure(roofline.model_shapes(spec), dtype, rows=(args.clients,))
+    weights = roofline.gemm_weight_bytes(spec, dtype.itemsize)
+    one = roofline.lora_bytes(spec, args.rank, dtype.itemsize)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -112,10 +120,13 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.2)
         rng = random.Random(0)
-        print(f"# {source.model_id}, bf16, {args.requests} requests x {args.new_tokens} tokens, {args.clients} "
+        print(roof.header())
+        print(f"# {source.model_id}, {str(dtype).removeprefix('torch.')}, {args.requests} requests x "
+              f"{args.new_tokens} tokens, {args.clients} "
               f"concurrent clients, rank-{args.rank} all-linear adapters, max_loras {args.max_loras}")
-        print("| adapters | popularity | tok/s | vs base | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
-        print("|---|---|---|---|---|---|")
+        print("| adapters | popularity | tok/s | vs base | floor tok/s | of floor | TTFT p50 / p99 (ms) | "
+              "ITL p50 / p99 (ms) |")
+        print("|---|---|---|---|---|---|---|---|")
         asyncio.run(run(url, [source.model_id] * args.clients, argparse.Namespace(**{**vars(args),
                                                                                      "requests": args.clients})))
         base = None
@@ -128,8 +139,11 @@ def main() -> None:
             st = asyncio.run(run(url, models, args))
             tps = st["tokens"] / st["wall"]
             base = base or tps
-            print(f"| {n or 'base only'} | {pop} | {tps:.1f} | {tps / base:.0%} | {pct(st['ttft'], .5) * 1e3:.0f} / "
-                  f"{pct(st['ttft'], .99) * 1e3:.0f} | {pct(st['itl'], .5) * 1e3:.1f} / {pct(st['itl'], .99) * 1e3:.1f} |",
+            used = len(set(models) - {source.model_id})
+            floor = roof.decode_floor(spec, weights + min(used, args.clients) * one, args.clients)
+            print(f"| {n or 'base only'} | {pop} | {tps:.1f} | {tps / base:.0%} | {floor:.1f} | {tps / floor:.0%} | "
+                  f"{pct(st['ttft'], .5) * 1e3:.0f} / {pct(st['ttft'], .99) * 1e3:.0f} | "
+                  f"{pct(st['itl'], .5) * 1e3:.1f} / {pct(st['itl'], .99) * 1e3:.1f} |",
                   flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
