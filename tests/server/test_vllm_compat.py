@@ -52,6 +52,9 @@ def test_load_unload_answer_like_vllm(runtime, adapter_dir, tmp_path):
     assert r.json()["error"]["type"] == "BadRequestError" and isinstance(r.json()["error"]["code"], str)
     r = post("/v1/load_lora_adapter", {"lora_name": "nope", "lora_path": str(tmp_path / "missing")})
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    for field in ("lora_path", "lora_name"):  # a NUL byte never reaches the file system (found by schemathesis)
+        r = post("/v1/load_lora_adapter", {"lora_name": "nul", "lora_path": str(tmp_path), field: "a\x00b"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field
     r = post("/v1/load_lora_adapter", {"lora_name": "a8"})  # by name alone: found under --adapter-dir
     assert r.status_code == 200 and "a8" in {m["id"] for m in httpx.get(runtime.url + "/v1/models").json()["data"]}
     r = post("/load_lora_adapter", {"lora_name": "zz"})  # SGLang's path; nothing found by the resolvers

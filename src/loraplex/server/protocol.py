@@ -271,9 +271,13 @@ class SGLangGenerateRequest(_Body):
     return_logprob: bool = False
 
 
+NO_NUL = r"^[^\x00]*$"  # names and paths that reach the file system: a NUL byte is refused as a 400, never a 500
+
+
 class LoadLoRARequest(_Body):
-    lora_name: str = Field(min_length=1)
-    lora_path: str | None = Field(default=None, min_length=1)  # absent: the resolvers (--adapter-dir, demo names)
+    lora_name: str = Field(min_length=1, pattern=NO_NUL)
+    lora_path: str | None = Field(default=None, min_length=1, pattern=NO_NUL)  # absent: the resolvers (--adapter-dir,
+    # demo names)
     load_inplace: bool = False  # a known name gets the new weights (vLLM)
     description: str | None = None
     examples: list[str] | None = None
