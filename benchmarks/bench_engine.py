@@ -27,11 +27,6 @@ QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short po
              "Give me a recipe for pancakes.", "Why is the sky blue?"]
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a large tensor copy (read + write counted once each; ``roofline`` has the read rate)."""
-    return 2 * roofline.copy_bandwidth()
-
-
 def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int) -> float:
     """transformers padded batch generate (left padding); returns seconds."""
     width = max(map(len, prompts))

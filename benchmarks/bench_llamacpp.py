@@ -227,7 +227,7 @@ def main() -> None:
                 rate, ttft = asyncio.run(single(server, prompts, args.new_tokens))
                 tps, tokens = asyncio.run(concurrent(server, args.clients, args.requests, args.new_tokens))
             rows.append((server.label, weights.stat().st_size, rate, ttft, tps, tokens))
-        bw = roofline.copy_bandwidth()
+        bw = roofline.read_bandwidth()
     cpu, flags = roofline.cpu_model()
     print(f"CPU {cpu} [{' '.join(flags)}], {os.cpu_count()} cores; read bandwidth {bw / 1e9:.1f} GB/s (measured after "
           f"the runs); {source.model_id}; {args.new_tokens} tokens per request; adapters {', '.join(ADAPTERS)}")
