@@ -38,6 +38,11 @@ def test_choice_is_measured_once_then_read_from_the_cache(spec, tmp_path, monkey
     assert other == first and calls == ["gemv", "lora"] * 2
 
 
-def test_devices_other_than_the_cpu_keep_the_defaults(spec, monkeypatch):
-    monkeypatch.setattr(kc, "measure_gemv_tokens", lambda s, d: pytest.fail("measured off the CPU"))
+def test_where_triton_serves_the_defaults_stay(spec, monkeypatch):
+    from loraplex import ops
+
+    monkeypatch.setattr(kc, "measure_gemv_tokens", lambda s, d: pytest.fail("measured for the Triton kernels"))
     assert kc.kernel_choice(spec, torch.float32, torch.device("meta")) == kc.KernelChoice()
+    monkeypatch.setattr(ops, "TRITON_ON_CPU", True)  # CPU tensors through the Triton kernels (the interpreter)
+    if ops.use_triton(torch.device("cpu")):
+        assert kc.kernel_choice(spec, torch.float32, torch.device("cpu")) == kc.KernelChoice()

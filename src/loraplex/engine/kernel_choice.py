@@ -121,9 +121,10 @@ def measure_dense_lora_ratio(spec: ModelSpec, dtype: torch.dtype) -> float:
 
 
 def kernel_choice(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> KernelChoice:
-    """The cached choice for this machine, dtype and model shape (measured on first use, ~0.5 s); the defaults on
-    devices other than the CPU (CUDA takes the Triton kernels)."""
-    if device.type != "cpu":
+    """The cached choice for this machine, dtype and model shape (measured on first use, ~0.5 s); the defaults
+    where the Triton kernels serve (CUDA, or CPU tensors under ``LORAPLEX_TRITON=1``): they are not what this
+    measures."""
+    if device.type != "cpu" or ops.use_triton(device):
         return KernelChoice()
     bgmv = "C" if ops.cpu_bgmv_serves(torch.zeros(1, dtype=dtype)) else "torch"  # which BGMV the ratio is against
     key = (f"{machine_key()} | {dtype} | {spec.hidden_size}x{spec.intermediate_size} "
