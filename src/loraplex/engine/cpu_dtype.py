@@ -47,14 +47,21 @@ def matmul_rate(dtype: torch.dtype, shape: tuple[int, int, int] = SHAPE, seconds
     m, k, n = shape
     a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
     with torch.inference_mode():
-        for _ in range(2):
-            torch.nn.functional.linear(a, b)
-        best, end = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t = time.perf_counter()
-            torch.nn.functional.linear(a, b)
-            best = min(best, time.perf_counter() - t)
+        torch.nn.functional.linear(a, b)
+        best = best_time(lambda: torch.nn.functional.linear(a, b), budget=seconds)
     return 2 * m * k * n / best / 1e9
+
+
+def best_time(fn: Callable[[], object], budget: float = 0.03, min_runs: int = 3) -> float:
+    """The fastest of repeated runs of ``fn`` within about ``budget`` seconds (after one warm-up run, at least
+    ``min_runs`` runs)."""
+    fn()
+    best, runs, end = float("inf"), 0, time.perf_counter() + budget
+    while runs < min_runs or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        best, runs = min(best, time.perf_counter() - t), runs + 1
+    return best
 
 
 def choose(rates: dict[str, float]) -> torch.dtype:

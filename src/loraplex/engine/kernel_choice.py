@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from loraplex import ops
-from loraplex.engine.cpu_dtype import cached_measurement, machine_key
+from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
 from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.projections import PROJECTIONS
@@ -43,19 +42,15 @@ class KernelChoice:
     dense_lora_ratio: float = DENSE_LORA_TOKENS_PER_ADAPTER
 
 
-def best_time(fn: Callable[[], object], budget: float = 0.03, min_runs: int = 3) -> float:
-    """The fastest of repeated runs of ``fn`` within about ``budget`` seconds (after one warm-up run)."""
-    fn()
-    best, runs, end = float("inf"), 0, time.perf_counter() + budget
-    while runs < min_runs or time.perf_counter() < end:
-        t = time.perf_counter()
-        fn()
-        best, runs = min(best, time.perf_counter() - t), runs + 1
-    return best
-
-
-def _onednn(enabled: bool) -> None:
-    torch._C._set_mkldnn_enabled(enabled)
+@contextmanager
+def onednn(enabled: bool):
+    """oneDNN on or off for the block (never turned on where this process has it off)."""
+    prev = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(enabled and prev)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(prev)
 
 
 def measure_gemv_tokens(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -64,27 +59,23 @@ def measure_gemv_tokens(spec: ModelSpec, dtype: torch.dtype) -> int:
     shapes = [(s.hidden_size, s.q_size + 2 * s.kv_size), (s.q_size, s.hidden_size),
               (s.hidden_size, 2 * s.intermediate_size), (s.intermediate_size, s.hidden_size)]
     ws = [torch.randn(o, i).to(dtype) for i, o in shapes]
-    prev = torch._C._get_mkldnn_enabled()
-    if not prev:
+    if not torch._C._get_mkldnn_enabled():
         return 0  # oneDNN is off in this process anyway
     best = 0
-    try:
-        for m in GEMV_ROWS:
-            xs = [torch.randn(m, w.shape[1]).to(dtype) for w in ws]
+    for m in GEMV_ROWS:
+        xs = [torch.randn(m, w.shape[1]).to(dtype) for w in ws]
 
-            def layer() -> None:
-                for x, w in zip(xs, ws):
-                    F.linear(x, w)
+        def layer() -> None:
+            for x, w in zip(xs, ws):
+                F.linear(x, w)
 
-            times = {}
-            for enabled in (True, False):
-                _onednn(enabled)
+        times = {}
+        for enabled in (True, False):
+            with onednn(enabled):
                 times[enabled] = best_time(layer)
-            if times[False] >= times[True]:
-                break
-            best = m
-    finally:
-        _onednn(prev)
+        if times[False] >= times[True]:
+            break
+        best = m
     return best
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 
 from loraplex.config import CacheConfig
-from loraplex.engine.kernel_choice import KernelChoice, kernel_choice
+from loraplex.engine.kernel_choice import KernelChoice, kernel_choice, onednn
 from loraplex.engine.lora_batch import build_lora_batch
 from loraplex.engine.thread_tuner import ThreadTuner
 from loraplex import ops
@@ -38,16 +37,6 @@ class StepAdapters(NamedTuple):
     slots: Mapping[str, int]
     zero_slot: int
     xloras: Mapping[str, XLoRAPlan]
-
-
-@contextmanager
-def _onednn(enabled: bool):
-    prev = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(enabled and prev)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(prev)
 
 
 class ModelRunner:
@@ -242,7 +231,7 @@ class ModelRunner:
         lora, to_score = self.lora_batch(rows, adapters)
         sampling_rows = [r for r in rows if r.sample]
         out = ModelRunnerOutput()
-        with _onednn(ids.numel() > self.kernels.gemv_tokens):
+        with onednn(ids.numel() > self.kernels.gemv_tokens):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)
             self.score_xlora(hidden, to_score)
             out.prompt_logprobs = self.prompt_logprobs(hidden, rows)

@@ -3,11 +3,10 @@ model's projection shapes, once, then cached in ``$LORAPLEX_CACHE/quant_plan.jso
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
-from loraplex.engine.cpu_dtype import cached_measurement, machine_key
+from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
 from loraplex.ops.quant import (
     INT4_PATHS,
     INT8_PATHS,
@@ -19,16 +18,6 @@ from loraplex.ops.quant import (
 
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
-
-
-def _time(fn, budget: float = 0.05) -> float:
-    fn()
-    best, end = float("inf"), time.perf_counter() + budget
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
@@ -58,7 +47,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
             times = {}
             for path in alive:
                 try:
-                    times[path] = _time(lambda: run(x, path))
+                    times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)
                 except RuntimeError:  # a kernel this build lacks for this device / dtype
                     times[path] = float("inf")
             best = min(times, key=times.get)

@@ -34,7 +34,7 @@ class LoRAStack(nn.Module):
         self.out_slices = [(sum(out_sizes[:i]), n) for i, n in enumerate(out_sizes)]
         self.lora_a = torch.zeros(max_loras + 1, len(self.modules_), in_features, dtype=dtype, device=device)
         self.transposed_b = ops.cpu_bgmv_serves(self.lora_a)
-        self.lora_bt: list[torch.Tensor] | None = [] if self.transposed_b else None
+        self.lora_bt: list[torch.Tensor] | None = [None] * len(out_sizes) if self.transposed_b else None
         self.lora_b = [self._new_b(max_loras + 1, n, 1, i) for i, n in enumerate(out_sizes)]
         self.occupied: set[int] = set()  # slots whose adapter targets at least one of this stack's modules
         self.ranks = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)  # true rank per slot (kernels)
@@ -45,12 +45,8 @@ class LoRAStack(nn.Module):
         kernel serves)."""
         if not self.transposed_b:
             return self.lora_a.new_zeros(slots, size, rank)
-        bt = self.lora_a.new_zeros(slots, rank, size)
-        if i < len(self.lora_bt):
-            self.lora_bt[i] = bt
-        else:
-            self.lora_bt.append(bt)
-        return bt.transpose(1, 2)
+        self.lora_bt[i] = self.lora_a.new_zeros(slots, rank, size)
+        return self.lora_bt[i].transpose(1, 2)
 
     def _grow(self, rank: int) -> None:
         """Widen the buffers to ``rank`` (every slot keeps its weights; the new columns are zero)."""

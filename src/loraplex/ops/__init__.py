@@ -81,12 +81,13 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: li
     nd = batch.num_decodes
     fast = _triton() if use_triton(x.device) else None
     seg_a, seg_bs = lora_a, lora_bs
-    if fast is None and rank_of is not None and batch.decodes is not None:
+    in_place = lora_bts is not None and ranks is not None and isinstance(batch.decodes, Bgmv)  # the C kernel
+    if fast is None and not in_place and rank_of is not None and batch.decodes is not None:
         lora_a, lora_bs = narrow_ranks(lora_a, lora_bs, max(rank_of[s] for s in batch.used_slots))
     match batch.decodes:
         case Bgmv(slots, weights) if fast is not None:
             fast.add_lora_bgmv_triton(y[:nd], x[:nd], lora_a, lora_bs, out_slices, slots, weights, ranks)
-        case Bgmv(slots, weights) if lora_bts is not None and ranks is not None:
+        case Bgmv(slots, weights) if in_place:
             lora_cpu.add_lora_bgmv_cpu(y[:nd], x[:nd], seg_a, lora_bts, out_slices, slots, weights, ranks)
         case Bgmv(slots, None) if rank_of is not None and slots.shape[1] == 1:
             _bgmv_by_rank(y[:nd], x[:nd], seg_a, seg_bs, out_slices, slots, rank_of)

@@ -85,6 +85,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@functools.lru_cache(maxsize=256)
+def _slices(out_slices: tuple[tuple[int, int], ...]) -> tuple[ctypes.Array, ctypes.Array, int]:
+    """A stack's output slices as the kernel's (starts, sizes) arrays and the widest slice (they never change)."""
+    starts = (ctypes.c_int64 * len(out_slices))(*(s for s, _ in out_slices))
+    sizes = (ctypes.c_int64 * len(out_slices))(*(n for _, n in out_slices))
+    return starts, sizes, max(n for _, n in out_slices)
+
+
 def add_lora_bgmv_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bts: list[torch.Tensor],
                       out_slices: list[tuple[int, int]], slots: torch.Tensor, weights: torch.Tensor | None,
                       ranks: torch.Tensor) -> None:
@@ -100,10 +108,9 @@ def add_lora_bgmv_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lo
     slots = slots.to(torch.int64).contiguous()
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     ranks = ranks.to(torch.int32).contiguous()
-    starts = (ctypes.c_int64 * len(out_slices))(*(s for s, _ in out_slices))
-    sizes = (ctypes.c_int64 * len(out_slices))(*(n for _, n in out_slices))
+    starts, sizes, widest = _slices(tuple(map(tuple, out_slices)))
     bts = (ctypes.c_void_p * len(lora_bts))(*(b.data_ptr() for b in lora_bts))
     getattr(_library(), DTYPES[x.dtype])(
         x.data_ptr(), x.stride(0), lora_a.data_ptr(), bts, y.data_ptr(), y.stride(0), starts, sizes, len(lora_bts),
         slots.data_ptr(), _ptr(weights), n_tokens, k_pairs, ranks.data_ptr(), x.shape[1], width,
-        max(n for _, n in out_slices), torch.get_num_threads())
+        widest, torch.get_num_threads())
