@@ -53,3 +53,21 @@ def test_sharded_checkpoint_loads_the_same(tmp_path, tiny_llama_dir):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
     _check_against_hf(LLM(model=str(tmp_path), dtype="float32", device="cpu"), hf, PROMPTS[:2], 6)
+
+
+@pytest.mark.parametrize("kernels", ["C", "torch"])
+def test_c_kernels_and_their_torch_forms_both_match(tiny_model_dir, hf_model, kernels, monkeypatch):
+    """Every small step through the C kernels (GEMV forced for steps up to 8 tokens, norm, RoPE, decode attention),
+    then none of them (their torch forms, what runs where no compiler is found)."""
+    from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
+    from loraplex.ops import attention_cpu, dense_cpu
+
+    if kernels == "C":
+        if not dense_cpu.available(torch.zeros(1)):
+            pytest.skip("no C compiler on this machine")
+        monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
+    else:
+        monkeypatch.setattr(dense_cpu, "available", lambda x: False)
+        monkeypatch.setattr(attention_cpu, "available", lambda x: False)
+    _check_against_hf(LLM(model=str(tiny_model_dir), dtype="float32", device="cpu"), hf_model)

@@ -21,6 +21,7 @@ def spec():
 
 def test_measurements_give_values_the_runner_can_use(spec):
     assert kc.measure_gemv_tokens(spec, torch.float32) in (0, *kc.GEMV_ROWS)
+    assert kc.measure_c_gemv_tokens(spec, torch.float32) in (0, *kc.C_GEMV_ROWS)
     ratio = kc.measure_dense_lora_ratio(spec, torch.float32)
     assert ratio == math.inf or ratio in {kc.DECODES / d for d in kc.ADAPTERS}
 
@@ -30,12 +31,13 @@ def test_choice_is_measured_once_then_read_from_the_cache(spec, tmp_path, monkey
     calls = []
     monkeypatch.setattr(kc, "measure_gemv_tokens", lambda s, d: calls.append("gemv") or 2)
     monkeypatch.setattr(kc, "measure_dense_lora_ratio", lambda s, d: calls.append("lora") or math.inf)
+    monkeypatch.setattr(kc, "measure_c_gemv_tokens", lambda s, d: calls.append("c") or 4)
     first = kc.kernel_choice(spec, torch.float32, torch.device("cpu"))
     again = kc.kernel_choice(spec, torch.float32, torch.device("cpu"))
-    assert first == again == kc.KernelChoice(2, math.inf) and calls == ["gemv", "lora"]
+    assert first == again == kc.KernelChoice(2, math.inf, 4) and calls == ["gemv", "lora", "c"]
     assert len(json.loads((tmp_path / "kernel_choice.json").read_text())) == 1
     other = kc.kernel_choice(spec, torch.bfloat16, torch.device("cpu"))  # another dtype: measured again
-    assert other == first and calls == ["gemv", "lora"] * 2
+    assert other == first and calls == ["gemv", "lora", "c"] * 2
 
 
 def test_where_triton_serves_the_defaults_stay(spec, monkeypatch):

@@ -202,6 +202,7 @@ class ModelRunner:
                                                [r.start_pos + 1 for r in decode_rows])
             meta.decode_kv_slots = slots.to(self.device)
             meta.decode_mask = valid[:, None, None, :].to(self.device)  # [nd, 1, 1, L]
+            meta.decode_lens = torch.tensor([r.start_pos + 1 for r in decode_rows], device=self.device)
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         return ids, pos, meta, sample_idx
@@ -231,7 +232,7 @@ class ModelRunner:
         lora, to_score = self.lora_batch(rows, adapters)
         sampling_rows = [r for r in rows if r.sample]
         out = ModelRunnerOutput()
-        with onednn(ids.numel() > self.kernels.gemv_tokens):
+        with onednn(ids.numel() > self.kernels.gemv_tokens), ops.cpu_gemv(self.kernels.c_gemv_tokens):
             hidden = self.model(ids, pos, self.kv_caches, meta, lora)
             self.score_xlora(hidden, to_score)
             out.prompt_logprobs = self.prompt_logprobs(hidden, rows)

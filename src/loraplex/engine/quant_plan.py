@@ -7,6 +7,7 @@ import logging
 import torch
 
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
+from loraplex.ops import dense_cpu
 from loraplex.ops.quant import (
     INT4_PATHS,
     INT8_PATHS,
@@ -30,7 +31,8 @@ def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str
         return list(INT4_PATHS), lambda x, path: int4_linear(x, packed, group, sz, None, path)
     wq = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device)
     scales = torch.rand(n_out, device=device) / 64
-    return list(INT8_PATHS), lambda x, path: int8_linear(x, wq, scales, None, path)
+    paths = [p for p in INT8_PATHS if p != "int8_c" or dense_cpu.available(torch.zeros(1, dtype=dtype, device=device))]
+    return paths, lambda x, path: int8_linear(x, wq, scales, None, path)
 
 
 def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
@@ -45,6 +47,9 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
         for m in BATCHES:
             x = torch.randn(m, n_in, device=device).to(dtype)
             times = {}
+            if m > dense_cpu.GEMV_MAX_ROWS:
+                # the C GEMV takes small steps only
+                alive = [p for p in alive if p != "int8_c"] or [p for p in paths if p != "int8_c"]
             for path in alive:
                 try:
                     times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)
@@ -61,7 +66,8 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
 
 def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
-    key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out}"
+    paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
+    key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths}"
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex import ops
+
 
 class RMSNorm(nn.Module):
     """``y = weight * (x / sqrt(mean(x^2) + eps))`` with the normalisation in fp32."""
@@ -18,3 +20,7 @@ class RMSNorm(nn.Module):
         # NOTE: aten's rms_norm accumulates in fp32 and rounds once to x.dtype — bit-identical to the reference
         # formula ``(x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``; the weight multiplies after.
         return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
+
+    def add_forward(self, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``h + delta`` (``h`` when ``delta`` is None) and this norm of it, fused on the CPU."""
+        return ops.add_rms_norm(h, delta, self.weight, self.eps)

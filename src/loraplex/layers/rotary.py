@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from loraplex import ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[head_dim // 2]`` (fp32) and the attention scaling factor for ``scaling``."""
@@ -52,6 +54,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
     def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x: [T, heads, D]`` rotated by each token's position."""
-        cos, sin = tables
-        return x * cos + x.roll(self.half, dims=-1) * sin
+        """``x: [T, heads, D]`` rotated by each token's position (in place where the C kernel serves: use the result,
+        not ``x``)."""
+        return ops.rope_(x, *tables)

@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from loraplex.layers.linear import Linear
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import EXACT_INT4, FLOAT_TYPES
@@ -173,7 +174,7 @@ class Fill:
             del self.q
             return Int4Linear(packed, self.sz, self.target.group, self.bias, plan_for("int4", self.n_in, n_out),
                               (n_out, self.n_in))
-        linear = nn.Linear(self.n_in, self.w.shape[0], bias=self.bias is not None, device="meta")
+        linear = Linear(self.n_in, self.w.shape[0], self.bias is not None, self.w.dtype, "meta")
         linear.weight = nn.Parameter(self.w, requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias, requires_grad=False)

@@ -13,6 +13,7 @@ from torch import nn
 
 from loraplex import ops
 from loraplex.layers.attention import AttentionMetadata, paged_attention
+from loraplex.layers.linear import Linear
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
@@ -23,20 +24,14 @@ from loraplex.models.model_config import ModelSpec
 from loraplex.ops.lora_batch import LoRABatch
 
 
-def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device)
-    layer.requires_grad_(False)
-    return layer
-
-
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, dtype, device) -> None:
         super().__init__()
         self.spec = spec
         self.rotary = rotary
         self.scale = spec.head_dim ** -0.5
-        self.qkv_proj = _linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias, dtype, device)
-        self.o_proj = _linear(spec.q_size, spec.hidden_size, spec.o_bias, dtype, device)
+        self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias, dtype, device)
+        self.o_proj = Linear(spec.q_size, spec.hidden_size, spec.o_bias, dtype, device)
         self.lora = nn.ModuleDict()  # projection name -> LoRAStack, filled by DecoderLM.enable_lora
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
@@ -69,8 +64,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, dtype, device) -> None:
         super().__init__()
         self.intermediate_size = spec.intermediate_size
-        self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
-        self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
         self.lora = nn.ModuleDict()  # projection name -> LoRAStack, filled by DecoderLM.enable_lora
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
@@ -93,9 +88,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.mlp = MLP(spec, dtype, device)
 
-    def forward(self, rope, h, kv_cache, meta, lora=None) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta, lora)
-        return h + self.mlp(self.post_attention_layernorm(h), lora)
+    def forward(self, rope, h, delta, kv_cache, meta, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's input is the residual stream ``h + delta`` (``delta`` None: ``h``); returns the stream after
+        attention and the MLP's output, whose sum is the next layer's input (each add fused with the next norm)."""
+        h, x = self.input_layernorm.add_forward(h, delta)
+        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(rope, x, kv_cache, meta, lora))
+        return h, self.mlp(x, lora)
 
 
 class DecoderLM(nn.Module):
@@ -120,7 +118,7 @@ class DecoderLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
-            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype, wdev)
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False, dtype, wdev)
             self.lm_head_weight = self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -129,9 +127,10 @@ class DecoderLM(nn.Module):
         """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``; ``lora`` None = base only."""
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else self.embed_q.embed(input_ids, self.dtype)
         rope = self.rotary.tables(positions)
+        delta = None
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(rope, h, kv, meta, lora)
-        return self.norm(h)
+            h, delta = layer(rope, h, delta, kv, meta, lora)
+        return self.norm.add_forward(h, delta)[1]
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
         """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every projection of every layer."""
@@ -168,7 +167,7 @@ class DecoderLM(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
             return self.head(hidden).float()
-        return F.linear(hidden, self.lm_head_weight).float()
+        return ops.linear(hidden, self.lm_head_weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our (partly stacked) parameters; raise on unknown or missing ones."""

@@ -1,16 +1,19 @@
 """One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms:
 CUDA tensors take the Triton kernels (``lora_triton``) for BGMV and SGMV when Triton is importable; CPU BGMV steps
 the C kernel (``lora_cpu``) when it is built; everything else the torch implementations (``lora_torch``, each beside
-its reference)."""
+its reference). The dense ops (``linear``, ``add_rms_norm``, ``rope_``) take the C kernels of ``dense_cpu`` on CPU
+tensors where they are built (``linear`` only for steps of at most ``cpu_gemv`` rows), else their torch forms."""
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
-from loraplex.ops import lora_cpu
+from loraplex.ops import dense_cpu, lora_cpu
 from loraplex.ops.batch_invariant import add_lora_grouped, row_tiled
 from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, TokenGroup, XLoRAGroup
 from loraplex.ops.lora_torch import (
@@ -23,7 +26,49 @@ from loraplex.ops.lora_torch import (
 )
 
 __all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
-           "add_lora_gated", "cpu_bgmv_serves", "row_tiled", "use_triton"]
+           "add_lora_gated", "add_rms_norm", "cpu_bgmv_serves", "cpu_gemv", "linear", "rope_", "row_tiled",
+           "use_triton"]
+
+_gemv_rows = 0  # CPU linears of at most this many rows take the C GEMV (set per step by ``cpu_gemv``)
+
+
+@contextmanager
+def cpu_gemv(max_rows: int) -> Iterator[None]:
+    """Inside the block, ``linear`` on CPU tensors of at most ``max_rows`` rows (≤ ``dense_cpu.GEMV_MAX_ROWS``)
+    takes the C GEMV; 0 = never (the default: the engine sets what it measured, ``engine.kernel_choice``)."""
+    global _gemv_rows
+    prev, _gemv_rows = _gemv_rows, min(max_rows, dense_cpu.GEMV_MAX_ROWS)
+    try:
+        yield
+    finally:
+        _gemv_rows = prev
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for the model's dense layers: ``[M, in]`` → ``[M, out]``; small CPU steps by the C GEMV."""
+    if x.dim() == 2 and x.shape[0] <= _gemv_rows and dense_cpu.available(x) and weight.dtype == x.dtype \
+            and x.stride(-1) == 1 and weight.is_contiguous() and weight.shape[1] == x.shape[1] \
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+        return dense_cpu.gemv(x, weight, bias, checked=True)
+    return F.linear(x, weight, bias)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``h + delta`` and its RMSNorm (``dense_cpu.add_rms_norm_reference``), in one C pass on
+    the CPU."""
+    if h.dim() == 2 and dense_cpu.available(h) and weight.dtype == h.dtype and h.stride(-1) == 1 \
+            and (delta is None or (delta.dtype == h.dtype and delta.stride(-1) == 1)):
+        return dense_cpu.add_rms_norm(h, delta, weight, eps)
+    return dense_cpu.add_rms_norm_reference(h, delta, weight, eps)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x: [T, H, D]`` by per-token tables ``[T, 1, D]`` (``dense_cpu.rope_reference``): in place by the C
+    kernel on the CPU (returns ``x``), else a new tensor."""
+    if dense_cpu.available(x) and x.stride(2) == 1 and x.stride(1) == x.shape[2] and cos.dtype == x.dtype:
+        return dense_cpu.rope_(x, cos, sin_signed)
+    return dense_cpu.rope_reference(x, cos, sin_signed)
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bs: list[torch.Tensor],

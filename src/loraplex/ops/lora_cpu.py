@@ -1,78 +1,30 @@
 """BGMV on the CPU without per-token copies: a small C kernel (``lora_cpu.c``) that reads each token's adapter from
 the slot buffers in place, at the adapter's true rank, with OpenMP over tokens (torch's own OpenMP runtime).
 
-Built at first use with the system C compiler (``gcc -O3 -march=native -fopenmp``, ~1 s) into
-``$LORAPLEX_CACHE/ext/`` keyed by the source, the CPU and the compiler; where that fails (no compiler, another
-platform) ``available()`` is False, the reason is logged once, and ``ops`` keeps the torch form
+Built at first use (``ops.cpu_ext``); where that fails ``available()`` is False and ``ops`` keeps the torch form
 (``lora_torch.bgmv_shrink`` / ``bgmv_expand``), which is also this kernel's reference in the tests.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("loraplex.ops")
+from loraplex.ops import cpu_ext
 
-SOURCE = Path(__file__).with_name("lora_cpu.c")
 DTYPES = {torch.float32: "bgmv_f32", torch.bfloat16: "bgmv_bf16"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I, ctypes.c_int]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex")) / "ext"
-
-
-def _cpu_id() -> bytes:
-    """The first CPU's model name and flags (what ``-march=native`` compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return b""
-    return "\n".join(next((x for x in lines if x.startswith(k)), "") for k in ("model name", "flags")).encode()
-
-
-def _build_key(cc: str) -> str:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    return hashlib.sha256(SOURCE.read_bytes() + _cpu_id() + version.encode()).hexdigest()[:16]
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LORAPLEX_NO_C_KERNELS") == "1":
-        log.info("C LoRA kernel off (LORAPLEX_NO_C_KERNELS=1): BGMV in torch")
-        return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not SOURCE.is_file():
-        log.warning("no C compiler found: BGMV runs in torch (per-token copies of the adapters)")
-        return None
-    try:
-        lib_path = _cache_dir() / f"lora_cpu-{_build_key(cc)}.so"
-        if not lib_path.is_file():
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                out = Path(tmp) / lib_path.name
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                str(SOURCE)], check=True, capture_output=True, text=True, timeout=120)
-                out.replace(lib_path)  # atomic: a concurrent process sees the whole file or none
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        log.warning("C LoRA kernel unavailable (%s): BGMV runs in torch", str(detail).strip()[:300])
-        return None
-    for name in DTYPES.values():
-        getattr(lib, name).argtypes = _ARGTYPES
-        getattr(lib, name).restype = None
-    log.info("C LoRA kernel built: %s", lib_path)
+    lib = cpu_ext.library("lora_cpu", "BGMV")
+    if lib is not None:
+        for name in DTYPES.values():
+            getattr(lib, name).argtypes = _ARGTYPES
+            getattr(lib, name).restype = None
     return lib
 
 

@@ -6,14 +6,17 @@ with ``q`` in 0..15; packed by ``torch._convert_weight_to_int4pack_for_cpu`` (CP
 Paths, chosen per batch size by measurement (``engine.quant_plan``): ``int8mm`` — PyTorch's weight-only kernel
 (``torch._weight_int8pack_mm``) with activations in their own dtype; ``int8mm_bf16`` — the same kernel fed bf16
 activations (on CPUs where its fp32 variant is slow); ``dequant`` — the weights expanded to the activations' dtype,
-then one GEMM (the fast form for large batches: the int8 kernel is a GEMV at heart).
+then one GEMM (the fast form for large batches: the int8 kernel is a GEMV at heart); ``int8_c`` — the C GEMV
+(``ops.dense_cpu.gemv_int8``, steps of at most ``GEMV_MAX_ROWS`` rows), the int8 weights widened in registers.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant")
+from loraplex.ops import dense_cpu
+
+INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant", "int8_c")
 INT4_PATHS = ("int4mm", "int4mm_bf16")  # int4 keeps only the packed weights: no dequantized form
 
 
@@ -29,6 +32,10 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: t
     """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path`` (see the module docstring)."""
     if path == "dequant":
         return F.linear(x, wq.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
+    if path == "int8_c" and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS:
+        return dense_cpu.gemv_int8(x, wq, scales, bias)
+    if path == "int8_c":  # a larger step than the C GEMV takes (the plan measured none): the int8 kernel
+        path = "int8mm"
     act = torch.bfloat16 if path == "int8mm_bf16" else x.dtype
     y = torch._weight_int8pack_mm(x.to(act).contiguous(), wq, scales.to(act)).to(x.dtype)
     return y if bias is None else y + bias

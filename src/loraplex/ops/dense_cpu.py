@@ -1,0 +1,123 @@
+"""A decoder's small-step dense ops on the CPU as C kernels (``dense_cpu.c``), each beside its torch reference.
+
+* ``gemv``: ``y = x @ W.T + b`` for steps of at most ``GEMV_MAX_ROWS`` tokens, each weight row read once for all of
+  them (ATen and oneDNN run one token's GEMV at a fraction of the read bandwidth at a decoder's shapes);
+* ``gemv_int8``: the same with weight-only int8 weights and per-row scales, widened in registers (no dequantized copy);
+* ``add_rms_norm``: the residual add and the next RMSNorm in one pass, rounding where the reference does;
+* ``rope``: RoPE applied in place on the q|k heads, rounding where the reference does.
+
+Built at first use (``ops.cpu_ext``); where that fails ``available()`` is False and callers keep the references.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.ops import cpu_ext
+
+GEMV_MAX_ROWS = 8  # the most tokens one C GEMV call takes (more: a GEMM's job)
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
+               "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _N],
+               "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
+               "rope": [_P, _I, _I, _I, _I, _P, _P, _N]}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_ext.library("dense_cpu", "GEMV, RMSNorm and RoPE", exact=True)
+    if lib is not None:
+        for op, argtypes in _SIGNATURES.items():
+            for suffix in DTYPES.values():
+                fn = getattr(lib, f"{op}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def available(x: torch.Tensor) -> bool:
+    """Do the C kernels serve tensors like ``x`` (CPU, fp32 or bf16, the library built)?"""
+    return x.device.type == "cpu" and x.dtype in DTYPES and _library() is not None
+
+
+def _fn(op: str, dtype: torch.dtype):
+    return getattr(_library(), f"{op}_{DTYPES[dtype]}")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         checked: bool = False) -> torch.Tensor:
+    """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``, unit stride along ``in``) → ``[M, out]``: ``x @ weight.T + bias``,
+    fp32 accumulation, one rounding; ``weight: [out, in]`` contiguous. Reference: ``F.linear``. ``checked``: the
+    caller has checked the layout (``ops.linear``, once per call on the hot path)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if not checked and m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k \
+            or weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+        raise ValueError(f"gemv: needs <= {GEMV_MAX_ROWS} rows of unit stride and contiguous weights of x's dtype, "
+                         f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    y = x.new_empty(m, n)
+    _fn("gemv", x.dtype)(x.data_ptr(), x.stride(0), m, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         y.data_ptr(), n, n, k, torch.get_num_threads())
+    return y
+
+
+def gemv_int8(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``) → ``[M, out]``: ``scales * (x @ wq.T) + bias`` with ``wq: [out, in]``
+    int8 and ``scales: [out]`` fp32, fp32 accumulation, one rounding. Reference: ``ops.quant.int8_linear_reference``."""
+    m, k = x.shape
+    n = wq.shape[0]
+    if m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not wq.is_contiguous() or wq.dtype != torch.int8 \
+            or wq.shape[1] != k or scales.dtype != torch.float32 or not scales.is_contiguous() \
+            or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+        raise ValueError(f"gemv_int8: needs <= {GEMV_MAX_ROWS} rows of unit stride, contiguous int8 weights and fp32 "
+                         f"scales, got x {tuple(x.shape)}, weight {tuple(wq.shape)} {wq.dtype}")
+    y = x.new_empty(m, n)
+    _fn("gemv_int8", x.dtype)(x.data_ptr(), x.stride(0), m, wq.data_ptr(), scales.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
+    return y
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h + delta, rms_norm(h + delta))`` for ``h, delta: [T, D]`` with unit stride along D (``delta`` None: ``h``
+    itself); see ``add_rms_norm_reference``."""
+    t, d = h.shape
+    if h.stride(-1) != 1 or (delta is not None and (delta.stride(-1) != 1 or delta.shape != h.shape)):
+        raise ValueError("add_rms_norm: needs rows of unit stride and matching shapes")
+    out = h.new_empty(t, d)
+    h_out = None if delta is None else h.new_empty(t, d)
+    _fn("add_rms_norm", h.dtype)(h.data_ptr(), h.stride(0), None if delta is None else delta.data_ptr(),
+                                 0 if delta is None else delta.stride(0), weight.data_ptr(),
+                                 None if h_out is None else h_out.data_ptr(), out.data_ptr(), t, d, eps,
+                                 torch.get_num_threads())
+    return (h if h_out is None else h_out), out
+
+
+def add_rms_norm_reference(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: ``h' = h + delta``; ``(h', weight * (h' / sqrt(mean(h'^2) + eps)))``, the normalisation in fp32
+    rounded once to ``h.dtype``, then the weight's product (the reference models' order of operations)."""
+    if delta is not None:
+        h = h + delta
+    return h, weight * F.rms_norm(h, weight.shape, eps=eps)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: [T, H, D]`` (heads contiguous within a token) in place by per-token tables ``[T, 1, D]``; see
+    ``rope_reference``. Returns ``x``."""
+    t, h, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) != d or cos.dtype != x.dtype or sin_signed.dtype != x.dtype:
+        raise ValueError("rope_: needs contiguous heads and tables of x's dtype")
+    cos, sin_signed = cos.reshape(t, d).contiguous(), sin_signed.reshape(t, d).contiguous()
+    _fn("rope", x.dtype)(x.data_ptr(), x.stride(0), t, h, d, cos.data_ptr(), sin_signed.data_ptr(),
+                         torch.get_num_threads())
+    return x
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Semantics: ``x * cos + roll(x, D/2) * sin_signed`` (= ``x * cos + rotate_half(x) * sin``), a new tensor."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

@@ -1,0 +1,126 @@
+"""The C kernels of a decode step (``ops.dense_cpu``: GEMV, residual add + RMSNorm, RoPE; ``ops.attention_cpu``:
+KV write, paged decode attention) against their torch references, and the dispatch in ``ops``."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraplex import ops
+from loraplex.ops import attention_cpu, dense_cpu
+
+pytestmark = pytest.mark.skipif(not dense_cpu.available(torch.zeros(1)), reason="no C compiler on this machine")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """Within a few units of the last place of ``dtype`` (relative to the values' scale; sums of ~1 500 products
+    carry ~40 ulp in fp32, as torch's own GEMMs do)."""
+    tol = 5e-5 if dtype == torch.float32 else 1.6e-2
+    err = ((got.double() - want.double()).abs() / (want.double().abs() + 1)).max().item()
+    assert err < tol, f"max relative error {err:.3g} >= {tol}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 5, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (100, 37), (7, 1), (33, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(dtype, rows, shape, bias):
+    torch.manual_seed(rows * 1000 + shape[1])
+    n, k = shape
+    x_wide = torch.randn(rows, k + 5).to(dtype)
+    x = x_wide[:, 2:k + 2]  # rows of a wider tensor: a row stride that is not the width
+    w = torch.randn(n, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    got = dense_cpu.gemv(x, w, b)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    _close(got, F.linear(x.double(), w.double(), None if b is None else b.double()), dtype)
+
+
+def test_gemv_refuses_what_it_cannot_take():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="gemv"):
+        dense_cpu.gemv(torch.randn(dense_cpu.GEMV_MAX_ROWS + 1, 16), w)
+    with pytest.raises(ValueError, match="gemv"):
+        dense_cpu.gemv(torch.randn(1, 16), w.t().contiguous().t())  # not contiguous
+    with pytest.raises(ValueError, match="gemv"):
+        dense_cpu.gemv(torch.randn(1, 16).bfloat16(), w)  # dtypes differ
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (300, 576), (3, 5)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_rounds_like_the_reference(dtype, shape, with_delta):
+    torch.manual_seed(shape[0])
+    h = torch.randn(*shape).to(dtype) * 3
+    delta = torch.randn(*shape).to(dtype) if with_delta else None
+    w = torch.randn(shape[1]).to(dtype)
+    got_h, got = dense_cpu.add_rms_norm(h, delta, w, 1e-6)
+    want_h, want = dense_cpu.add_rms_norm_reference(h, delta, w, 1e-6)
+    assert torch.equal(got_h, want_h)  # one rounding of a sum: exact
+    if dtype == torch.bfloat16:
+        assert (got != want).float().mean() < 1e-3  # the fp32 mean may differ in its last bit, rarely seen in bf16
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 4, 200])
+def test_rope_in_place_is_the_reference_bit_for_bit(dtype, tokens):
+    from loraplex.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(tokens)
+    rotary = RotaryEmbedding(64, 512, 10000.0, None, dtype)
+    tables = rotary.tables(torch.randint(0, 512, (tokens,)))
+    qkv = torch.randn(tokens, 9 + 2 * 3, 64).to(dtype)
+    qk = qkv[:, :12]
+    want = dense_cpu.rope_reference(qk, *tables)
+    v_before = qkv[:, 12:].clone()
+    assert dense_cpu.rope_(qk, *tables) is qk
+    assert torch.equal(qkv[:, :12], want) and torch.equal(qkv[:, 12:], v_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 1)])
+def test_decode_attention_matches_the_reference(dtype, heads):
+    torch.manual_seed(sum(heads))
+    h, hkv = heads
+    d, n_slots, width = 32, 512, 70
+    k_cache, v_cache = (torch.randn(n_slots, hkv, d).to(dtype) for _ in range(2))
+    qkv = torch.randn(4, h + 2 * hkv, d).to(dtype)
+    q = qkv[:, :h]
+    lens = torch.tensor([1, 70, 33, 5])
+    slots = torch.randint(0, n_slots, (4, width))
+    got = attention_cpu.decode_attention(q, k_cache, v_cache, slots, lens, d ** -0.5)
+    want = attention_cpu.decode_attention_reference(q, k_cache, v_cache, slots, lens, d ** -0.5)
+    _close(got, want, dtype)
+    # the SDPA form the layer falls back to: the same within the dtype's rounding
+    mask = (torch.arange(width)[None] < lens[:, None])[:, None, None]
+    kk = k_cache[slots].transpose(1, 2)
+    vv = v_cache[slots].transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(q.view(4, hkv, h // hkv, d).float(), kk.float(), vv.float(),
+                                          attn_mask=mask, scale=d ** -0.5).reshape(4, h, d)
+    _close(got, sdpa, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_write_is_index_copy(dtype):
+    k_cache, v_cache = torch.randn(64, 3, 16).to(dtype), torch.randn(64, 3, 16).to(dtype)
+    qkv = torch.randn(5, 15, 16).to(dtype)
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.tensor([7, 0, 63, 12, 30])
+    want_k, want_v = k_cache.clone().index_copy_(0, slots, k), v_cache.clone().index_copy_(0, slots, v)
+    attention_cpu.kv_write(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_linear_takes_the_gemv_only_inside_cpu_gemv(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dense_cpu, "gemv", lambda x, w, b=None, checked=False: calls.append(x.shape[0]) or F.linear(x, w, b))
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    ops.linear(x, w)
+    with ops.cpu_gemv(2):
+        ops.linear(x[:2], w)
+        ops.linear(x, w)  # 3 rows > 2: the torch GEMM
+    with ops.cpu_gemv(0):
+        ops.linear(x[:1], w)
+    assert calls == [2]
