@@ -30,11 +30,11 @@ class PrefillChunk:
 class AttentionMetadata:
     """Per-step tensors shared by every layer, built once by the model runner."""
 
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V go
+    slot_mapping: torch.Tensor  # [T] int64 where each new token's K/V go
     num_decodes: int = 0
-    decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_context] (padded with slot 0)
+    decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padded with slot 0)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
-    decode_lens: torch.Tensor | None = None  # [num_decodes] context lengths (what the C kernel reads)
+    decode_lens: torch.Tensor | None = None  # [num_decodes] int64 context lengths (what the C kernel reads)
     prefills: list[PrefillChunk] = field(default_factory=list)
     rows: "PagedRows | None" = None  # set when the step runs the Triton kernel (then the fields above are unused)
     # --deterministic: every row (decodes too) as a chunk whose kv_slots cover positions 0 .. end - 1; each token
@@ -61,10 +61,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     Semantics: ``out[t] = softmax(scale * q[t] @ K[ctx(t)].T) @ V[ctx(t)]`` where ``ctx(t)`` are the cache slots of
     positions ``0 .. pos(t)`` of t's sequence, and query head h reads kv head ``h // (H // Hkv)``.
     """
-    c_kernels = attention_cpu.serves(q, k_cache, v_cache) and attention_cpu.serves(k, k_cache, v_cache) \
-        and attention_cpu.serves(v, k_cache, v_cache)
+    c_kernels = attention_cpu.serves(q, k, v, k_cache, v_cache) and meta.slot_mapping.dtype == torch.int64
     if c_kernels:
-        attention_cpu.kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
+        attention_cpu.kv_write(k, v, k_cache, v_cache, meta.slot_mapping, checked=True)
     else:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -79,9 +78,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[2]
     parts = []
     nd = meta.num_decodes
-    if nd and c_kernels and meta.decode_lens is not None:
+    if nd and c_kernels and meta.decode_lens is not None and meta.decode_lens.dtype == torch.int64 \
+            and meta.decode_kv_slots.dtype == torch.int64 and meta.decode_kv_slots.is_contiguous():
         parts.append(attention_cpu.decode_attention(q[:nd], k_cache, v_cache, meta.decode_kv_slots, meta.decode_lens,
-                                                    scale))
+                                                    scale, checked=True))
     elif nd:
         nd_slots = meta.decode_kv_slots  # [nd, L]
         kk = k_cache.index_select(0, nd_slots.view(-1)).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)

@@ -7,27 +7,9 @@
  *   decode_attention:  out[t, h] = sum_{j < lens[t]} softmax_j(scale * q[t, h] . K[j]) * V[j]
  *                      with K[j], V[j] = k_cache / v_cache[slots[t, j], h / (H / Hkv)]
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u); /* NaN stays NaN */
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);
-    return (uint16_t)(c.u >> 16);
-}
-
-static inline float id_f32(float v) { return v; }
+#include "cpu_common.h"
 
 /* k, v: T rows of row_bytes bytes (row strides in bytes); caches: rows of row_bytes bytes, indexed by slot. */
 void kv_write(const char *k, int64_t k_stride, const char *v, int64_t v_stride, const int64_t *slot_mapping,
@@ -39,55 +21,42 @@ void kv_write(const char *k, int64_t k_stride, const char *v, int64_t v_stride, 
 }
 
 /* q: [nd, H, D], token stride qs, heads contiguous; caches [slots, Hkv, D] contiguous; slots [nd, L] (row t valid
- * up to lens[t]); out [nd, H, D] contiguous. One work item per (token, kv head): its H / Hkv query heads read each
- * cached K and V row once. */
-#define DEFINE_DECODE_ATTENTION(NAME, T_, LOAD, STORE)                                                              \
+ * up to lens[t]); out [nd, H, D] contiguous. One work item per (token, query head); the K and V rows its kv head
+ * shares with the other query heads come from cache. */
+#define DEFINE_DECODE_ATTENTION(NAME, T_, DOT, LOAD, STORE)                                                         \
 void NAME(const T_ *q, int64_t qs, const T_ *k_cache, const T_ *v_cache, const int64_t *slots, const int64_t *lens,\
           int64_t L, int64_t nd, int64_t H, int64_t Hkv, int64_t D, float scale, T_ *out, int n_threads) {          \
     int64_t G = H / Hkv;                                                                                            \
     _Pragma("omp parallel num_threads(n_threads)")                                                                  \
     {                                                                                                               \
-        float *qf = (float *)malloc(sizeof(float) * (size_t)(2 * G * D + G * L));                                   \
-        float *acc = qf + G * D, *p = acc + G * D;                                                                  \
+        float *p = (float *)malloc(sizeof(float) * (size_t)(L + D));                                                \
+        float *acc = p + L;                                                                                         \
         _Pragma("omp for schedule(static) collapse(2)")                                                             \
         for (int64_t t = 0; t < nd; t++)                                                                            \
-            for (int64_t g = 0; g < Hkv; g++) {                                                                     \
-                int64_t n = lens[t];                                                                                \
+            for (int64_t h = 0; h < H; h++) {                                                                       \
+                int64_t n = lens[t], g = h / G;                                                                     \
                 const int64_t *st = slots + t * L;                                                                  \
-                for (int64_t h = 0; h < G; h++)                                                                     \
-                    for (int64_t d = 0; d < D; d++) qf[h * D + d] = LOAD(q[t * qs + (g * G + h) * D + d]) * scale;  \
+                const T_ *qh = q + t * qs + h * D;                                                                  \
+                float m = -INFINITY;                                                                                \
                 for (int64_t j = 0; j < n; j++) {                                                                   \
-                    const T_ *kj = k_cache + (st[j] * Hkv + g) * D;                                                 \
-                    for (int64_t h = 0; h < G; h++) {                                                               \
-                        const float *qh = qf + h * D;                                                               \
-                        float s = 0.0f;                                                                             \
-                        _Pragma("omp simd reduction(+:s)")                                                          \
-                        for (int64_t d = 0; d < D; d++) s += qh[d] * LOAD(kj[d]);                                   \
-                        p[h * L + j] = s;                                                                           \
-                    }                                                                                               \
+                    float s = scale * DOT(qh, k_cache + (st[j] * Hkv + g) * D, D);                                  \
+                    p[j] = s;                                                                                       \
+                    m = s > m ? s : m;                                                                              \
                 }                                                                                                   \
-                for (int64_t h = 0; h < G; h++) {                                                                   \
-                    float *ph = p + h * L, m = -INFINITY, sum = 0.0f;                                               \
-                    for (int64_t j = 0; j < n; j++) m = ph[j] > m ? ph[j] : m;                                      \
-                    for (int64_t j = 0; j < n; j++) sum += (ph[j] = expf(ph[j] - m));                               \
-                    for (int64_t j = 0; j < n; j++) ph[j] /= sum;                                                   \
-                    for (int64_t d = 0; d < D; d++) acc[h * D + d] = 0.0f;                                          \
-                }                                                                                                   \
+                float inv = 1.0f / exp_shifted_sum(p, n, m);                                                        \
+                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;                                                      \
                 for (int64_t j = 0; j < n; j++) {                                                                   \
                     const T_ *vj = v_cache + (st[j] * Hkv + g) * D;                                                 \
-                    for (int64_t h = 0; h < G; h++) {                                                               \
-                        float w = p[h * L + j], *ah = acc + h * D;                                                  \
-                        _Pragma("omp simd")                                                                         \
-                        for (int64_t d = 0; d < D; d++) ah[d] += w * LOAD(vj[d]);                                   \
-                    }                                                                                               \
+                    float w = p[j];                                                                                 \
+                    _Pragma("omp simd")                                                                             \
+                    for (int64_t d = 0; d < D; d++) acc[d] += w * LOAD(vj[d]);                                      \
                 }                                                                                                   \
-                for (int64_t h = 0; h < G; h++)                                                                     \
-                    for (int64_t d = 0; d < D; d++) out[(t * H + g * G + h) * D + d] = STORE(acc[h * D + d]);       \
+                T_ *o = out + (t * H + h) * D;                                                                      \
+                for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[d] * inv);                                         \
             }                                                                                                       \
-        free(qf);                                                                                                   \
+        free(p);                                                                                                    \
     }                                                                                                               \
 }
 
-static inline float store_f32(float v) { return v; }
-DEFINE_DECODE_ATTENTION(decode_attention_f32, float, id_f32, store_f32)
-DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_DECODE_ATTENTION(decode_attention_f32, float, dot_f32, id_f32, store_f32)
+DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)

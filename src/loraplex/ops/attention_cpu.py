@@ -33,10 +33,12 @@ def available(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in DTYPES and _library() is not None
 
 
-def serves(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Can the kernels take this layer's step as laid out (dtypes, per-token contiguous heads, contiguous caches)?"""
-    return available(q) and q.dtype == k_cache.dtype == v_cache.dtype and _rows(q) and k_cache.is_contiguous() \
-        and v_cache.is_contiguous() and q.shape[1] % k_cache.shape[1] == 0
+def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Can the kernels take this layer's step as laid out (one dtype, per-token contiguous heads, contiguous
+    caches)? Then ``kv_write`` and ``decode_attention`` may be called with ``checked=True``."""
+    return available(q) and q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype and _rows(q) \
+        and _rows(k) and _rows(v) and k_cache.is_contiguous() and v_cache.is_contiguous() \
+        and q.shape[1] % k_cache.shape[1] == 0
 
 
 def _rows(x: torch.Tensor) -> bool:
@@ -44,35 +46,41 @@ def _rows(x: torch.Tensor) -> bool:
     return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64).contiguous()
+
+
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, checked: bool = False) -> None:
     """``k_cache[slot_mapping] = k; v_cache[slot_mapping] = v`` for ``k, v: [T, Hkv, D]`` (heads contiguous per
-    token) into contiguous caches ``[slots, Hkv, D]``."""
-    if not (_rows(k) and _rows(v) and k_cache.is_contiguous() and v_cache.is_contiguous()) \
-            or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
-        raise ValueError("kv_write: needs per-token contiguous heads and contiguous caches of the same dtype")
-    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    token) into contiguous caches ``[slots, Hkv, D]``. ``checked``: ``serves`` said yes and ``slot_mapping`` is
+    contiguous int64 (the model runner builds it so)."""
+    if not checked:
+        if not (_rows(k) and _rows(v) and k_cache.is_contiguous() and v_cache.is_contiguous()) \
+                or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            raise ValueError("kv_write: needs per-token contiguous heads and contiguous caches of the same dtype")
+        slot_mapping = _int64(slot_mapping)
     size = k.element_size()
     _library().kv_write(k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size, slot_mapping.data_ptr(),
                         k.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), k.shape[1] * k.shape[2] * size)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     lens: torch.Tensor, scale: float, checked: bool = False) -> torch.Tensor:
     """``q: [nd, H, D]`` (heads contiguous per token) over contiguous caches ``[slots, Hkv, D]``; ``slots: [nd, L]``
-    each row's context slots (valid up to ``lens[t]``) → ``[nd, H, D]``; see ``decode_attention_reference``."""
+    each row's context slots (valid up to ``lens[t]``) → ``[nd, H, D]``; see ``decode_attention_reference``.
+    ``checked``: ``serves`` said yes and ``slots`` / ``lens`` are contiguous int64 (the model runner builds them so)."""
     nd, h, d = q.shape
-    hkv = k_cache.shape[1]
-    if not _rows(q) or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or h % hkv \
-            or not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError("decode_attention: needs per-token contiguous heads, contiguous caches of q's dtype and "
-                         "H divisible by Hkv")
-    slots = slots.to(torch.int64).contiguous()
-    lens = lens.to(torch.int64).contiguous()
+    if not checked:
+        if not _rows(q) or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or h % k_cache.shape[1] \
+                or not (q.dtype == k_cache.dtype == v_cache.dtype):
+            raise ValueError("decode_attention: needs per-token contiguous heads, contiguous caches of q's dtype and "
+                             "H divisible by Hkv")
+        slots, lens = _int64(slots), _int64(lens)
     out = q.new_empty(nd, h, d)
     getattr(_library(), DTYPES[q.dtype])(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                         slots.data_ptr(), lens.data_ptr(), slots.shape[1], nd, h, hkv, d, scale,
-                                         out.data_ptr(), torch.get_num_threads())
+                                         slots.data_ptr(), lens.data_ptr(), slots.shape[1], nd, h, k_cache.shape[1],
+                                         d, scale, out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -9,62 +9,11 @@
  *   add_rms_norm:  h' = r(h + d) (h' = h when d is NULL);  y = r(w * r(h' * rsqrt(mean(h'^2) + eps)))
  *   rope:          x[t, j, i] = r(r(x[t,j,i] * cos[t,i]) + r(x[t,j,(i+D/2)%D] * sin[t,i]))   (in place, sin signed)
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#if defined(__AVX512BF16__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u); /* NaN stays NaN */
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);
-    return (uint16_t)(c.u >> 16);
-}
-
-static inline float id_f32(float v) { return v; }
-static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+#include "cpu_common.h"
 
 /* ---- GEMV ---------------------------------------------------------------------------------------------------- */
-
-static inline float dot_f32(const float *w, const float *x, int64_t K) {
-    float s = 0.0f;
-    _Pragma("omp simd reduction(+:s)")
-    for (int64_t k = 0; k < K; k++) s += w[k] * x[k];
-    return s;
-}
-
-static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t K) {
-#ifdef __AVX512BF16__ /* 32 products per instruction, exact in fp32, two chains for the adder's latency */
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
-    }
-    for (; k < K; k += 32) {
-        __mmask32 m = K - k >= 32 ? 0xffffffffu : (((__mmask32)1 << (K - k)) - 1);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k),
-                              (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#else
-    float s = 0.0f;
-    _Pragma("omp simd reduction(+:s)")
-    for (int64_t k = 0; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
-    return s;
-#endif
-}
 
 /* x [M, K] rows of stride xs; W [N, K] contiguous; b [N] or NULL; y [M, N] rows of stride ys. Each weight row is
  * read from memory once and reused from L1 for the M tokens; OpenMP over output rows. */
@@ -79,7 +28,6 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, i
     }                                                                                                              \
 }
 
-static inline float store_f32(float v) { return v; }
 DEFINE_GEMV(gemv_f32, float, dot_f32, id_f32, store_f32)
 DEFINE_GEMV(gemv_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
 
