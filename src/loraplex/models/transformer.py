@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraplex import ops
@@ -63,7 +62,6 @@ class MLP(nn.Module):
 
     def __init__(self, spec: ModelSpec, dtype, device) -> None:
         super().__init__()
-        self.intermediate_size = spec.intermediate_size
         self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
         self.lora = nn.ModuleDict()  # projection name -> LoRAStack, filled by DecoderLM.enable_lora
@@ -72,8 +70,7 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if lora is not None:
             self.lora["gate_up_proj"](gate_up, x, lora)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        act = F.silu(gate) * up
+        act = ops.silu_mul(gate_up)  # silu(gate) * up
         out = self.down_proj(act)
         if lora is not None:
             self.lora["down_proj"](out, act, lora)

@@ -1,7 +1,7 @@
 """One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms:
 CUDA tensors take the Triton kernels (``lora_triton``) for BGMV and SGMV when Triton is importable; CPU BGMV steps
 the C kernel (``lora_cpu``) when it is built; everything else the torch implementations (``lora_torch``, each beside
-its reference). The dense ops (``linear``, ``add_rms_norm``, ``rope_``) take the C kernels of ``dense_cpu`` on CPU
+its reference). The dense ops (``linear``, ``add_rms_norm``, ``rope_``, ``silu_mul``) take the C kernels of ``dense_cpu`` on CPU
 tensors where they are built (``linear`` only for steps of at most ``cpu_gemv`` rows), else their torch forms."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from loraplex.ops.lora_torch import (
 
 __all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
            "add_lora_gated", "add_rms_norm", "cpu_bgmv_serves", "cpu_gemv", "linear", "rope_", "row_tiled",
-           "use_triton"]
+           "silu_mul", "use_triton"]
 
 _gemv_rows = 0  # CPU linears of at most this many rows take the C GEMV (set per step by ``cpu_gemv``)
 
@@ -46,7 +46,7 @@ def cpu_gemv(max_rows: int) -> Iterator[None]:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for the model's dense layers: ``[M, in]`` → ``[M, out]``; small CPU steps by the C GEMV."""
-    if x.dim() == 2 and x.shape[0] <= _gemv_rows and dense_cpu.available(x) and weight.dtype == x.dtype \
+    if x.shape[0] <= _gemv_rows and x.dim() == 2 and weight.dtype == x.dtype and dense_cpu.available(x) \
             and x.stride(-1) == 1 and weight.is_contiguous() and weight.shape[1] == x.shape[1] \
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
         return dense_cpu.gemv(x, weight, bias, checked=True)
@@ -61,6 +61,14 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
             and (delta is None or (delta.dtype == h.dtype and delta.stride(-1) == 1)):
         return dense_cpu.add_rms_norm(h, delta, weight, eps)
     return dense_cpu.add_rms_norm_reference(h, delta, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` from the stacked ``[T, 2 I]`` gate|up output (``dense_cpu.silu_mul_reference``),
+    one C pass on the CPU."""
+    if gate_up.dim() == 2 and dense_cpu.available(gate_up) and gate_up.stride(-1) == 1:
+        return dense_cpu.silu_mul(gate_up)
+    return dense_cpu.silu_mul_reference(gate_up)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

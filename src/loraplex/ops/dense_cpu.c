@@ -8,6 +8,7 @@
  *   gemv_int8:     y[m, n] = r(s[n] * sum_k Wq[n, k] * x[m, k] + b[n])      (Wq int8, s fp32: weight-only int8)
  *   add_rms_norm:  h' = r(h + d) (h' = h when d is NULL);  y = r(w * r(h' * rsqrt(mean(h'^2) + eps)))
  *   rope:          x[t, j, i] = r(r(x[t,j,i] * cos[t,i]) + r(x[t,j,(i+D/2)%D] * sin[t,i]))   (in place, sin signed)
+ *   silu_mul:      y[t, i] = r(r(g / (1 + exp(-g))) * u)  with g = x[t, i], u = x[t, I + i]
  */
 #include <stdlib.h>
 
@@ -137,3 +138,28 @@ void NAME(T_ *x, int64_t ts, int64_t T, int64_t H, int64_t D, const T_ *cos_, co
 
 DEFINE_ROPE(rope_f32, float, id_f32, store_f32, id_f32)
 DEFINE_ROPE(rope_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
+
+/* ---- SwiGLU's silu(gate) * up ---------------------------------------------------------------------------------- */
+
+/* x: T rows of stride xs holding gate (I values) then up (I values); y [T, I] contiguous. exp(-g) by the vectorised
+ * exp of cpu_common.h (via a scratch row), the quotient and the products rounded where the reference rounds. */
+#define DEFINE_SILU_MUL(NAME, T_, LOAD, STORE, ROUND)                                                             \
+void NAME(const T_ *x, int64_t xs, T_ *y, int64_t T, int64_t I, int n_threads) {                                  \
+    _Pragma("omp parallel num_threads(n_threads) if(T * I >= 65536)")                                             \
+    {                                                                                                             \
+        float *e = (float *)malloc(sizeof(float) * (size_t)I);                                                    \
+        _Pragma("omp for schedule(static)")                                                                       \
+        for (int64_t t = 0; t < T; t++) {                                                                         \
+            const T_ *g = x + t * xs, *u = g + I;                                                                 \
+            for (int64_t i = 0; i < I; i++) e[i] = -LOAD(g[i]);                                                   \
+            exp_shifted_sum(e, I, 0.0f);                                                                          \
+            T_ *yt = y + t * I;                                                                                   \
+            _Pragma("omp simd")                                                                                   \
+            for (int64_t i = 0; i < I; i++) yt[i] = STORE(ROUND(LOAD(g[i]) / (1.0f + e[i])) * LOAD(u[i]));        \
+        }                                                                                                         \
+        free(e);                                                                                                  \
+    }                                                                                                             \
+}
+
+DEFINE_SILU_MUL(silu_mul_f32, float, id_f32, store_f32, id_f32)
+DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)

@@ -4,7 +4,8 @@
   them (ATen and oneDNN run one token's GEMV at a fraction of the read bandwidth at a decoder's shapes);
 * ``gemv_int8``: the same with weight-only int8 weights and per-row scales, widened in registers (no dequantized copy);
 * ``add_rms_norm``: the residual add and the next RMSNorm in one pass, rounding where the reference does;
-* ``rope``: RoPE applied in place on the q|k heads, rounding where the reference does.
+* ``rope``: RoPE applied in place on the q|k heads, rounding where the reference does;
+* ``silu_mul``: SwiGLU's ``silu(gate) * up`` from the stacked gate|up output in one pass.
 
 Built at first use (``ops.cpu_ext``); where that fails ``available()`` is False and callers keep the references.
 """
@@ -24,7 +25,8 @@ _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
                "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _N],
                "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
-               "rope": [_P, _I, _I, _I, _I, _P, _P, _N]}
+               "rope": [_P, _I, _I, _I, _I, _P, _P, _N],
+               "silu_mul": [_P, _I, _P, _I, _I, _N]}
 
 
 @functools.cache
@@ -40,9 +42,10 @@ def _library() -> ctypes.CDLL | None:
 
 def available(x: torch.Tensor) -> bool:
     """Do the C kernels serve tensors like ``x`` (CPU, fp32 or bf16, the library built)?"""
-    return x.device.type == "cpu" and x.dtype in DTYPES and _library() is not None
+    return x.is_cpu and x.dtype in DTYPES and _library() is not None
 
 
+@functools.cache
 def _fn(op: str, dtype: torch.dtype):
     return getattr(_library(), f"{op}_{DTYPES[dtype]}")
 
@@ -121,3 +124,20 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Semantics: ``x * cos + roll(x, D/2) * sin_signed`` (= ``x * cos + rotate_half(x) * sin``), a new tensor."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gate_up: [T, 2 I]`` (rows of unit stride) → ``[T, I]``; see ``silu_mul_reference``."""
+    t, two_i = gate_up.shape
+    if gate_up.stride(-1) != 1 or two_i % 2:
+        raise ValueError("silu_mul: needs rows of unit stride and an even width")
+    out = gate_up.new_empty(t, two_i // 2)
+    _fn("silu_mul", gate_up.dtype)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, two_i // 2,
+                                   torch.get_num_threads())
+    return out
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """Semantics: ``gate, up = gate_up.chunk(2, -1); silu(gate) * up`` (silu rounded to the dtype, then the product)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
