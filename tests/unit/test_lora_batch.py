@@ -24,8 +24,19 @@ def test_base_only_step_has_no_batch():
 
 
 def test_one_adapter_everywhere_is_one_segment():
-    b = build_lora_batch([row(1, "a"), row(1, "a"), row(3, "a"), row(2, "a")], SLOTS, ZERO)
-    assert b.decodes is None and b.segments == (Segment(0, 7, 0),) and b.used_slots == {0}
+    n = DENSE_LORA_TOKENS_PER_ADAPTER
+    b = build_lora_batch([row(1, "a")] * n + [row(3, "a"), row(2, "a")], SLOTS, ZERO)
+    assert b.decodes is None and b.segments == (Segment(0, n + 5, 0),) and b.used_slots == {0}
+
+
+def test_one_adapter_on_fewer_decodes_than_the_dense_ratio_gathers_per_token():
+    b = build_lora_batch([row(1, "a"), row(1, "a"), row(3, "a")], SLOTS, ZERO)  # 2 decodes < the ratio (4)
+    assert isinstance(b.decodes, Bgmv) and b.decodes.slots.tolist() == [[0], [0]]
+    assert b.segments == (Segment(2, 5, 0),)
+    one = build_lora_batch([row(1, "a")], SLOTS, ZERO, dense_ratio=float("inf"))  # one user: the BGMV kernel
+    assert isinstance(one.decodes, Bgmv) and not one.segments
+    many = build_lora_batch([row(1, "a")] * 17, SLOTS, ZERO, dense_ratio=float("inf"))  # past what was measured
+    assert many.decodes is None and many.segments == (Segment(0, 17, 0),)
 
 
 def test_few_decodes_over_distinct_adapters_gather_per_token():

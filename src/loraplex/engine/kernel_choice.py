@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from loraplex import ops
 from loraplex.ops import dense_cpu
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
-from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER
+from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER, MEASURED_TOKENS_PER_ADAPTER
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.projections import PROJECTIONS
 from loraplex.models.model_config import ModelSpec
@@ -36,7 +36,8 @@ GEMV_ROWS = (1, 2, 3, 4)  # step sizes measured with and without oneDNN
 C_GEMV_ROWS = (1, 2, 3, 4, 6, 8)  # step sizes measured for the C GEMV (at most dense_cpu.GEMV_MAX_ROWS)
 STREAM_BYTES = 96 << 20  # the GEMV measurement cycles through this many bytes of weights: more than a cache holds
 DECODES, RANK = 32, 16  # the LoRA measurement: a decode batch over adapters of this rank
-ADAPTERS = (32, 16, 8, 4, 2)  # distinct adapters among the DECODES tokens: tokens per adapter 1, 2, 4, 8, 16
+# distinct adapters among the DECODES tokens: tokens per adapter 1, 2, 4, 8, 16
+ADAPTERS = tuple(DECODES // r for r in (1, 2, 4, 8, MEASURED_TOKENS_PER_ADAPTER))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from loraplex.scheduler.output import ScheduledRequest
 # Decode tokens per distinct adapter from which the dense LoRA form (each adapter read once) beats per-token BGMV,
 # where nothing measured it (``engine.kernel_choice`` measures it on each CPU).
 DENSE_LORA_TOKENS_PER_ADAPTER = 4
+# The most decode tokens per adapter that measurement covers: beyond it a lone adapter's decodes stay one segment
+# (SGMV's GEMM pair), whatever the measured ratio says.
+MEASURED_TOKENS_PER_ADAPTER = 16
 
 
 def merge_segments(segments: list[Segment]) -> list[Segment]:
@@ -89,7 +92,8 @@ def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int
     elif any(r.lora_name is not None for r in decodes):
         slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
         unique = sorted(set(slots))
-        if len(unique) == 1:  # one adapter for every decode: a segment (merged with prefills of it below)
+        if len(unique) == 1 and len(slots) >= min(dense_ratio, MEASURED_TOKENS_PER_ADAPTER):
+            # one adapter for enough decodes that reading it once pays: a segment (merged with its prefills below)
             segments.append(Segment(0, len(decodes), unique[0]))
         elif len(unique) * dense_ratio <= len(slots):
             pos = {s: i for i, s in enumerate(unique)}
