@@ -36,7 +36,7 @@ void NAME(const T_ *x, int64_t x_stride, const T_ *a, const T_ *const *bts, T_ *
     {                                                                                                                  \
         float *xf = (float *)malloc(sizeof(float) * (size_t)(n_in + n_slices * R + max_size));                         \
         float *h = xf + n_in, *acc = h + n_slices * R;                                                                 \
-        _Pragma("omp for schedule(static)")                                                                            \
+        _Pragma("omp for schedule(dynamic, 1)")                                                                            \
         for (int64_t t = 0; t < n_tokens; t++) {                                                                       \
             const T_ *xt = x + t * x_stride;                                                                           \
             for (int64_t c = 0; c < n_in; c++) xf[c] = LOAD(xt[c]);                                                    \
