@@ -20,6 +20,7 @@ from loraplex.layers.quant_linear import Int8Linear
 from loraplex.layers.row_tiled import RowTiled
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
+from loraplex.ops import decode_step_cpu
 from loraplex.ops.lora_batch import LoRABatch
 
 
@@ -106,6 +107,8 @@ class DecoderLM(nn.Module):
         self.head: Int8Linear | None = None  # quantized models: the LM head in int8 (quant_load)
         self.embed_q: Int8Linear | None = None  # ... and the embedding (the same table when tied)
         self.row_tile = 0  # > 0: batch-invariant (make_batch_invariant)
+        self._fused_table = None  # (KV cache key, the fused decode step's layer table), built at first use
+        self._fused_ok: bool | None = None  # every projection a plain float Linear (checked at first use)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
         wdev = "meta" if skeleton else device
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=wdev)
@@ -124,10 +127,52 @@ class DecoderLM(nn.Module):
         """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``; ``lora`` None = base only."""
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else self.embed_q.embed(input_ids, self.dtype)
         rope = self.rotary.tables(positions)
+        if lora is None and self._fused_serves(h, meta):
+            return self._fused_step(h, rope, kv_caches, meta)
         delta = None
         for layer, kv in zip(self.layers, kv_caches):
             h, delta = layer(rope, h, delta, kv, meta, lora)
         return self.norm.add_forward(h, delta)[1]
+
+    def _fused_serves(self, h: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Can the one-call decode step (``ops.decode_step_cpu``) take this step: base rows only (checked by the
+        caller), all of them decodes, few enough for the C GEMV (``ops.cpu_gemv``), plain float weights?"""
+        t = h.shape[0]
+        return t <= ops.gemv_rows() and meta.num_decodes == t and not meta.prefills and meta.rows is None \
+            and meta.token_rows is None and meta.decode_lens is not None and not self.row_tile \
+            and decode_step_cpu.available(h) and self._fused_weights_ok(h.dtype)
+
+    def _fused_weights_ok(self, dtype: torch.dtype) -> bool:
+        """Every projection a plain ``Linear`` of ``dtype`` (not quantized, not row-tiled); checked once."""
+        if self._fused_ok is None:
+            projections = [getattr(m, n) for layer in self.layers
+                           for m, n in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                        (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj"))]
+            self._fused_ok = all(isinstance(p, Linear) and p.weight.dtype == dtype for p in projections)
+        return self._fused_ok
+
+    def _fused_step(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        key = kv_caches[0][0].data_ptr()
+        if self._fused_table is None or self._fused_table[0] != key:  # built once per KV cache
+            self._fused_table = (key, decode_step_cpu.layer_table([self._fused_tensors(layer, kv)
+                                                                   for layer, kv in zip(self.layers, kv_caches)],
+                                                                  h.dtype))
+        s = self.spec
+        return decode_step_cpu.decode_layers(
+            self._fused_table[1], h.contiguous(), self.norm.weight, (s.num_heads, s.num_kv_heads, s.head_dim),
+            s.intermediate_size, s.rms_norm_eps, s.head_dim ** -0.5, rope[0], rope[1], meta.slot_mapping,
+            meta.decode_kv_slots, meta.decode_lens)
+
+    @staticmethod
+    def _fused_tensors(layer: DecoderLayer, kv: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.spec.qk_norm else (None, None)
+        return {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+                "qkv_w": attn.qkv_proj.weight, "qkv_b": attn.qkv_proj.bias, "o_w": attn.o_proj.weight,
+                "o_b": attn.o_proj.bias, "gu_w": mlp.gate_up_proj.weight, "gu_b": mlp.gate_up_proj.bias,
+                "down_w": mlp.down_proj.weight, "down_b": mlp.down_proj.bias, "q_norm": qk[0], "k_norm": qk[1],
+                "k_cache": kv[0], "v_cache": kv[1]}
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
         """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every projection of every layer."""

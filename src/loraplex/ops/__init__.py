@@ -26,7 +26,7 @@ from loraplex.ops.lora_torch import (
 )
 
 __all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
-           "add_lora_gated", "add_rms_norm", "cpu_bgmv_serves", "cpu_gemv", "linear", "rope_", "row_tiled",
+           "add_lora_gated", "add_rms_norm", "cpu_bgmv_serves", "cpu_gemv", "gemv_rows", "linear", "rope_", "row_tiled",
            "silu_mul", "use_triton"]
 
 _gemv_rows = 0  # CPU linears of at most this many rows take the C GEMV (set per step by ``cpu_gemv``)
@@ -42,6 +42,11 @@ def cpu_gemv(max_rows: int) -> Iterator[None]:
         yield
     finally:
         _gemv_rows = prev
+
+
+def gemv_rows() -> int:
+    """The most rows a CPU linear takes the C GEMV for, in the current ``cpu_gemv`` block (0 outside)."""
+    return _gemv_rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

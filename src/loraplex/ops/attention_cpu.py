@@ -18,7 +18,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_ext.library("attention_cpu", "decode attention")
+    lib = cpu_ext.library("attention_cpu", "decode attention", exact=True)  # as the fused step compiles it
     if lib is not None:
         lib.kv_write.argtypes, lib.kv_write.restype = [_P, _I, _P, _I, _P, _I, _P, _P, _I], None
         for name in DTYPES.values():

@@ -38,7 +38,8 @@ def _cpu_id() -> bytes:
 
 def _build_key(cc: str, source: Path, flags: tuple[str, ...]) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what sources may include
+    # what a source may include: the headers and the other sources beside it
+    headers = b"".join(h.read_bytes() for h in sorted([*source.parent.glob("*.h"), *source.parent.glob("*.c")]))
     key = source.read_bytes() + headers + _cpu_id() + version.encode() + " ".join(flags).encode()
     return hashlib.sha256(key).hexdigest()[:16]
 

@@ -1,0 +1,62 @@
+/* A whole decode step of the decoder stack in one call: for T <= GEMV_MAX_ROWS decode tokens, every layer's
+ * add + RMSNorm, q|k|v GEMV, q/k norms, RoPE, KV write, decode attention, o GEMV, add + RMSNorm, gate|up GEMV,
+ * silu * up, down GEMV, then the final add + RMSNorm -- the same kernels, in the same order, as the op-by-op path
+ * (models/transformer.py through ops), so its bits are that path's; no Python between them. Built at first use by
+ * ops/decode_step_cpu.py (ops/cpu_ext.py, -ffp-contract=off like dense_cpu.c, which it includes).
+ */
+#include "dense_cpu.c"
+#include "attention_cpu.c"
+
+/* One layer's tensors (NULL: absent bias or q/k norm). */
+typedef struct {
+    const void *ln1, *ln2, *qkv_w, *qkv_b, *o_w, *o_b, *gu_w, *gu_b, *down_w, *down_b, *q_norm, *k_norm;
+    void *k_cache, *v_cache;
+} decode_layer;
+
+/* h [T, D]: the embeddings (read only); out [T, D]: the final norm of the last residual stream; cos, sin [T, hd]
+ * (sin signed); slots [T, L] each token's context slots, valid up to lens[t]. */
+#define DEFINE_DECODE_LAYERS(NAME, T_, SFX)                                                                        \
+void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *final_norm, T_ *out, int64_t T,   \
+          int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t I, float eps, float scale, const T_ *cos_,      \
+          const T_ *sin_, const int64_t *slot_mapping, const int64_t *slots, const int64_t *lens, int64_t L,    \
+          int n_threads) {                                                                                        \
+    int64_t nq = H * hd, nqkv = (H + 2 * Hkv) * hd;                                                               \
+    T_ *buf = (T_ *)malloc(sizeof(T_) * (size_t)(T * (4 * D + nqkv + nq + 3 * I + H * hd)));                     \
+    T_ *r0 = buf, *r1 = r0 + T * D, *x = r1 + T * D, *dl = x + T * D, *qkv = dl + T * D, *att = qkv + T * nqkv;   \
+    T_ *gu = att + T * nq, *act = gu + T * 2 * I, *tmp = act + T * I;                                             \
+    const T_ *res = h, *d = NULL;                                                                                 \
+    T_ *spare = r0;                                                                                               \
+    for (int64_t l = 0; l < n_layers; l++) {                                                                      \
+        const decode_layer *ly = layers + l;                                                                      \
+        add_rms_norm_##SFX(res, D, d, D, ly->ln1, spare, x, T, D, eps, n_threads);                               \
+        if (d) { res = spare; spare = spare == r0 ? r1 : r0; }                                                    \
+        gemv_##SFX(x, D, T, ly->qkv_w, ly->qkv_b, qkv, nqkv, nqkv, D, n_threads);                                \
+        if (ly->q_norm)                                                                                           \
+            for (int64_t t = 0; t < T; t++) {                                                                     \
+                T_ *row = qkv + t * nqkv;                                                                         \
+                add_rms_norm_##SFX(row, hd, NULL, 0, ly->q_norm, NULL, tmp, H, hd, eps, n_threads);              \
+                memcpy(row, tmp, sizeof(T_) * (size_t)nq);                                                        \
+                add_rms_norm_##SFX(row + nq, hd, NULL, 0, ly->k_norm, NULL, tmp, Hkv, hd, eps, n_threads);       \
+                memcpy(row + nq, tmp, sizeof(T_) * (size_t)(Hkv * hd));                                           \
+            }                                                                                                     \
+        rope_##SFX(qkv, nqkv, T, H + Hkv, hd, cos_, sin_, n_threads);                                             \
+        kv_write((const char *)(qkv + nq), nqkv * (int64_t)sizeof(T_), (const char *)(qkv + nq + Hkv * hd),      \
+                 nqkv * (int64_t)sizeof(T_), slot_mapping, T, (char *)ly->k_cache, (char *)ly->v_cache,          \
+                 Hkv * hd * (int64_t)sizeof(T_));                                                                 \
+        decode_attention_##SFX(qkv, nqkv, ly->k_cache, ly->v_cache, slots, lens, L, T, H, Hkv, hd, scale, att,   \
+                               n_threads);                                                                        \
+        gemv_##SFX(att, nq, T, ly->o_w, ly->o_b, dl, D, D, nq, n_threads);                                        \
+        add_rms_norm_##SFX(res, D, dl, D, ly->ln2, spare, x, T, D, eps, n_threads);                              \
+        res = spare;                                                                                              \
+        spare = spare == r0 ? r1 : r0;                                                                            \
+        gemv_##SFX(x, D, T, ly->gu_w, ly->gu_b, gu, 2 * I, 2 * I, D, n_threads);                                  \
+        silu_mul_##SFX(gu, 2 * I, act, T, I, n_threads);                                                          \
+        gemv_##SFX(act, I, T, ly->down_w, ly->down_b, dl, D, D, I, n_threads);                                    \
+        d = dl;                                                                                                   \
+    }                                                                                                             \
+    add_rms_norm_##SFX(res, D, d, D, final_norm, spare, out, T, D, eps, n_threads);                              \
+    free(buf);                                                                                                    \
+}
+
+DEFINE_DECODE_LAYERS(decode_layers_f32, float, f32)
+DEFINE_DECODE_LAYERS(decode_layers_bf16, uint16_t, bf16)

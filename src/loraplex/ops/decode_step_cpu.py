@@ -1,0 +1,73 @@
+"""A whole decode step of the decoder stack as one C call (``decode_step_cpu.c``): the op-by-op path's kernels
+(``dense_cpu``, ``attention_cpu``) in its order, without Python between them — for steps of at most
+``dense_cpu.GEMV_MAX_ROWS`` decode tokens, base rows only. Its reference is that op-by-op path (same bits).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from loraplex.ops import cpu_ext, dense_cpu
+
+LAYER_FIELDS = ("ln1", "ln2", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b", "q_norm", "k_norm",
+                "k_cache", "v_cache")
+DTYPES = {torch.float32: "decode_layers_f32", torch.bfloat16: "decode_layers_bf16"}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class DecodeLayer(ctypes.Structure):
+    """One layer's tensors as the kernel reads them (``decode_layer`` in the C source)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_FIELDS]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_ext.library("decode_step_cpu", "the fused decode step", exact=True)
+    if lib is not None:
+        for name in DTYPES.values():
+            fn = getattr(lib, name)
+            fn.argtypes = [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P,
+                           _P, _I, ctypes.c_int]
+            fn.restype = None
+    return lib
+
+
+def available(x: torch.Tensor) -> bool:
+    """Does the fused step serve tensors like ``x`` (CPU, fp32 or bf16, the library built)?"""
+    return x.is_cpu and x.dtype in DTYPES and _library() is not None
+
+
+def layer_table(layers: list[dict[str, torch.Tensor | None]], dtype: torch.dtype) -> ctypes.Array:
+    """The kernel's per-layer table from each layer's tensors (``LAYER_FIELDS``; None where absent), which must be
+    contiguous, of ``dtype``, and outlive the table."""
+    table = (DecodeLayer * len(layers))()
+    for entry, tensors in zip(table, layers):
+        for name in LAYER_FIELDS:
+            t = tensors.get(name)
+            if t is not None and (not t.is_contiguous() or t.dtype != dtype):
+                raise ValueError(f"decode step: layer tensor {name} is not contiguous {dtype}")
+            setattr(entry, name, None if t is None else t.data_ptr())
+    return table
+
+
+def decode_layers(table: ctypes.Array, h: torch.Tensor, final_norm: torch.Tensor, heads: tuple[int, int, int],
+                  intermediate: int, eps: float, scale: float, cos: torch.Tensor, sin_signed: torch.Tensor,
+                  slot_mapping: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """``h: [T, D]`` the step's embeddings → the final norm of the last residual stream ``[T, D]``, writing each
+    layer's K/V at ``slot_mapping`` and attending over ``slots`` (``[T, L]``, valid up to ``lens``); ``heads``:
+    ``(H, Hkv, head_dim)``; ``cos, sin_signed``: the tokens' RoPE tables ``[T, 1, head_dim]``. int64 index tensors."""
+    t, d = h.shape
+    if t > dense_cpu.GEMV_MAX_ROWS or not h.is_contiguous() or slots.shape[0] != t:
+        raise ValueError(f"decode step: needs <= {dense_cpu.GEMV_MAX_ROWS} contiguous decode rows")
+    n_heads, n_kv, head_dim = heads
+    cos, sin_signed = cos.reshape(t, head_dim).contiguous(), sin_signed.reshape(t, head_dim).contiguous()
+    slot_mapping, slots, lens = (x.to(torch.int64).contiguous() for x in (slot_mapping, slots, lens))
+    out = h.new_empty(t, d)
+    getattr(_library(), DTYPES[h.dtype])(
+        ctypes.addressof(table), len(table), h.data_ptr(), final_norm.data_ptr(), out.data_ptr(), t, d, n_heads, n_kv,
+        head_dim, intermediate, eps, scale, cos.data_ptr(), sin_signed.data_ptr(), slot_mapping.data_ptr(),
+        slots.data_ptr(), lens.data_ptr(), slots.shape[1], torch.get_num_threads())
+    return out
