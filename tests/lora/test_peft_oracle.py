@@ -90,3 +90,44 @@ def test_many_rows_on_few_adapters_match_peft(tiny_model_dir, adapter_dirs, monk
     for name, prompt, out in zip(names, prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(models[name], prompt, 6)[0], name
     assert (Dense if dense_ratio == 4.0 else Bgmv) in forms
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decode_step_with_adapters(tiny_model_dir, adapter_dirs, monkeypatch, dtype):
+    """Decode steps of base and adapter rows (every rank, target set and rsLoRA above) through the one-call decode
+    step: the op-by-op path's tokens and log-probabilities to the bit, and (fp32) PEFT's tokens."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
+    from loraplex.models.transformer import DecoderLM
+    from loraplex.ops import decode_step_cpu
+
+    if not decode_step_cpu.available(torch.zeros(1)):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(model_runner, "kernel_choice",
+                        lambda *args: KernelChoice(c_gemv_tokens=8, dense_lora_ratio=float("inf")))
+    with_lora = []
+    step = DecoderLM._fused_step
+    monkeypatch.setattr(DecoderLM, "_fused_step", lambda self, h, rope, kv, meta, lora:
+                        with_lora.append(lora is not None) or step(self, h, rope, kv, meta, lora))
+    names = [None, *ADAPTERS]
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=3)
+
+    def run() -> list:
+        llm = LLM(model=str(tiny_model_dir), dtype=dtype, device="cpu", enable_lora=True, max_loras=len(names),
+                  max_lora_rank=64)
+        requests = [None if n is None else LoRARequest(n, i + 1, str(adapter_dirs[n])) for i, n in enumerate(names)]
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, lora_request=requests, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs])
+                for o in outs]
+
+    fused = run()
+    assert sum(with_lora) >= N_NEW - 1  # the decode steps of the adapter rows took the fused path
+    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta, lora: False)
+    assert run() == fused
+    if dtype == "float32":
+        for name, prompt, (ids, _) in zip(names[1:], PROMPTS[1:], fused[1:]):
+            fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+            assert ids == hf_greedy(PeftModel.from_pretrained(fresh, adapter_dirs[name]).eval(), prompt, N_NEW)[0]

@@ -97,5 +97,5 @@ def test_fused_decode_step_is_the_op_by_op_path_bit_for_bit(tiny_model_dir, dtyp
 
     fused = run()
     assert len(fused_steps) >= N_NEW - 1  # the decode steps took the fused path
-    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta: False)
+    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta, lora: False)
     assert run() == fused

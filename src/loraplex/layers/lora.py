@@ -22,6 +22,10 @@ class LoRAStack(nn.Module):
     with ``R = self.rank``, the largest rank written so far (at most ``max_rank``).
     """
 
+    # NOTE: bumped whenever any stack reallocates its buffers (``_grow``): what holds their addresses (the fused
+    # decode step's table) rebuilds when it changes.
+    generation = 0
+
     def __init__(self, projection: Projection, shapes: ModuleShapes, max_loras: int, max_rank: int,
                  dtype: torch.dtype, device, layer: int = 0) -> None:
         super().__init__()
@@ -60,6 +64,12 @@ class LoRAStack(nn.Module):
             self.lora_b[i] = self._new_b(s, b.shape[1], rank, i)
             self.lora_b[i][:, :, :old].copy_(b)
         self.rank = rank
+        LoRAStack.generation += 1
+
+    def buffers(self) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]], torch.Tensor] | None:
+        """What the C BGMV kernel reads: ``(lora_a, [Bᵀ per slice], out_slices, ranks)``; None where the B buffers
+        are not stored transposed (the C kernel does not serve this dtype or device)."""
+        return (self.lora_a, self.lora_bt, self.out_slices, self.ranks) if self.transposed_b else None
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one adapter's (A, B·scale) per module name into ``slot``; absent modules stay zero."""

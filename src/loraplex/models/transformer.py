@@ -21,7 +21,7 @@ from loraplex.layers.row_tiled import RowTiled
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
 from loraplex.ops import decode_step_cpu
-from loraplex.ops.lora_batch import LoRABatch
+from loraplex.ops.lora_batch import Bgmv, LoRABatch
 
 
 class Attention(nn.Module):
@@ -107,8 +107,9 @@ class DecoderLM(nn.Module):
         self.head: Int8Linear | None = None  # quantized models: the LM head in int8 (quant_load)
         self.embed_q: Int8Linear | None = None  # ... and the embedding (the same table when tied)
         self.row_tile = 0  # > 0: batch-invariant (make_batch_invariant)
-        self._fused_table = None  # (KV cache key, the fused decode step's layer table), built at first use
+        self._fused_table = None  # (key, the fused decode step's layer table, what it points into), built at first use
         self._fused_ok: bool | None = None  # every projection a plain float Linear (checked at first use)
+        self._fused_lora: bool | None = None  # every LoRA stack readable by the C BGMV kernel (idem)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
         wdev = "meta" if skeleton else device
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=wdev)
@@ -127,20 +128,28 @@ class DecoderLM(nn.Module):
         """``input_ids, positions: [T]`` → final hidden states ``[T, hidden]``; ``lora`` None = base only."""
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else self.embed_q.embed(input_ids, self.dtype)
         rope = self.rotary.tables(positions)
-        if lora is None and self._fused_serves(h, meta):
-            return self._fused_step(h, rope, kv_caches, meta)
+        if self._fused_serves(h, meta, lora):
+            return self._fused_step(h, rope, kv_caches, meta, lora)
         delta = None
         for layer, kv in zip(self.layers, kv_caches):
             h, delta = layer(rope, h, delta, kv, meta, lora)
         return self.norm.add_forward(h, delta)[1]
 
-    def _fused_serves(self, h: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Can the one-call decode step (``ops.decode_step_cpu``) take this step: base rows only (checked by the
-        caller), all of them decodes, few enough for the C GEMV (``ops.cpu_gemv``), plain float weights?"""
+    def _fused_serves(self, h: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> bool:
+        """Can the one-call decode step (``ops.decode_step_cpu``) take this step: all rows decodes, few enough for
+        the C GEMV (``ops.cpu_gemv``), plain float weights, and LoRA (if any) per token in the BGMV form?"""
         t = h.shape[0]
-        return t <= ops.gemv_rows() and meta.num_decodes == t and not meta.prefills and meta.rows is None \
-            and meta.token_rows is None and meta.decode_lens is not None and not self.row_tile \
-            and decode_step_cpu.available(h) and self._fused_weights_ok(h.dtype)
+        if not (t <= ops.gemv_rows() and meta.num_decodes == t and not meta.prefills and meta.rows is None
+                and meta.token_rows is None and meta.decode_lens is not None and not self.row_tile
+                and decode_step_cpu.available(h) and self._fused_weights_ok(h.dtype)):
+            return False
+        return lora is None or (isinstance(lora.decodes, Bgmv) and not lora.segments and not lora.xlora
+                                and not lora.row_tile and self._fused_lora_ok())
+
+    def _stacks(self) -> list[list[LoRAStack | None]]:
+        """Each layer's LoRA stacks in projection order (None where LoRA is not enabled)."""
+        blocks = [{"self_attn": layer.self_attn.lora, "mlp": layer.mlp.lora} for layer in self.layers]
+        return [[b[p.block][p.name] if p.name in b[p.block] else None for p in PROJECTIONS] for b in blocks]
 
     def _fused_weights_ok(self, dtype: torch.dtype) -> bool:
         """Every projection a plain ``Linear`` of ``dtype`` (not quantized, not row-tiled); checked once."""
@@ -151,18 +160,30 @@ class DecoderLM(nn.Module):
             self._fused_ok = all(isinstance(p, Linear) and p.weight.dtype == dtype for p in projections)
         return self._fused_ok
 
+    def _fused_lora_ok(self) -> bool:
+        """Every LoRA stack readable by the C BGMV kernel (B stored transposed); checked once."""
+        if self._fused_lora is None:
+            stacks = [s for layer in self._stacks() for s in layer]
+            self._fused_lora = all(s is not None and s.buffers() is not None for s in stacks)
+        return self._fused_lora
+
     def _fused_step(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                    kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        key = kv_caches[0][0].data_ptr()
-        if self._fused_table is None or self._fused_table[0] != key:  # built once per KV cache
-            self._fused_table = (key, decode_step_cpu.layer_table([self._fused_tensors(layer, kv)
-                                                                   for layer, kv in zip(self.layers, kv_caches)],
-                                                                  h.dtype))
+                    kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                    lora: LoRABatch | None) -> torch.Tensor:
+        key = (kv_caches[0][0].data_ptr(), LoRAStack.generation)
+        if self._fused_table is None or self._fused_table[0] != key:  # rebuilt when a buffer moves
+            keep: list = []
+            loras = [[None if s is None else s.buffers() for s in stacks] for stacks in self._stacks()]
+            table = decode_step_cpu.layer_table([self._fused_tensors(layer, kv) for layer, kv in
+                                                 zip(self.layers, kv_caches)], loras, h.dtype, keep)
+            self._fused_table = (key, table, keep)
         s = self.spec
+        bgmv = lora.decodes if lora is not None else None
         return decode_step_cpu.decode_layers(
             self._fused_table[1], h.contiguous(), self.norm.weight, (s.num_heads, s.num_kv_heads, s.head_dim),
             s.intermediate_size, s.rms_norm_eps, s.head_dim ** -0.5, rope[0], rope[1], meta.slot_mapping,
-            meta.decode_kv_slots, meta.decode_lens)
+            meta.decode_kv_slots, meta.decode_lens, None if bgmv is None else bgmv.slots,
+            None if bgmv is None else bgmv.weights)
 
     @staticmethod
     def _fused_tensors(layer: DecoderLayer, kv: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -178,6 +199,7 @@ class DecoderLM(nn.Module):
         """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every projection of every layer."""
         dtype, device = self.dtype, self.device
         shapes = self.spec.module_shapes
+        self._fused_lora = self._fused_table = None
         for i, layer in enumerate(self.layers):
             for p in PROJECTIONS:
                 getattr(layer, p.block).lora[p.name] = LoRAStack(p, shapes, max_loras, max_rank, dtype, device, i)

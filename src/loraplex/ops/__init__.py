@@ -1,8 +1,9 @@
 """One dispatch point for kernels. Layers call ``add_lora``; it dispatches on the step's :class:`LoRABatch` forms:
 CUDA tensors take the Triton kernels (``lora_triton``) for BGMV and SGMV when Triton is importable; CPU BGMV steps
 the C kernel (``lora_cpu``) when it is built; everything else the torch implementations (``lora_torch``, each beside
-its reference). The dense ops (``linear``, ``add_rms_norm``, ``rope_``, ``silu_mul``) take the C kernels of ``dense_cpu`` on CPU
-tensors where they are built (``linear`` only for steps of at most ``cpu_gemv`` rows), else their torch forms."""
+its reference). The dense ops (``linear``, ``add_rms_norm``, ``rope_``, ``silu_mul``) take the C kernels of
+``dense_cpu`` on CPU tensors where they are built (``linear`` only for steps of at most ``cpu_gemv`` rows), else
+their torch forms."""
 from __future__ import annotations
 
 import functools

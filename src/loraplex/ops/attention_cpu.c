@@ -31,7 +31,7 @@ void NAME(const T_ *q, int64_t qs, const T_ *k_cache, const T_ *v_cache, const i
     {                                                                                                               \
         float *p = (float *)malloc(sizeof(float) * (size_t)(L + D));                                                \
         float *acc = p + L;                                                                                         \
-        _Pragma("omp for schedule(dynamic, 1) collapse(2)")                                                             \
+        _Pragma("omp for schedule(dynamic, 1) collapse(2)")                                                         \
         for (int64_t t = 0; t < nd; t++)                                                                            \
             for (int64_t h = 0; h < H; h++) {                                                                       \
                 int64_t n = lens[t], g = h / G;                                                                     \

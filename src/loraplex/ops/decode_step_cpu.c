@@ -1,25 +1,45 @@
 /* A whole decode step of the decoder stack in one call: for T <= GEMV_MAX_ROWS decode tokens, every layer's
  * add + RMSNorm, q|k|v GEMV, q/k norms, RoPE, KV write, decode attention, o GEMV, add + RMSNorm, gate|up GEMV,
  * silu * up, down GEMV, then the final add + RMSNorm -- the same kernels, in the same order, as the op-by-op path
- * (models/transformer.py through ops), so its bits are that path's; no Python between them. Built at first use by
- * ops/decode_step_cpu.py (ops/cpu_ext.py, -ffp-contract=off like dense_cpu.c, which it includes).
+ * (models/transformer.py through ops), so its bits are that path's; no Python between them. LoRA rows in the
+ * BGMV form (one adapter, or a weighted mixture, per token; lora_cpu.c) add after each projection, as LoRAStack
+ * does. Built at first use by ops/decode_step_cpu.py (ops/cpu_ext.py, -ffp-contract=off like the sources it
+ * includes, so that their kernels round here as they do alone).
  */
 #include "dense_cpu.c"
 #include "attention_cpu.c"
+#include "lora_cpu.c"
 
-/* One layer's tensors (NULL: absent bias or q/k norm). */
+/* One projection's LoRA slot buffers as the BGMV kernel of lora_cpu.c reads them (a NULL: no LoRA stack). */
+typedef struct {
+    const void *a;
+    const void *const *bts;
+    const int64_t *starts, *sizes;
+    const int32_t *ranks;
+    int64_t n_slices, n_in, R, max_size;
+} lora_proj;
+
+/* One layer's tensors (NULL: absent bias or q/k norm) and its four projections' LoRA (q|k|v, o, gate|up, down). */
 typedef struct {
     const void *ln1, *ln2, *qkv_w, *qkv_b, *o_w, *o_b, *gu_w, *gu_b, *down_w, *down_b, *q_norm, *k_norm;
     void *k_cache, *v_cache;
+    lora_proj lora[4];
 } decode_layer;
 
+/* y [T, N] (row stride ys) += the step's LoRA of x [T, n_in] (row stride xs) through projection p's slots. */
+#define LORA(SFX, P, X, XS, Y, YS)                                                                                 \
+    if (slots && (P)->a)                                                                                          \
+        bgmv_##SFX((X), (XS), (P)->a, (P)->bts, (Y), (YS), (P)->starts, (P)->sizes, (P)->n_slices, slots,         \
+                   lora_weights, T, k_pairs, (P)->ranks, (P)->n_in, (P)->R, (P)->max_size, n_threads)
+
 /* h [T, D]: the embeddings (read only); out [T, D]: the final norm of the last residual stream; cos, sin [T, hd]
- * (sin signed); slots [T, L] each token's context slots, valid up to lens[t]. */
+ * (sin signed); slots [T, L] each token's context slots, valid up to lens[t]; lora_slots [T, k_pairs] each token's
+ * adapter slots (NULL: no LoRA this step) with lora_weights [T, k_pairs] (NULL: all ones). */
 #define DEFINE_DECODE_LAYERS(NAME, T_, SFX)                                                                        \
 void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *final_norm, T_ *out, int64_t T,   \
           int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t I, float eps, float scale, const T_ *cos_,      \
-          const T_ *sin_, const int64_t *slot_mapping, const int64_t *slots, const int64_t *lens, int64_t L,    \
-          int n_threads) {                                                                                        \
+          const T_ *sin_, const int64_t *slot_mapping, const int64_t *ctx_slots, const int64_t *lens, int64_t L,\
+          const int64_t *slots, const float *lora_weights, int64_t k_pairs, int n_threads) {                     \
     int64_t nq = H * hd, nqkv = (H + 2 * Hkv) * hd;                                                               \
     T_ *buf = (T_ *)malloc(sizeof(T_) * (size_t)(T * (4 * D + nqkv + nq + 3 * I + H * hd)));                     \
     T_ *r0 = buf, *r1 = r0 + T * D, *x = r1 + T * D, *dl = x + T * D, *qkv = dl + T * D, *att = qkv + T * nqkv;   \
@@ -31,6 +51,7 @@ void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *f
         add_rms_norm_##SFX(res, D, d, D, ly->ln1, spare, x, T, D, eps, n_threads);                               \
         if (d) { res = spare; spare = spare == r0 ? r1 : r0; }                                                    \
         gemv_##SFX(x, D, T, ly->qkv_w, ly->qkv_b, qkv, nqkv, nqkv, D, n_threads);                                \
+        LORA(SFX, &ly->lora[0], x, D, qkv, nqkv);                                                                 \
         if (ly->q_norm)                                                                                           \
             for (int64_t t = 0; t < T; t++) {                                                                     \
                 T_ *row = qkv + t * nqkv;                                                                         \
@@ -43,15 +64,18 @@ void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *f
         kv_write((const char *)(qkv + nq), nqkv * (int64_t)sizeof(T_), (const char *)(qkv + nq + Hkv * hd),      \
                  nqkv * (int64_t)sizeof(T_), slot_mapping, T, (char *)ly->k_cache, (char *)ly->v_cache,          \
                  Hkv * hd * (int64_t)sizeof(T_));                                                                 \
-        decode_attention_##SFX(qkv, nqkv, ly->k_cache, ly->v_cache, slots, lens, L, T, H, Hkv, hd, scale, att,   \
-                               n_threads);                                                                        \
+        decode_attention_##SFX(qkv, nqkv, ly->k_cache, ly->v_cache, ctx_slots, lens, L, T, H, Hkv, hd, scale,   \
+                               att, n_threads);                                                                   \
         gemv_##SFX(att, nq, T, ly->o_w, ly->o_b, dl, D, D, nq, n_threads);                                        \
+        LORA(SFX, &ly->lora[1], att, nq, dl, D);                                                                  \
         add_rms_norm_##SFX(res, D, dl, D, ly->ln2, spare, x, T, D, eps, n_threads);                              \
         res = spare;                                                                                              \
         spare = spare == r0 ? r1 : r0;                                                                            \
         gemv_##SFX(x, D, T, ly->gu_w, ly->gu_b, gu, 2 * I, 2 * I, D, n_threads);                                  \
+        LORA(SFX, &ly->lora[2], x, D, gu, 2 * I);                                                                 \
         silu_mul_##SFX(gu, 2 * I, act, T, I, n_threads);                                                          \
         gemv_##SFX(act, I, T, ly->down_w, ly->down_b, dl, D, D, I, n_threads);                                    \
+        LORA(SFX, &ly->lora[3], act, I, dl, D);                                                                   \
         d = dl;                                                                                                   \
     }                                                                                                             \
     add_rms_norm_##SFX(res, D, d, D, final_norm, spare, out, T, D, eps, n_threads);                              \

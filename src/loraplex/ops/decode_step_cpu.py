@@ -1,6 +1,7 @@
 """A whole decode step of the decoder stack as one C call (``decode_step_cpu.c``): the op-by-op path's kernels
 (``dense_cpu``, ``attention_cpu``) in its order, without Python between them — for steps of at most
-``dense_cpu.GEMV_MAX_ROWS`` decode tokens, base rows only. Its reference is that op-by-op path (same bits).
+``dense_cpu.GEMV_MAX_ROWS`` decode tokens, base rows or LoRA rows in the BGMV form. Its reference is that op-by-op
+path (same bits).
 """
 from __future__ import annotations
 
@@ -17,10 +18,17 @@ DTYPES = {torch.float32: "decode_layers_f32", torch.bfloat16: "decode_layers_bf1
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
+class LoRAProj(ctypes.Structure):
+    """One projection's LoRA slot buffers as the BGMV kernel reads them (``lora_proj`` in the C source)."""
+
+    _fields_ = [("a", _P), ("bts", _P), ("starts", _P), ("sizes", _P), ("ranks", _P), ("n_slices", _I),
+                ("n_in", _I), ("R", _I), ("max_size", _I)]
+
+
 class DecodeLayer(ctypes.Structure):
     """One layer's tensors as the kernel reads them (``decode_layer`` in the C source)."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_FIELDS]
+    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_FIELDS] + [("lora", LoRAProj * 4)]
 
 
 @functools.cache
@@ -30,7 +38,7 @@ def _library() -> ctypes.CDLL | None:
         for name in DTYPES.values():
             fn = getattr(lib, name)
             fn.argtypes = [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P,
-                           _P, _I, ctypes.c_int]
+                           _P, _I, _P, _P, _I, ctypes.c_int]
             fn.restype = None
     return lib
 
@@ -40,34 +48,62 @@ def available(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in DTYPES and _library() is not None
 
 
-def layer_table(layers: list[dict[str, torch.Tensor | None]], dtype: torch.dtype) -> ctypes.Array:
-    """The kernel's per-layer table from each layer's tensors (``LAYER_FIELDS``; None where absent), which must be
-    contiguous, of ``dtype``, and outlive the table."""
+def layer_table(layers: list[dict[str, torch.Tensor | None]], loras: list[list | None], dtype: torch.dtype,
+                keep: list) -> ctypes.Array:
+    """The kernel's per-layer table from each layer's tensors (``LAYER_FIELDS``; None where absent) and its four
+    projections' LoRA (``(A, [Bᵀ per slice], out_slices, ranks)`` each, or None), all contiguous, of ``dtype`` (ranks
+    int32). What the table points to must outlive it: ``keep`` receives the arrays made here."""
     table = (DecodeLayer * len(layers))()
-    for entry, tensors in zip(table, layers):
+    for entry, tensors, lora in zip(table, layers, loras):
         for name in LAYER_FIELDS:
             t = tensors.get(name)
             if t is not None and (not t.is_contiguous() or t.dtype != dtype):
                 raise ValueError(f"decode step: layer tensor {name} is not contiguous {dtype}")
             setattr(entry, name, None if t is None else t.data_ptr())
+        for proj, stack in zip(entry.lora, lora or ()):
+            if stack is None:
+                continue
+            a, bts, out_slices, ranks = stack
+            if not (a.is_contiguous() and all(b.is_contiguous() for b in bts) and a.dtype == dtype
+                    and ranks.dtype == torch.int32 and ranks.is_contiguous()):
+                raise ValueError("decode step: LoRA buffers must be contiguous, ranks int32")
+            ptrs = (ctypes.c_void_p * len(bts))(*(b.data_ptr() for b in bts))
+            starts = (ctypes.c_int64 * len(out_slices))(*(s for s, _ in out_slices))
+            sizes = (ctypes.c_int64 * len(out_slices))(*(n for _, n in out_slices))
+            keep += [ptrs, starts, sizes]
+            proj.a, proj.bts, proj.ranks = a.data_ptr(), ctypes.addressof(ptrs), ranks.data_ptr()
+            proj.starts, proj.sizes = ctypes.addressof(starts), ctypes.addressof(sizes)
+            proj.n_slices, proj.n_in, proj.R = len(bts), a.shape[-1], bts[0].shape[1]
+            proj.max_size = max(n for _, n in out_slices)
     return table
 
 
 def decode_layers(table: ctypes.Array, h: torch.Tensor, final_norm: torch.Tensor, heads: tuple[int, int, int],
                   intermediate: int, eps: float, scale: float, cos: torch.Tensor, sin_signed: torch.Tensor,
-                  slot_mapping: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+                  slot_mapping: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor,
+                  lora_slots: torch.Tensor | None = None, lora_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``h: [T, D]`` the step's embeddings → the final norm of the last residual stream ``[T, D]``, writing each
     layer's K/V at ``slot_mapping`` and attending over ``slots`` (``[T, L]``, valid up to ``lens``); ``heads``:
-    ``(H, Hkv, head_dim)``; ``cos, sin_signed``: the tokens' RoPE tables ``[T, 1, head_dim]``. int64 index tensors."""
+    ``(H, Hkv, head_dim)``; ``cos, sin_signed``: the tokens' RoPE tables ``[T, 1, head_dim]``. int64 index tensors.
+    ``lora_slots: [T, K]`` each token's adapter slots (the BGMV form; ``lora_weights`` ``[T, K]``, None = ones) through
+    the table's LoRA buffers; None = base rows only."""
     t, d = h.shape
     if t > dense_cpu.GEMV_MAX_ROWS or not h.is_contiguous() or slots.shape[0] != t:
         raise ValueError(f"decode step: needs <= {dense_cpu.GEMV_MAX_ROWS} contiguous decode rows")
     n_heads, n_kv, head_dim = heads
     cos, sin_signed = cos.reshape(t, head_dim).contiguous(), sin_signed.reshape(t, head_dim).contiguous()
     slot_mapping, slots, lens = (x.to(torch.int64).contiguous() for x in (slot_mapping, slots, lens))
+    if lora_slots is not None:
+        lora_slots = lora_slots.to(torch.int64).contiguous()
+        if lora_slots.shape[0] != t:
+            raise ValueError("decode step: one row of LoRA slots per token")
+        if lora_weights is not None:
+            lora_weights = lora_weights.to(torch.float32).contiguous()
     out = h.new_empty(t, d)
     getattr(_library(), DTYPES[h.dtype])(
         ctypes.addressof(table), len(table), h.data_ptr(), final_norm.data_ptr(), out.data_ptr(), t, d, n_heads, n_kv,
         head_dim, intermediate, eps, scale, cos.data_ptr(), sin_signed.data_ptr(), slot_mapping.data_ptr(),
-        slots.data_ptr(), lens.data_ptr(), slots.shape[1], torch.get_num_threads())
+        slots.data_ptr(), lens.data_ptr(), slots.shape[1], None if lora_slots is None else lora_slots.data_ptr(),
+        None if lora_weights is None else lora_weights.data_ptr(), 0 if lora_slots is None else lora_slots.shape[1],
+        torch.get_num_threads())
     return out

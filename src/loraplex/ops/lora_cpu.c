@@ -1,5 +1,5 @@
 /* BGMV on the CPU reading the LoRA slot buffers in place (no per-token copies of A and B), each token at its
- * adapter's true rank. Built at first use by ops/lora_cpu.py (gcc -O3 -march=native -fopenmp); the torch form in
+ * adapter's true rank. Built at first use by ops/lora_cpu.py (ops/cpu_ext.py); the torch form in
  * ops/lora_torch.py (bgmv_shrink / bgmv_expand) is its reference.
  *
  * Semantics, for every token t and pair k with s = slots[t, k], w = weights[t, k] (1 when weights is NULL),
@@ -8,24 +8,9 @@
  * Layouts: x [T, n_in] (row stride x_stride), A [S, n*R, n_in], and B_i transposed, Bt_i [S, R, size_i] (so the
  * expand streams rows of outputs), all contiguous; y rows of stride y_stride. Accumulation in fp32; bf16 tensors are converted on the fly and y is rounded once per pair.
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u); /* NaN stays NaN */
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);
-    return (uint16_t)(c.u >> 16);
-}
+#include "cpu_common.h"
 
 #define DEFINE_BGMV(NAME, T_, LOAD, STORE)                                                                             \
 void NAME(const T_ *x, int64_t x_stride, const T_ *a, const T_ *const *bts, T_ *y, int64_t y_stride,                   \

@@ -20,7 +20,7 @@ _ARGTYPES = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I,
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_ext.library("lora_cpu", "BGMV")
+    lib = cpu_ext.library("lora_cpu", "BGMV", exact=True)  # as the fused decode step compiles it
     if lib is not None:
         for name in DTYPES.values():
             getattr(lib, name).argtypes = _ARGTYPES
