@@ -21,7 +21,7 @@
 #define DEFINE_GEMV(NAME, T_, DOT, LOAD, STORE)                                                                     \
 void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, int64_t ys, int64_t N, int64_t K,  \
           int n_threads) {                                                                                         \
-    _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 16)")                                       \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")                                             \
     for (int64_t n = 0; n < N; n++) {                                                                              \
         const T_ *w = W + n * K;                                                                                   \
         float bias = b ? LOAD(b[n]) : 0.0f;                                                                        \
@@ -66,7 +66,7 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const int8_t *W, const float *s, c
         float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K));                                              \
         for (int64_t m = 0; m < M; m++)                                                                            \
             for (int64_t k = 0; k < K; k++) xf[m * K + k] = LOAD(x[m * xs + k]);                                   \
-        _Pragma("omp for schedule(dynamic, 16)")                                                                        \
+        _Pragma("omp for schedule(guided)")                                                                         \
         for (int64_t n = 0; n < N; n++) {                                                                          \
             const int8_t *w = W + n * K;                                                                           \
             float bias = b ? LOAD(b[n]) : 0.0f;                                                                    \
