@@ -6,7 +6,8 @@
  * r = ranks[s] (0 = skip) and every stacked slice i:
  *     y[t, start_i + o] += w * sum_j Bt_i[s, j, o] * (sum_c A[s, i*R + j, c] * x[t, c])      (j < r)
  * Layouts: x [T, n_in] (row stride x_stride), A [S, n*R, n_in], and B_i transposed, Bt_i [S, R, size_i] (so the
- * expand streams rows of outputs), all contiguous; y rows of stride y_stride. Accumulation in fp32; bf16 tensors are converted on the fly and y is rounded once per pair.
+ * expand streams rows of outputs), all contiguous; y rows of stride y_stride. Accumulation in fp32; bf16 tensors are
+ * converted on the fly and y is rounded once per pair. One token runs on one thread (no parallel region).
  */
 #include <stdlib.h>
 
@@ -17,11 +18,11 @@ void NAME(const T_ *x, int64_t x_stride, const T_ *a, const T_ *const *bts, T_ *
           const int64_t *starts, const int64_t *sizes, int64_t n_slices, const int64_t *slots,                         \
           const float *weights, int64_t n_tokens, int64_t k_pairs, const int32_t *ranks, int64_t n_in, int64_t R,      \
           int64_t max_size, int n_threads) {                                                                           \
-    _Pragma("omp parallel num_threads(n_threads)")                                                                     \
+    _Pragma("omp parallel num_threads(n_threads) if(n_tokens > 1)")                                                    \
     {                                                                                                                  \
         float *xf = (float *)malloc(sizeof(float) * (size_t)(n_in + n_slices * R + max_size));                         \
         float *h = xf + n_in, *acc = h + n_slices * R;                                                                 \
-        _Pragma("omp for schedule(dynamic, 1)")                                                                            \
+        _Pragma("omp for schedule(dynamic, 1)")                                                                        \
         for (int64_t t = 0; t < n_tokens; t++) {                                                                       \
             const T_ *xt = x + t * x_stride;                                                                           \
             for (int64_t c = 0; c < n_in; c++) xf[c] = LOAD(xt[c]);                                                    \
