@@ -131,3 +131,32 @@ def test_fused_decode_step_with_adapters(tiny_model_dir, adapter_dirs, monkeypat
         for name, prompt, (ids, _) in zip(names[1:], PROMPTS[1:], fused[1:]):
             fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
             assert ids == hf_greedy(PeftModel.from_pretrained(fresh, adapter_dirs[name]).eval(), prompt, N_NEW)[0]
+
+
+def test_fused_decode_step_follows_slot_buffers_that_grow(tiny_model_dir, adapter_dirs, monkeypatch):
+    """A rank-64 adapter loaded after a rank-4 one has decoded reallocates every stack's buffers: the fused step's
+    table of their addresses is rebuilt (``LoRAStack.generation``), and both adapters still match PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
+    from loraplex.layers.lora import LoRAStack
+    from loraplex.ops import decode_step_cpu
+
+    if not decode_step_cpu.available(torch.zeros(1)):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(model_runner, "kernel_choice",
+                        lambda *args: KernelChoice(c_gemv_tokens=8, dense_lora_ratio=float("inf")))
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", device="cpu", enable_lora=True, max_loras=2,
+              max_lora_rank=64)
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)
+    generations = []
+    for i, name in enumerate(("r4_attn", "r64_rslora")):
+        generations.append(LoRAStack.generation)
+        out = llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=params, use_tqdm=False,
+                           lora_request=LoRARequest(name, i + 1, str(adapter_dirs[name])))
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        peft = PeftModel.from_pretrained(fresh, adapter_dirs[name]).eval()
+        assert [o.outputs[0].token_ids for o in out] == [hf_greedy(peft, p, N_NEW)[0] for p in PROMPTS[:2]], name
+    assert LoRAStack.generation > generations[1]  # the second adapter did grow the buffers

@@ -154,10 +154,8 @@ class DecoderLM(nn.Module):
     def _fused_weights_ok(self, dtype: torch.dtype) -> bool:
         """Every projection a plain ``Linear`` of ``dtype`` (not quantized, not row-tiled); checked once."""
         if self._fused_ok is None:
-            projections = [getattr(m, n) for layer in self.layers
-                           for m, n in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                                        (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj"))]
-            self._fused_ok = all(isinstance(p, Linear) and p.weight.dtype == dtype for p in projections)
+            linears = [getattr(getattr(layer, p.block), p.name) for layer in self.layers for p in PROJECTIONS]
+            self._fused_ok = all(isinstance(m, Linear) and m.weight.dtype == dtype for m in linears)
         return self._fused_ok
 
     def _fused_lora_ok(self) -> bool:
