@@ -1,5 +1,5 @@
 /* What the C kernels of ops/ share: bf16 <-> fp32 as torch rounds, dot products with fp32 accumulation, and a
- * vectorised exp. Sources that include it are rebuilt when it changes (ops/cpu_ext.py hashes ops/*.h too). */
+ * vectorised exp. Sources that include it are rebuilt when it changes (ops/cpu_ext.py hashes the headers too). */
 #ifndef LORAPLEX_CPU_COMMON_H
 #define LORAPLEX_CPU_COMMON_H
 #include <math.h>

@@ -27,10 +27,11 @@ typedef struct {
 } decode_layer;
 
 /* y [T, N] (row stride ys) += the step's LoRA of x [T, n_in] (row stride xs) through projection p's slots. */
-#define LORA(SFX, P, X, XS, Y, YS)                                                                                 \
+#define LORA(SFX, T_, P, X, XS, Y, YS)                                                                                 \
     if (slots && (P)->a)                                                                                          \
-        bgmv_##SFX((X), (XS), (P)->a, (P)->bts, (Y), (YS), (P)->starts, (P)->sizes, (P)->n_slices, slots,         \
-                   lora_weights, T, k_pairs, (P)->ranks, (P)->n_in, (P)->R, (P)->max_size, n_threads)
+        bgmv_##SFX((X), (XS), (const T_ *)(P)->a, (const T_ *const *)(P)->bts, (Y), (YS), (P)->starts,           \
+                   (P)->sizes, (P)->n_slices, slots, lora_weights, T, k_pairs, (P)->ranks, (P)->n_in, (P)->R,     \
+                   (P)->max_size, n_threads)
 
 /* h [T, D]: the embeddings (read only); out [T, D]: the final norm of the last residual stream; cos, sin [T, hd]
  * (sin signed); slots [T, L] each token's context slots, valid up to lens[t]; lora_slots [T, k_pairs] each token's
@@ -51,7 +52,7 @@ void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *f
         add_rms_norm_##SFX(res, D, d, D, ly->ln1, spare, x, T, D, eps, n_threads);                               \
         if (d) { res = spare; spare = spare == r0 ? r1 : r0; }                                                    \
         gemv_##SFX(x, D, T, ly->qkv_w, ly->qkv_b, qkv, nqkv, nqkv, D, n_threads);                                \
-        LORA(SFX, &ly->lora[0], x, D, qkv, nqkv);                                                                 \
+        LORA(SFX, T_, &ly->lora[0], x, D, qkv, nqkv);                                                                  \
         if (ly->q_norm)                                                                                           \
             for (int64_t t = 0; t < T; t++) {                                                                     \
                 T_ *row = qkv + t * nqkv;                                                                         \
@@ -67,15 +68,15 @@ void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *f
         decode_attention_##SFX(qkv, nqkv, ly->k_cache, ly->v_cache, ctx_slots, lens, L, T, H, Hkv, hd, scale,   \
                                att, n_threads);                                                                   \
         gemv_##SFX(att, nq, T, ly->o_w, ly->o_b, dl, D, D, nq, n_threads);                                        \
-        LORA(SFX, &ly->lora[1], att, nq, dl, D);                                                                  \
+        LORA(SFX, T_, &ly->lora[1], att, nq, dl, D);                                                                   \
         add_rms_norm_##SFX(res, D, dl, D, ly->ln2, spare, x, T, D, eps, n_threads);                              \
         res = spare;                                                                                              \
         spare = spare == r0 ? r1 : r0;                                                                            \
         gemv_##SFX(x, D, T, ly->gu_w, ly->gu_b, gu, 2 * I, 2 * I, D, n_threads);                                  \
-        LORA(SFX, &ly->lora[2], x, D, gu, 2 * I);                                                                 \
+        LORA(SFX, T_, &ly->lora[2], x, D, gu, 2 * I);                                                                  \
         silu_mul_##SFX(gu, 2 * I, act, T, I, n_threads);                                                          \
         gemv_##SFX(act, I, T, ly->down_w, ly->down_b, dl, D, D, I, n_threads);                                    \
-        LORA(SFX, &ly->lora[3], act, I, dl, D);                                                                   \
+        LORA(SFX, T_, &ly->lora[3], act, I, dl, D);                                                                    \
         d = dl;                                                                                                   \
     }                                                                                                             \
     add_rms_norm_##SFX(res, D, d, D, final_norm, spare, out, T, D, eps, n_threads);                              \
