@@ -58,6 +58,8 @@ class ModelRunner:
         # which kernel serves which step where two compete (oneDNN or not for tiny steps, dense LoRA or BGMV):
         # measured on this CPU at this model's shapes (cached), not in deterministic mode (fixed kernels there)
         self.kernels = KernelChoice() if row_tile else kernel_choice(self.spec, dtype, device)
+        if device.type == "cpu":
+            ops.build_cpu_kernels(dtype)  # now, before serving (~1 s once per machine), not in the first request
         # CPU steps run on as many threads as measured fastest for their size (not in deterministic mode, whose
         # kernels must not change with the thread count)
         self.threads = ThreadTuner(torch.get_num_threads()) if device.type == "cpu" and not row_tile else None

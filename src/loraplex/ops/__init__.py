@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from loraplex.ops import dense_cpu, lora_cpu
+from loraplex.ops import attention_cpu, decode_step_cpu, dense_cpu, lora_cpu
 from loraplex.ops.batch_invariant import add_lora_grouped, row_tiled
 from loraplex.ops.lora_batch import Bgmv, Dense, DenseWeighted, LoRABatch, Segment, TokenGroup, XLoRAGroup
 from loraplex.ops.lora_torch import (
@@ -27,8 +27,8 @@ from loraplex.ops.lora_torch import (
 )
 
 __all__ = ["Bgmv", "Dense", "DenseWeighted", "LoRABatch", "Segment", "TokenGroup", "XLoRAGroup", "add_lora",
-           "add_lora_gated", "add_rms_norm", "cpu_bgmv_serves", "cpu_gemv", "gemv_rows", "linear", "rope_", "row_tiled",
-           "silu_mul", "use_triton"]
+           "add_lora_gated", "add_rms_norm", "build_cpu_kernels", "cpu_bgmv_serves", "cpu_gemv", "gemv_rows",
+           "linear", "rope_", "row_tiled", "silu_mul", "use_triton"]
 
 _gemv_rows = 0  # CPU linears of at most this many rows take the C GEMV (set per step by ``cpu_gemv``)
 
@@ -48,6 +48,12 @@ def cpu_gemv(max_rows: int) -> Iterator[None]:
 def gemv_rows() -> int:
     """The most rows a CPU linear takes the C GEMV for, in the current ``cpu_gemv`` block (0 outside)."""
     return _gemv_rows
+
+
+def build_cpu_kernels(dtype: torch.dtype) -> bool:
+    """Build (or load from the cache) every C kernel library for CPU tensors of ``dtype``; whether all serve."""
+    probe = torch.zeros(1, dtype=dtype)
+    return all([m.available(probe) for m in (dense_cpu, attention_cpu, lora_cpu, decode_step_cpu)])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
