@@ -200,11 +200,11 @@ class ModelRunner:
         elif kernel:
             meta.rows = self._paged_rows(rows)
         elif decode_rows:
-            slots, valid = self._context_slots([r.block_table for r in decode_rows],
-                                               [r.start_pos + 1 for r in decode_rows])
+            lens = [r.start_pos + 1 for r in decode_rows]
+            slots, valid = self._context_slots([r.block_table for r in decode_rows], lens)
             meta.decode_kv_slots = slots.to(self.device)
             meta.decode_mask = valid[:, None, None, :].to(self.device)  # [nd, 1, 1, L]
-            meta.decode_lens = torch.tensor([r.start_pos + 1 for r in decode_rows], device=self.device)
+            meta.decode_lens = torch.tensor(lens, device=self.device)
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         return ids, pos, meta, sample_idx

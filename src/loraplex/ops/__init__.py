@@ -58,9 +58,7 @@ def build_cpu_kernels(dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for the model's dense layers: ``[M, in]`` → ``[M, out]``; small CPU steps by the C GEMV."""
-    if x.shape[0] <= _gemv_rows and x.dim() == 2 and weight.dtype == x.dtype and dense_cpu.available(x) \
-            and x.stride(-1) == 1 and weight.is_contiguous() and weight.shape[1] == x.shape[1] \
-            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+    if x.shape[0] <= _gemv_rows and dense_cpu.gemv_serves(x, weight, bias):
         return dense_cpu.gemv(x, weight, bias, checked=True)
     return F.linear(x, weight, bias)
 

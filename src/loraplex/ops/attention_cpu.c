@@ -58,5 +58,5 @@ void NAME(const T_ *q, int64_t qs, const T_ *k_cache, const T_ *v_cache, const i
     }                                                                                                               \
 }
 
-DEFINE_DECODE_ATTENTION(decode_attention_f32, float, dot_f32, id_f32, store_f32)
+DEFINE_DECODE_ATTENTION(decode_attention_f32, float, dot_f32, id_f32, id_f32)
 DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)

@@ -30,7 +30,7 @@ def _library() -> ctypes.CDLL | None:
 
 def available(x: torch.Tensor) -> bool:
     """Do the C kernels serve tensors like ``x`` (CPU, fp32 or bf16, the library built)?"""
-    return x.device.type == "cpu" and x.dtype in DTYPES and _library() is not None
+    return x.is_cpu and x.dtype in DTYPES and _library() is not None
 
 
 def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

@@ -24,8 +24,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(c.u >> 16);
 }
 
-static inline float id_f32(float v) { return v; }
-static inline float store_f32(float v) { return v; }
+static inline float id_f32(float v) { return v; } /* fp32's load, store and rounding: nothing to do */
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 static inline float dot_f32(const float *w, const float *x, int64_t K) {

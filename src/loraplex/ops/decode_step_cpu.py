@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from loraplex.ops import cpu_ext, dense_cpu
+from loraplex.ops import cpu_ext, dense_cpu, lora_cpu
 
 LAYER_FIELDS = ("ln1", "ln2", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b", "q_norm", "k_norm",
                 "k_cache", "v_cache")
@@ -68,13 +68,12 @@ def layer_table(layers: list[dict[str, torch.Tensor | None]], loras: list[list |
                     and ranks.dtype == torch.int32 and ranks.is_contiguous()):
                 raise ValueError("decode step: LoRA buffers must be contiguous, ranks int32")
             ptrs = (ctypes.c_void_p * len(bts))(*(b.data_ptr() for b in bts))
-            starts = (ctypes.c_int64 * len(out_slices))(*(s for s, _ in out_slices))
-            sizes = (ctypes.c_int64 * len(out_slices))(*(n for _, n in out_slices))
+            starts, sizes, widest = lora_cpu.slice_arrays(tuple(map(tuple, out_slices)))
             keep += [ptrs, starts, sizes]
             proj.a, proj.bts, proj.ranks = a.data_ptr(), ctypes.addressof(ptrs), ranks.data_ptr()
             proj.starts, proj.sizes = ctypes.addressof(starts), ctypes.addressof(sizes)
             proj.n_slices, proj.n_in, proj.R = len(bts), a.shape[-1], bts[0].shape[1]
-            proj.max_size = max(n for _, n in out_slices)
+            proj.max_size = widest
     return table
 
 

@@ -29,7 +29,7 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, i
     }                                                                                                              \
 }
 
-DEFINE_GEMV(gemv_f32, float, dot_f32, id_f32, store_f32)
+DEFINE_GEMV(gemv_f32, float, dot_f32, id_f32, id_f32)
 DEFINE_GEMV(gemv_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
 
 /* int8 weights widened to fp32 in registers (16 per instruction) against x converted to fp32 once per call. */
@@ -76,7 +76,7 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const int8_t *W, const float *s, c
     }                                                                                                              \
 }
 
-DEFINE_GEMV_INT8(gemv_int8_f32, float, id_f32, store_f32)
+DEFINE_GEMV_INT8(gemv_int8_f32, float, id_f32, id_f32)
 DEFINE_GEMV_INT8(gemv_int8_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 /* ---- residual add + RMSNorm ------------------------------------------------------------------------------------ */
@@ -111,7 +111,7 @@ void NAME(const T_ *h, int64_t hs, const T_ *d, int64_t ds, const T_ *w, T_ *h_o
     }                                                                                                              \
 }
 
-DEFINE_ADD_RMS_NORM(add_rms_norm_f32, float, id_f32, store_f32, id_f32)
+DEFINE_ADD_RMS_NORM(add_rms_norm_f32, float, id_f32, id_f32, id_f32)
 DEFINE_ADD_RMS_NORM(add_rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
 
 /* ---- RoPE (NeoX half-split layout), in place ------------------------------------------------------------------- */
@@ -136,7 +136,7 @@ void NAME(T_ *x, int64_t ts, int64_t T, int64_t H, int64_t D, const T_ *cos_, co
     }                                                                                                              \
 }
 
-DEFINE_ROPE(rope_f32, float, id_f32, store_f32, id_f32)
+DEFINE_ROPE(rope_f32, float, id_f32, id_f32, id_f32)
 DEFINE_ROPE(rope_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
 
 /* ---- SwiGLU's silu(gate) * up ---------------------------------------------------------------------------------- */
@@ -161,5 +161,5 @@ void NAME(const T_ *x, int64_t xs, T_ *y, int64_t T, int64_t I, int n_threads) {
     }                                                                                                             \
 }
 
-DEFINE_SILU_MUL(silu_mul_f32, float, id_f32, store_f32, id_f32)
+DEFINE_SILU_MUL(silu_mul_f32, float, id_f32, id_f32, id_f32)
 DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)

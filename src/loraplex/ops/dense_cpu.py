@@ -45,6 +45,14 @@ def available(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in DTYPES and _library() is not None
 
 
+def gemv_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Can ``gemv`` take these tensors as laid out (rows of unit stride, contiguous weight and bias of x's dtype,
+    at most ``GEMV_MAX_ROWS`` rows, the library built)?"""
+    return x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and weight.dtype == x.dtype and available(x) \
+        and x.stride(-1) == 1 and weight.is_contiguous() and weight.shape[1] == x.shape[1] \
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+
+
 @functools.cache
 def _fn(op: str, dtype: torch.dtype):
     return getattr(_library(), f"{op}_{DTYPES[dtype]}")
@@ -54,11 +62,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          checked: bool = False) -> torch.Tensor:
     """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``, unit stride along ``in``) → ``[M, out]``: ``x @ weight.T + bias``,
     fp32 accumulation, one rounding; ``weight: [out, in]`` contiguous. Reference: ``F.linear``. ``checked``: the
-    caller has checked the layout (``ops.linear``, once per call on the hot path)."""
+    caller has asked ``gemv_serves`` (``ops.linear``, once per call on the hot path)."""
     m, k = x.shape
     n = weight.shape[0]
-    if not checked and m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k \
-            or weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+    if not checked and not gemv_serves(x, weight, bias):
         raise ValueError(f"gemv: needs <= {GEMV_MAX_ROWS} rows of unit stride and contiguous weights of x's dtype, "
                          f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
     y = x.new_empty(m, n)

@@ -60,6 +60,5 @@ void NAME(const T_ *x, int64_t x_stride, const T_ *a, const T_ *const *bts, T_ *
     }                                                                                                                  \
 }
 
-#define ID(v) (v)
-DEFINE_BGMV(bgmv_f32, float, ID, ID)
+DEFINE_BGMV(bgmv_f32, float, id_f32, id_f32)
 DEFINE_BGMV(bgmv_bf16, uint16_t, bf16_to_f32, f32_to_bf16)

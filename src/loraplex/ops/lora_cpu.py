@@ -38,7 +38,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _slices(out_slices: tuple[tuple[int, int], ...]) -> tuple[ctypes.Array, ctypes.Array, int]:
+def slice_arrays(out_slices: tuple[tuple[int, int], ...]) -> tuple[ctypes.Array, ctypes.Array, int]:
     """A stack's output slices as the kernel's (starts, sizes) arrays and the widest slice (they never change)."""
     starts = (ctypes.c_int64 * len(out_slices))(*(s for s, _ in out_slices))
     sizes = (ctypes.c_int64 * len(out_slices))(*(n for _, n in out_slices))
@@ -60,7 +60,7 @@ def add_lora_bgmv_cpu(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lo
     slots = slots.to(torch.int64).contiguous()
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     ranks = ranks.to(torch.int32).contiguous()
-    starts, sizes, widest = _slices(tuple(map(tuple, out_slices)))
+    starts, sizes, widest = slice_arrays(tuple(map(tuple, out_slices)))
     bts = (ctypes.c_void_p * len(lora_bts))(*(b.data_ptr() for b in lora_bts))
     getattr(_library(), DTYPES[x.dtype])(
         x.data_ptr(), x.stride(0), lora_a.data_ptr(), bts, y.data_ptr(), y.stride(0), starts, sizes, len(lora_bts),
