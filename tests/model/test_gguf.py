@@ -14,7 +14,7 @@ from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import int4_from_blocks
 from loraplex.models.registry import resolve_model
-from loraplex.ops.quant import int4_linear_reference, quantize_int4, quantize_int8
+from loraplex.ops.quant import dequantize_int4, quantize_int4, quantize_int8
 from tests.conftest import byte_tokenizer, has_smollm2, hf_greedy, save_tiny_adapter, tiny_config
 from tests.model.gguf_files import random_blocks, write_gguf
 
@@ -41,10 +41,10 @@ def test_q4_blocks_map_exactly_to_int4_groups_of_32(qtype):
     raw = (random_blocks(qtype, rows, cols, seed=1) if qtype == "Q4_K" else
            quantize(np.random.default_rng(0).standard_normal((rows, cols), np.float32), GGMLQuantizationType[qtype]))
     want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[qtype]).astype(np.float32))
-    q, scale, zero = int4_from_blocks(torch.from_numpy(raw).view(rows, cols // 32 if qtype != "Q4_K" else cols // 256,
+    q, scale, offset = int4_from_blocks(torch.from_numpy(raw).view(rows, cols // 32 if qtype != "Q4_K" else cols // 256,
                                                                   -1), qtype)
     assert q.dtype == torch.uint8 and int(q.max()) <= 15 and q.shape == (rows, cols)
-    got = ((q.float().view(rows, -1, 32) - 8) * scale[..., None] + zero[..., None]).view(rows, cols)
+    got = (q.float().view(rows, -1, 32) * scale[..., None] + offset[..., None]).view(rows, cols)
     assert want.abs().max() > 0.1  # the weights are not all zero
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -74,8 +74,8 @@ def _simulate(w: torch.Tensor, qtype: str, fmt: str) -> torch.Tensor:
         wq, s = quantize_int8(w)
         return wq.float() * s[:, None]
     group = int(fmt.split("/")[1])
-    q, sz = quantize_int4(w, group)
-    return int4_linear_reference(torch.eye(w.shape[1]), q, group, sz, None).t()
+    q, so = quantize_int4(w, group)
+    return dequantize_int4(q, so, group)
 
 
 def _reference(hf, held, types, formats):
@@ -111,8 +111,7 @@ def _formats(model) -> tuple[str, ...]:
 def exact_plan(monkeypatch, tmp_path):
     """Every batch through an fp32-activation path; a private cache for the GGUF metadata."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine_mod, "quant_plan", lambda method, *a: [(1 << 30, "dequant" if method == "int8"
-                                                                         else "int4mm")])
+    monkeypatch.setattr(engine_mod, "quant_plan", lambda method, *a: [(1 << 30, "dequant")])
 
 
 def _check(llm, ref, prompts=PROMPTS, tol=1e-3):

@@ -11,6 +11,7 @@ from loraplex.ops.quant import (
     INT4_PATHS,
     INT8_PATHS,
     int4_group_size,
+    dequantize_int4,
     int4_linear,
     int4_linear_reference,
     int8_linear,
@@ -51,11 +52,11 @@ def test_int4_paths_match_the_reference(path, m, n_in):
     g = torch.Generator().manual_seed(m)
     w, x = torch.randn(64, n_in, generator=g), torch.randn(m, n_in, generator=g)
     group = int4_group_size(n_in, 128)
-    q, sz = quantize_int4(w, group)
+    q, so = quantize_int4(w, group)
     assert int(q.min()) >= 0 and int(q.max()) <= 15
-    want = int4_linear_reference(x, q, group, sz, None)
+    want = int4_linear_reference(x, q, so, group, None)
     assert (want - x @ w.T).abs().mean() < 0.2 * (x @ w.T).abs().mean()  # 4 bits keep the product roughly
-    close(int4_linear(x, pack_int4(q), group, sz, None, path), want, path)
+    close(int4_linear(x, pack_int4(q), so, group, None, path), want, path)
 
 
 def _round_trip(w: torch.Tensor, method: str) -> torch.Tensor:
@@ -63,8 +64,8 @@ def _round_trip(w: torch.Tensor, method: str) -> torch.Tensor:
         wq, s = quantize_int8(w)
         return wq.float() * s[:, None]
     group = int4_group_size(w.shape[1], 128)
-    q, sz = quantize_int4(w, group)
-    return int4_linear_reference(torch.eye(w.shape[1]), q, group, sz, None).t()
+    q, so = quantize_int4(w, group)
+    return dequantize_int4(q, so, group)
 
 
 def dequantized_hf(model_dir, adapter_dir=None, method: str = "int8"):
@@ -90,8 +91,7 @@ def dequantized_hf(model_dir, adapter_dir=None, method: str = "int8"):
 @pytest.fixture
 def exact_plan(monkeypatch):
     """Every batch through an fp32-activation path: exact fp32 arithmetic on the quantized weights."""
-    monkeypatch.setattr(engine_mod, "quant_plan", lambda method, *a: [(1 << 30, "dequant" if method == "int8"
-                                                                         else "int4mm")])
+    monkeypatch.setattr(engine_mod, "quant_plan", lambda method, *a: [(1 << 30, "dequant")])
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -139,3 +139,34 @@ def test_measured_plan_stays_close_and_bad_method_is_refused(tiny_llama_dir):
     sizes = [m.llm_engine.memory()["weights"] for m in (exact, quant, int4)]
     assert sizes[0] > sizes[1] > sizes[2]  # fp32 > int8 > int4 (embeddings and LM head stay fp32)
     assert exact.llm_engine.memory()["kv_cache"] == quant.llm_engine.memory()["kv_cache"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_fused_decode_step_on_quantized_bases_is_the_op_by_op_path(tiny_model_dir, monkeypatch, dtype, method):
+    """With the C GEMVs as the measured paths for small steps, decode steps run the whole stack in one C call
+    (``ops.decode_step_cpu``) on the quantized weights: the same tokens and log-probabilities as the op-by-op path,
+    to the bit, on every family."""
+    from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
+    from loraplex.models.transformer import DecoderLM
+    from loraplex.ops import decode_step_cpu
+
+    if not decode_step_cpu.available(torch.zeros(1)):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
+    monkeypatch.setattr(engine_mod, "quant_plan", lambda m, *a: [(8, f"{m}_c"), (1 << 30, "dequant")])
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=3)
+    fused_steps = []
+    step = DecoderLM._fused_step
+    monkeypatch.setattr(DecoderLM, "_fused_step", lambda self, *a: fused_steps.append(1) or step(self, *a))
+
+    def run() -> list:
+        llm = LLM(model=str(tiny_model_dir), dtype=dtype, quantization=method)
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs])
+                for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)]
+
+    fused = run()
+    assert len(fused_steps) >= N_NEW - 1  # the decode steps took the fused path
+    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta, lora: False)
+    assert run() == fused

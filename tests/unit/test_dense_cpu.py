@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex import ops
-from loraplex.ops import attention_cpu, dense_cpu
+from loraplex.ops import attention_cpu, dense_cpu, quant
 
 pytestmark = pytest.mark.skipif(not dense_cpu.available(torch.zeros(1)), reason="no C compiler on this machine")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -35,6 +35,38 @@ def test_gemv_matches_linear(dtype, rows, shape, bias):
     got = dense_cpu.gemv(x, w, b)
     assert got.shape == (rows, n) and got.dtype == dtype
     _close(got, F.linear(x.double(), w.double(), None if b is None else b.double()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("k,group", [(576, 64), (1536, 128), (96, 32), (160, 32), (256, 128), (64, 64), (320, 64)])
+def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group):
+    """Every block shape of the nibble layout (128 / 64 / 32 weights) and group size, both activation dtypes (bf16:
+    the nibbles widened to bf16 in registers), a bias, rows of a wider tensor."""
+    torch.manual_seed(rows * 7 + k)
+    w = torch.randn(70, k) * 0.05 + 0.01
+    q, so = quant.quantize_int4(w, group)
+    packed = quant.pack_int4(q)
+    assert torch.equal(quant.unpack_int4(packed), q)
+    x = torch.randn(rows, k + 3).to(dtype)[:, 1:k + 1]
+    b = torch.randn(70).to(dtype)
+    want = F.linear(x.double(), quant.dequantize_int4(q, so, group).double(), b.double())
+    _close(dense_cpu.gemv_int4(x, packed, so, group, b), want, dtype)
+    for at in ((0, 70), (3, 41)):  # the large-batch path's rows, each weight rounded once
+        got = dense_cpu.dequant_int4(packed, so, group, at, dtype)
+        assert torch.equal(got, quant.dequantize_int4(q, so, group)[at[0]:at[1]].to(dtype))
+
+
+def test_int4_layout_is_the_documented_one():
+    """Lane j of a 128-block holds q[32 p + j] in bits 4p..4p+3; a 64-block's lanes q[16 p + j]; a 32-block's q[8 p + j]."""
+    q = torch.randint(0, 16, (2, 224), dtype=torch.uint8)  # 128 + 64 + 32
+    lanes = quant.pack_int4(q).view(2, -1, 2).to(torch.int32)
+    lanes = lanes[..., 0] | (lanes[..., 1] << 8)  # little-endian 16-bit lanes
+    for start, n_lanes, first_lane in ((0, 32, 0), (128, 16, 32), (192, 8, 48)):
+        for p in range(4):
+            for j in range(n_lanes):
+                got = (lanes[:, first_lane + j] >> (4 * p)) & 15
+                assert torch.equal(got, q[:, start + n_lanes * p + j].to(torch.int32))
 
 
 def test_gemv_refuses_what_it_cannot_take():

@@ -18,7 +18,8 @@ from loraplex.ops.quant import (
 )
 
 log = logging.getLogger("loraplex.engine")
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+C_GEMVS = ("int8_c", "int4_c")  # paths for steps of at most dense_cpu.GEMV_MAX_ROWS rows  # rows per step measured; larger batches take the last choice
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
@@ -26,9 +27,11 @@ def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str
     directly: the LM head's shape in fp32 would be ~1 GB for a 150k vocabulary)."""
     if method == "int4":
         group = int4_group_size(n_in, 128)
-        packed = pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.int32))
-        sz = (torch.rand(n_in // group, n_out, 2) / 8).to(dtype)  # held in the compute dtype, as quant_load does
-        return list(INT4_PATHS), lambda x, path: int4_linear(x, packed, group, sz, None, path)
+        packed = pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.uint8))
+        so = torch.rand(n_out, n_in // group, 2) / 8
+        paths = [p for p in INT4_PATHS if p != "int4_c" or dense_cpu.available(torch.zeros(1, dtype=dtype,
+                                                                                           device=device))]
+        return paths, lambda x, path: int4_linear(x, packed, so, group, None, path)
     wq = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device)
     scales = torch.rand(n_out, device=device) / 64
     paths = [p for p in INT8_PATHS if p != "int8_c" or dense_cpu.available(torch.zeros(1, dtype=dtype, device=device))]
@@ -48,8 +51,8 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
             x = torch.randn(m, n_in, device=device).to(dtype)
             times = {}
             if m > dense_cpu.GEMV_MAX_ROWS:
-                # the C GEMV takes small steps only
-                alive = [p for p in alive if p != "int8_c"] or [p for p in paths if p != "int8_c"]
+                # the C GEMVs take small steps only
+                alive = [p for p in alive if p not in C_GEMVS] or [p for p in paths if p not in C_GEMVS]
             for path in alive:
                 try:
                     times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)

@@ -41,15 +41,16 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights (packed, tinygemm layout; CPU);
-    ``scales_zeros [in / group, out, 2]`` in the compute dtype (groups of 32 hold GGUF's Q4 blocks exactly)."""
+    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights: ``packed [out, in / 2]`` uint8 in the
+    nibble-block layout of ``ops.quant.pack_int4`` and ``so [out, in / group, 2]`` fp32 scale/offset pairs (groups of
+    32 hold GGUF's Q4 blocks); CPU."""
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
-                 plan: list[tuple[int, str]], shape: tuple[int, int]) -> None:
-        super().__init__(shape, bias, plan)
+    def __init__(self, packed: torch.Tensor, so: torch.Tensor, group: int, bias: torch.Tensor | None,
+                 plan: list[tuple[int, str]]) -> None:
+        super().__init__((packed.shape[0], packed.shape[1] * 2), bias, plan)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_zeros", scales_zeros)
+        self.register_buffer("so", so)
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.packed, self.group, self.scales_zeros, self.bias, self.path_for(x.shape[0]))
+        return int4_linear(x, self.packed, self.so, self.group, self.bias, self.path_for(x.shape[0]))

@@ -3,15 +3,15 @@ quantizing loader asks for rows.
 
 What each GGUF type becomes is one table, :data:`GGUF_KERNELS` (the README's table is this one):
 
-- ``Q4_0``, ``Q4_1``, ``Q4_K`` → int4, groups of 32 (tinygemm's ``(q - 8) · scale + zero``), exact: a Q4_K super-block
-  is 8 sub-blocks of 32 with their own scale and min, so every 32 weights share one affine map;
+- ``Q4_0``, ``Q4_1``, ``Q4_K`` → int4, groups of 32 (``q · scale + offset``), exact: a Q4_K super-block is 8 sub-blocks
+  of 32 with their own scale and min, so every 32 weights share one affine map;
 - ``Q5_0``, ``Q5_1``, ``Q5_K``, ``Q6_K``, ``Q8_0`` → int8 per output row, requantized from the dequantized rows (5–8 bits
   per weight have no exact int4 form, and int8 rows cost about what the blocks cost);
 - ``F32``, ``F16``, ``BF16`` → the compute dtype;
 - anything else (``Q2_K``, ``Q3_K``, ``IQ*``, ``TQ*``, ``MXFP4`` …) is refused by name: dequantize it instead.
 
 Semantics of the exact int4 form, per row ``r`` and group ``j`` of 32 input columns:
-``W[r, 32 j + i] = (q[r, 32 j + i] - 8) · scale[r, j] + zero[r, j]`` — equal to ``gguf.quants.dequantize`` (the
+``W[r, 32 j + i] = q[r, 32 j + i] · scale[r, j] + offset[r, j]`` — equal to ``gguf.quants.dequantize`` (the
 reference the tests compare with).
 """
 from __future__ import annotations
@@ -64,22 +64,22 @@ def _q4k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int4_from_blocks(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``raw: [rows, blocks, bytes]`` uint8 of ``qtype`` (Q4_0 / Q4_1 / Q4_K) → (``q`` uint8 ``[rows, in]`` in 0..15,
-    ``scale``, ``zero`` fp32 ``[rows, in / 32]``) with ``W = (q - 8) · scale + zero`` per group of 32."""
+    ``scale``, ``offset`` fp32 ``[rows, in / 32]``) with ``W = q · scale + offset`` per group of 32."""
     rows = raw.shape[0]
     if qtype == "Q4_0":  # W = d · (q - 8)
         d = _f16(raw, 0)
-        q, scale, zero = _nibbles(raw[..., 2:18]), d, torch.zeros_like(d)
+        q, scale, offset = _nibbles(raw[..., 2:18]), d, -8 * d
     elif qtype == "Q4_1":  # W = d · q + m
         d, m = _f16(raw, 0), _f16(raw, 2)
-        q, scale, zero = _nibbles(raw[..., 4:20]), d, m + 8 * d
+        q, scale, offset = _nibbles(raw[..., 4:20]), d, m
     elif qtype == "Q4_K":  # W = d · sc[j] · q - dmin · m[j], j the sub-block of 32; qs: 4 × 32 bytes, lo then hi
         d, dmin = _f16(raw, 0), _f16(raw, 2)
         sc, mn = _q4k_scales_mins(raw[..., 4:16])
         q = _nibbles(raw[..., 16:144].reshape(rows, -1, 4, 32))  # [rows, blocks, 4, 2, 32]
-        scale, zero = d * sc, d * sc * 8 - dmin * mn
+        scale, offset = d * sc, -dmin * mn
     else:
         raise ValueError(f"GGUF type {qtype} has no exact int4 form (only {sorted(EXACT_INT4)})")
-    return q.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+    return q.reshape(rows, -1), scale.reshape(rows, -1), offset.reshape(rows, -1)
 
 
 @dataclass

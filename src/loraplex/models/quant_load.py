@@ -21,7 +21,7 @@ from loraplex.layers.linear import Linear
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import EXACT_INT4, FLOAT_TYPES
-from loraplex.ops.quant import int4_group_size, pack_int4, quantize_int4, quantize_int8
+from loraplex.ops.quant import int4_group_size, pack_int4, quantize_int4, quantize_int8, scale_offset
 
 log = logging.getLogger("loraplex.engine")
 
@@ -128,8 +128,8 @@ class Fill:
             self.wq = torch.empty(n_out, n_in, dtype=torch.int8, device=device)
             self.scales = torch.empty(n_out, device=device)
         elif target.kind == "int4":
-            self.q = torch.empty(n_out, n_in, dtype=torch.uint8)
-            self.sz = torch.empty(n_in // target.group, n_out, 2, dtype=dtype)
+            self.packed = torch.empty(n_out, n_in // 2, dtype=torch.uint8)
+            self.so = torch.empty(n_out, n_in // target.group, 2)
         else:
             self.w = torch.empty(n_out, n_in, dtype=dtype, device=device)
 
@@ -142,9 +142,9 @@ class Fill:
         if what == "bias":
             self.bias[off:off + rows] = src.float_rows(0, rows).to(self.dtype)
         elif self.target.kind == "int4" and self.target.group == 32 and src.qtype in EXACT_INT4:
-            q, scale, zero = src.int4_exact()
-            self.q[off:off + rows] = q
-            self.sz[:, off:off + rows] = torch.stack([scale.t(), zero.t()], -1).to(self.dtype)
+            q, scale, offset = src.int4_exact()
+            self.packed[off:off + rows] = pack_int4(q)
+            self.so[off:off + rows] = scale_offset(scale, offset)
         else:
             step = max(1, CHUNK // self.n_in)
             for lo in range(0, rows, step):
@@ -152,8 +152,8 @@ class Fill:
                 if self.target.kind == "int8":
                     self.wq[at], self.scales[at] = quantize_int8(w)
                 elif self.target.kind == "int4":
-                    q, sz = quantize_int4(w, self.target.group)
-                    self.q[at], self.sz[:, at] = q, sz.to(self.dtype)
+                    q, self.so[at] = quantize_int4(w, self.target.group)
+                    self.packed[at] = pack_int4(q)
                 else:
                     self.w[at] = w
         src.release()
@@ -166,14 +166,8 @@ class Fill:
         if self.target.kind == "int8":
             return Int8Linear(self.wq, self.scales, self.bias, plan_for("int8", self.n_in, self.wq.shape[0]))
         if self.target.kind == "int4":
-            n_out = self.q.shape[0]
-            rows = 1024 if n_out % 64 == 0 else n_out  # tinygemm packs blocks of 64 rows independently
-            packed = torch.empty(n_out, self.n_in // 2, dtype=torch.uint8)
-            for r in range(0, n_out, rows):
-                packed[r:r + rows] = pack_int4(self.q[r:r + rows].to(torch.int32))
-            del self.q
-            return Int4Linear(packed, self.sz, self.target.group, self.bias, plan_for("int4", self.n_in, n_out),
-                              (n_out, self.n_in))
+            return Int4Linear(self.packed, self.so, self.target.group, self.bias,
+                              plan_for("int4", self.n_in, self.packed.shape[0]))
         linear = Linear(self.n_in, self.w.shape[0], self.bias is not None, self.w.dtype, "meta")
         linear.weight = nn.Parameter(self.w, requires_grad=False)
         if self.bias is not None:

@@ -16,7 +16,7 @@ from loraplex.layers.linear import Linear
 from loraplex.layers.lora import LoRAStack
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
-from loraplex.layers.quant_linear import Int8Linear
+from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.layers.row_tiled import RowTiled
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
@@ -108,7 +108,7 @@ class DecoderLM(nn.Module):
         self.embed_q: Int8Linear | None = None  # ... and the embedding (the same table when tied)
         self.row_tile = 0  # > 0: batch-invariant (make_batch_invariant)
         self._fused_table = None  # (key, the fused decode step's layer table, what it points into), built at first use
-        self._fused_ok: bool | None = None  # every projection a plain float Linear (checked at first use)
+        self._fused_ok: dict[int, bool] = {}  # step size -> can the fused step take every projection (first use)
         self._fused_lora: bool | None = None  # every LoRA stack readable by the C BGMV kernel (idem)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling, dtype, device)
         wdev = "meta" if skeleton else device
@@ -141,7 +141,7 @@ class DecoderLM(nn.Module):
         t = h.shape[0]
         if not (t <= ops.gemv_rows() and meta.num_decodes == t and not meta.prefills and meta.rows is None
                 and meta.token_rows is None and meta.decode_lens is not None and not self.row_tile
-                and decode_step_cpu.available(h) and self._fused_weights_ok(h.dtype)):
+                and decode_step_cpu.available(h) and self._fused_weights_ok(h.dtype, t)):
             return False
         return lora is None or (isinstance(lora.decodes, Bgmv) and not lora.segments and not lora.xlora
                                 and not lora.row_tile and self._fused_lora_ok())
@@ -151,12 +151,15 @@ class DecoderLM(nn.Module):
         blocks = [{"self_attn": layer.self_attn.lora, "mlp": layer.mlp.lora} for layer in self.layers]
         return [[b[p.block][p.name] if p.name in b[p.block] else None for p in PROJECTIONS] for b in blocks]
 
-    def _fused_weights_ok(self, dtype: torch.dtype) -> bool:
-        """Every projection a plain ``Linear`` of ``dtype`` (not quantized, not row-tiled); checked once."""
-        if self._fused_ok is None:
+    def _fused_weights_ok(self, dtype: torch.dtype, t: int) -> bool:
+        """Every projection a plain ``Linear`` of ``dtype`` (not row-tiled), or quantized with its C GEMV the
+        measured path for ``t`` rows (``engine.quant_plan``); checked once per step size."""
+        if t not in self._fused_ok:
             linears = [getattr(getattr(layer, p.block), p.name) for layer in self.layers for p in PROJECTIONS]
-            self._fused_ok = all(isinstance(m, Linear) and m.weight.dtype == dtype for m in linears)
-        return self._fused_ok
+            self._fused_ok[t] = all(isinstance(m, Linear) and m.weight.dtype == dtype
+                                    or isinstance(m, Int8Linear) and m.path_for(t) == "int8_c"
+                                    or isinstance(m, Int4Linear) and m.path_for(t) == "int4_c" for m in linears)
+        return self._fused_ok[t]
 
     def _fused_lora_ok(self) -> bool:
         """Every LoRA stack readable by the C BGMV kernel (B stored transposed); checked once."""
@@ -187,11 +190,9 @@ class DecoderLM(nn.Module):
     def _fused_tensors(layer: DecoderLayer, kv: tuple[torch.Tensor, torch.Tensor]) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
         qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.spec.qk_norm else (None, None)
-        return {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-                "qkv_w": attn.qkv_proj.weight, "qkv_b": attn.qkv_proj.bias, "o_w": attn.o_proj.weight,
-                "o_b": attn.o_proj.bias, "gu_w": mlp.gate_up_proj.weight, "gu_b": mlp.gate_up_proj.bias,
-                "down_w": mlp.down_proj.weight, "down_b": mlp.down_proj.bias, "q_norm": qk[0], "k_norm": qk[1],
-                "k_cache": kv[0], "v_cache": kv[1]}
+        projs = [_fused_proj(getattr(getattr(layer, p.block), p.name)) for p in PROJECTIONS]
+        return {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight, "proj": projs,
+                "q_norm": qk[0], "k_norm": qk[1], "k_cache": kv[0], "v_cache": kv[1]}
 
     def enable_lora(self, max_loras: int, max_rank: int) -> None:
         """Attach ``max_loras`` LoRA slots of rank ``max_rank`` beside every projection of every layer."""
@@ -267,3 +268,12 @@ class DecoderLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"model: checkpoint lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _fused_proj(m: nn.Module) -> decode_step_cpu.Proj:
+    """A projection's base weight as the fused step's table takes it."""
+    if isinstance(m, Int8Linear):
+        return decode_step_cpu.Proj("int8", m.wq, m.bias, m.scales)
+    if isinstance(m, Int4Linear):
+        return decode_step_cpu.Proj("int4", m.packed, m.bias, m.so, m.group)
+    return decode_step_cpu.Proj("dense", m.weight, m.bias)

@@ -1,5 +1,5 @@
 /* A whole decode step of the decoder stack in one call: for T <= GEMV_MAX_ROWS decode tokens, every layer's
- * add + RMSNorm, q|k|v GEMV, q/k norms, RoPE, KV write, decode attention, o GEMV, add + RMSNorm, gate|up GEMV,
+ * add + RMSNorm, q|k|v GEMV (dense, int8 or int4 weights, each projection its own), q/k norms, RoPE, KV write, decode attention, o GEMV, add + RMSNorm, gate|up GEMV,
  * silu * up, down GEMV, then the final add + RMSNorm -- the same kernels, in the same order, as the op-by-op path
  * (models/transformer.py through ops), so its bits are that path's; no Python between them. LoRA rows in the
  * BGMV form (one adapter, or a weighted mixture, per token; lora_cpu.c) add after each projection, as LoRAStack
@@ -19,12 +19,37 @@ typedef struct {
     int64_t n_slices, n_in, R, max_size;
 } lora_proj;
 
-/* One layer's tensors (NULL: absent bias or q/k norm) and its four projections' LoRA (q|k|v, o, gate|up, down). */
+/* One projection's base weight: kind PROJ_DENSE (w of the compute dtype), PROJ_INT8 (w int8, q fp32 row scales) or
+ * PROJ_INT4 (w nibble blocks, q fp32 scale/offset pairs per group of `group`); b its bias or NULL. */
+enum { PROJ_DENSE = 0, PROJ_INT8 = 1, PROJ_INT4 = 2 };
 typedef struct {
-    const void *ln1, *ln2, *qkv_w, *qkv_b, *o_w, *o_b, *gu_w, *gu_b, *down_w, *down_b, *q_norm, *k_norm;
+    const void *w, *b, *q;
+    int64_t kind, group;
+} dense_proj;
+
+/* One layer's tensors (NULL: absent q/k norm), its four projections (q|k|v, o, gate|up, down) and their LoRA. */
+typedef struct {
+    const void *ln1, *ln2, *q_norm, *k_norm;
     void *k_cache, *v_cache;
+    dense_proj proj[4];
     lora_proj lora[4];
 } decode_layer;
+
+/* y [T, N] (row stride ys) = x [T, K] (row stride xs) through projection p's base weight. */
+#define DEFINE_PROJECT(SFX, T_)                                                                                    \
+static void project_##SFX(const dense_proj *p, const T_ *x, int64_t xs, int64_t T, T_ *y, int64_t ys, int64_t N, \
+                          int64_t K, int n_threads) {                                                            \
+    if (p->kind == PROJ_INT8)                                                                                    \
+        gemv_int8_##SFX(x, xs, T, (const int8_t *)p->w, (const float *)p->q, (const T_ *)p->b, y, ys, N, K,     \
+                        n_threads);                                                                              \
+    else if (p->kind == PROJ_INT4)                                                                               \
+        gemv_int4_##SFX(x, xs, T, (const uint8_t *)p->w, (const uint16_t *)p->q, p->group, (const T_ *)p->b, y,  \
+                        ys, N, K, n_threads);                                                                    \
+    else                                                                                                         \
+        gemv_##SFX(x, xs, T, (const T_ *)p->w, (const T_ *)p->b, y, ys, N, K, n_threads);                        \
+}
+DEFINE_PROJECT(f32, float)
+DEFINE_PROJECT(bf16, uint16_t)
 
 /* y [T, N] (row stride ys) += the step's LoRA of x [T, n_in] (row stride xs) through projection p's slots. */
 #define LORA(SFX, T_, P, X, XS, Y, YS)                                                                                 \
@@ -51,7 +76,7 @@ void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *f
         const decode_layer *ly = layers + l;                                                                      \
         add_rms_norm_##SFX(res, D, d, D, ly->ln1, spare, x, T, D, eps, n_threads);                               \
         if (d) { res = spare; spare = spare == r0 ? r1 : r0; }                                                    \
-        gemv_##SFX(x, D, T, ly->qkv_w, ly->qkv_b, qkv, nqkv, nqkv, D, n_threads);                                \
+        project_##SFX(&ly->proj[0], x, D, T, qkv, nqkv, nqkv, D, n_threads);                                \
         LORA(SFX, T_, &ly->lora[0], x, D, qkv, nqkv);                                                                  \
         if (ly->q_norm)                                                                                           \
             for (int64_t t = 0; t < T; t++) {                                                                     \
@@ -67,15 +92,15 @@ void NAME(const decode_layer *layers, int64_t n_layers, const T_ *h, const T_ *f
                  Hkv * hd * (int64_t)sizeof(T_));                                                                 \
         decode_attention_##SFX(qkv, nqkv, ly->k_cache, ly->v_cache, ctx_slots, lens, L, T, H, Hkv, hd, scale,   \
                                att, n_threads);                                                                   \
-        gemv_##SFX(att, nq, T, ly->o_w, ly->o_b, dl, D, D, nq, n_threads);                                        \
+        project_##SFX(&ly->proj[1], att, nq, T, dl, D, D, nq, n_threads);                                        \
         LORA(SFX, T_, &ly->lora[1], att, nq, dl, D);                                                                   \
         add_rms_norm_##SFX(res, D, dl, D, ly->ln2, spare, x, T, D, eps, n_threads);                              \
         res = spare;                                                                                              \
         spare = spare == r0 ? r1 : r0;                                                                            \
-        gemv_##SFX(x, D, T, ly->gu_w, ly->gu_b, gu, 2 * I, 2 * I, D, n_threads);                                  \
+        project_##SFX(&ly->proj[2], x, D, T, gu, 2 * I, 2 * I, D, n_threads);                                  \
         LORA(SFX, T_, &ly->lora[2], x, D, gu, 2 * I);                                                                  \
         silu_mul_##SFX(gu, 2 * I, act, T, I, n_threads);                                                          \
-        gemv_##SFX(act, I, T, ly->down_w, ly->down_b, dl, D, D, I, n_threads);                                    \
+        project_##SFX(&ly->proj[3], act, I, T, dl, D, D, I, n_threads);                                    \
         LORA(SFX, T_, &ly->lora[3], act, I, dl, D);                                                                    \
         d = dl;                                                                                                   \
     }                                                                                                             \

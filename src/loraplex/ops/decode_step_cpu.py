@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import NamedTuple
 
 import torch
 
 from loraplex.ops import cpu_ext, dense_cpu, lora_cpu
 
-LAYER_FIELDS = ("ln1", "ln2", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b", "q_norm", "k_norm",
-                "k_cache", "v_cache")
+LAYER_FIELDS = ("ln1", "ln2", "q_norm", "k_norm", "k_cache", "v_cache")
+PROJ_KINDS = {"dense": 0, "int8": 1, "int4": 2}  # the C source's PROJ_* values
 DTYPES = {torch.float32: "decode_layers_f32", torch.bfloat16: "decode_layers_bf16"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -25,10 +26,27 @@ class LoRAProj(ctypes.Structure):
                 ("n_in", _I), ("R", _I), ("max_size", _I)]
 
 
+class DenseProj(ctypes.Structure):
+    """One projection's base weight as the kernel reads it (``dense_proj`` in the C source)."""
+
+    _fields_ = [("w", _P), ("b", _P), ("q", _P), ("kind", _I), ("group", _I)]
+
+
+class Proj(NamedTuple):
+    """A projection's base weight for the table: ``kind`` (``PROJ_KINDS``), the weight, bias (or None), and for int8
+    the fp32 row scales / for int4 the fp32 scale-offset pairs and the group size."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    group: int = 0
+
+
 class DecodeLayer(ctypes.Structure):
     """One layer's tensors as the kernel reads them (``decode_layer`` in the C source)."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_FIELDS] + [("lora", LoRAProj * 4)]
+    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_FIELDS] + [("proj", DenseProj * 4), ("lora", LoRAProj * 4)]
 
 
 @functools.cache
@@ -48,11 +66,11 @@ def available(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in DTYPES and _library() is not None
 
 
-def layer_table(layers: list[dict[str, torch.Tensor | None]], loras: list[list | None], dtype: torch.dtype,
-                keep: list) -> ctypes.Array:
-    """The kernel's per-layer table from each layer's tensors (``LAYER_FIELDS``; None where absent) and its four
-    projections' LoRA (``(A, [Bᵀ per slice], out_slices, ranks)`` each, or None), all contiguous, of ``dtype`` (ranks
-    int32). What the table points to must outlive it: ``keep`` receives the arrays made here."""
+def layer_table(layers: list[dict], loras: list[list | None], dtype: torch.dtype, keep: list) -> ctypes.Array:
+    """The kernel's per-layer table from each layer's tensors (``LAYER_FIELDS``; None where absent), its four
+    projections' base weights (``"proj"``: four :class:`Proj`) and their LoRA (``(A, [Bᵀ per slice], out_slices,
+    ranks)`` each, or None), all contiguous, of ``dtype`` (ranks int32; quantized weights in their own formats).
+    What the table points to must outlive it: ``keep`` receives the arrays made here."""
     table = (DecodeLayer * len(layers))()
     for entry, tensors, lora in zip(table, layers, loras):
         for name in LAYER_FIELDS:
@@ -60,6 +78,8 @@ def layer_table(layers: list[dict[str, torch.Tensor | None]], loras: list[list |
             if t is not None and (not t.is_contiguous() or t.dtype != dtype):
                 raise ValueError(f"decode step: layer tensor {name} is not contiguous {dtype}")
             setattr(entry, name, None if t is None else t.data_ptr())
+        for slot, proj in zip(entry.proj, tensors["proj"]):
+            _set_proj(slot, proj, dtype)
         for proj, stack in zip(entry.lora, lora or ()):
             if stack is None:
                 continue
@@ -75,6 +95,21 @@ def layer_table(layers: list[dict[str, torch.Tensor | None]], loras: list[list |
             proj.n_slices, proj.n_in, proj.R = len(bts), a.shape[-1], bts[0].shape[1]
             proj.max_size = widest
     return table
+
+
+_PROJ_DTYPES = {"int8": (torch.int8, torch.float32), "int4": (torch.uint8, torch.float32)}
+
+
+def _set_proj(slot: DenseProj, proj: Proj, dtype: torch.dtype) -> None:
+    weight_dtype, scales_dtype = _PROJ_DTYPES.get(proj.kind, (dtype, None))
+    ok = proj.weight.is_contiguous() and proj.weight.dtype == weight_dtype \
+        and (proj.bias is None or (proj.bias.is_contiguous() and proj.bias.dtype == dtype)) \
+        and (scales_dtype is None or (proj.scales.is_contiguous() and proj.scales.dtype == scales_dtype))
+    if not ok:
+        raise ValueError(f"decode step: a {proj.kind} projection's tensors are not contiguous of the kernel's dtypes")
+    slot.kind, slot.group, slot.w = PROJ_KINDS[proj.kind], proj.group, proj.weight.data_ptr()
+    slot.b = None if proj.bias is None else proj.bias.data_ptr()
+    slot.q = None if proj.scales is None else proj.scales.data_ptr()
 
 
 def decode_layers(table: ctypes.Array, h: torch.Tensor, final_norm: torch.Tensor, heads: tuple[int, int, int],

@@ -6,6 +6,9 @@
  * Semantics (fp32 accumulation; for bf16 tensors every reference rounding to bf16 is kept, named r() below):
  *   gemv:          y[m, n] = r(sum_k W[n, k] * x[m, k] + b[n])                      (m < M, the dot in any order)
  *   gemv_int8:     y[m, n] = r(s[n] * sum_k Wq[n, k] * x[m, k] + b[n])      (Wq int8, s fp32: weight-only int8)
+ *   gemv_int4:     y[m, n] = r(sum_k (q[n, k] * sc[n, k / g] + off[n, k / g]) * x[m, k] + b[n])
+ *                  (q in 0..15 in nibble blocks, see INT4 LAYOUT; sc, off fp32 pairs; the dot in any order)
+ *   dequant_int4:  W[n, k] = r(q[n, k] * sc[n, k / g] + off[n, k / g])                 (rows n0..n1 of the weight)
  *   add_rms_norm:  h' = r(h + d) (h' = h when d is NULL);  y = r(w * r(h' * rsqrt(mean(h'^2) + eps)))
  *   rope:          x[t, j, i] = r(r(x[t,j,i] * cos[t,i]) + r(x[t,j,(i+D/2)%D] * sin[t,i]))   (in place, sin signed)
  *   silu_mul:      y[t, i] = r(r(g / (1 + exp(-g))) * u)  with g = x[t, i], u = x[t, I + i]
@@ -13,6 +16,9 @@
 #include <stdlib.h>
 
 #include "cpu_common.h"
+
+#define GEMV_TOKENS 8 /* the most tokens one GEMV call takes: dense_cpu.py's GEMV_MAX_ROWS */
+#define INT4_ROWS 8   /* weight rows per scheduling chunk of the int4 GEMV */
 
 /* ---- GEMV ---------------------------------------------------------------------------------------------------- */
 
@@ -78,6 +84,227 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const int8_t *W, const float *s, c
 
 DEFINE_GEMV_INT8(gemv_int8_f32, float, id_f32, id_f32)
 DEFINE_GEMV_INT8(gemv_int8_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* ---- int4 GEMV ------------------------------------------------------------------------------------------------
+ * INT4 LAYOUT (ops/quant.py pack_int4): each row's K/2 bytes hold blocks of 4 L weights in 2 L bytes, read as L
+ * little-endian 16-bit lanes: lane j of a block starting at weight k0 holds q[k0 + L p + j] in bits 4p..4p+3 (the
+ * four "planes" p = 0..3). Blocks of 128 (L = 32) while 128 weights are left, then one of 64 (L = 16) if 64 are
+ * left, then one of 32 (L = 8). Groups (g = 32, 64 or 128 weights) hold one (scale, offset) fp32 pair each:
+ * W = q * scale + offset; blocks and planes never straddle a group.
+ * With AVX512-BF16 and bf16 activations a plane widens to bf16 in one or two instructions: OR-ing the nibble into the
+ * pattern of 128 (0x4300) gives exactly 128 + q, so vdpbf16ps sums D = sum (128 + q) x exactly per product, and
+ * sum W x = scale * D + (offset - 128 scale) * S per group, S = sum x over the group (once per call). */
+
+/* The lanes L of the block holding weight k (a multiple of 32) of a K-wide row, and that block's first weight. */
+static inline int64_t int4_block(int64_t K, int64_t k, int64_t *base) {
+    int64_t f128 = K / 128 * 128;
+    if (k < f128) { *base = k / 128 * 128; return 32; }
+    if (K - f128 >= 64 && k < f128 + 64) { *base = f128; return 16; }
+    *base = K - 32;
+    return 8;
+}
+
+/* q[k0 .. k0 + 32) of a row (k0 a multiple of 32; always inside one block) as floats. */
+static inline void int4_unpack32(const uint8_t *row, int64_t K, int64_t k0, float *w) {
+    int64_t base, L = int4_block(K, k0, &base);
+    const uint8_t *blk = row + base / 2;
+    for (int i = 0; i < 32; i++) {
+        int64_t r = k0 - base + i, p = r / L, j = r % L;
+        unsigned v = (unsigned)blk[2 * j] | ((unsigned)blk[2 * j + 1] << 8);
+        w[i] = (float)((v >> (4 * p)) & 0xfu);
+    }
+}
+
+/* Per-group sums S_g of x (G groups of g) for M rows of stride xs as pairs (-128 S_g, S_g): SS [M, 2 G]. */
+#define DEFINE_GROUP_SUMS(NAME, T_, LOAD)                                                                          \
+static void NAME(const T_ *x, int64_t xs, int64_t M, int64_t K, int64_t g, float *S) {                           \
+    for (int64_t m = 0; m < M; m++)                                                                                \
+        for (int64_t G0 = 0; G0 < K / g; G0++) {                                                                   \
+            float s = 0.0f;                                                                                        \
+            for (int64_t k = G0 * g; k < (G0 + 1) * g; k++) s += LOAD(x[m * xs + k]);                              \
+            S[m * 2 * (K / g) + 2 * G0] = -128.0f * s;                                                             \
+            S[m * 2 * (K / g) + 2 * G0 + 1] = s;                                                                   \
+        }                                                                                                          \
+}
+DEFINE_GROUP_SUMS(group_sums_f32, float, id_f32)
+DEFINE_GROUP_SUMS(group_sums_bf16, uint16_t, bf16_to_f32)
+
+/* Portable form, one row: D[m, group] = sum q x over the row's groups, then scale * D + offset * S. */
+#define DEFINE_INT4_ROW(NAME, T_, LOAD)                                                                            \
+static void NAME(const uint8_t *row, const float *so, const float *xf, const float *S, int64_t M, int64_t K, \
+                 int64_t g, float *out) {                                                                          \
+    float w[32];                                                                                                   \
+    for (int64_t m = 0; m < M; m++) out[m] = 0.0f;                                                                 \
+    for (int64_t G0 = 0; G0 < K / g; G0++) {                                                                       \
+        float sc = so[2 * G0], off = so[2 * G0 + 1];                                                                  \
+        for (int64_t k0 = G0 * g; k0 < (G0 + 1) * g; k0 += 32) {                                                   \
+            int4_unpack32(row, K, k0, w);                                                                          \
+            for (int64_t m = 0; m < M; m++) {                                                                      \
+                const float *xm = xf + m * K + k0;                                                                 \
+                float d = 0.0f;                                                                                    \
+                _Pragma("omp simd reduction(+:d)")                                                                 \
+                for (int64_t i = 0; i < 32; i++) d += w[i] * xm[i];                                                \
+                out[m] += sc * d;                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int64_t m = 0; m < M; m++) out[m] += off * S[m * 2 * (K / g) + 2 * G0 + 1];                           \
+    }                                                                                                              \
+}
+DEFINE_INT4_ROW(int4_row_f32, float, id_f32)
+
+#ifdef __AVX512BF16__
+static inline __m512i int4_plane(__m512i v, int q) { /* plane q of a block's lanes as bf16 128 + nibble */
+    const __m512i nib = _mm512_set1_epi16(0x000f), b128 = _mm512_set1_epi16(0x4300);
+    if (q == 3) return _mm512_or_si512(_mm512_srli_epi16(v, 12), b128);
+    return _mm512_ternarylogic_epi32(q ? _mm512_srli_epi16(v, 4 * q) : v, nib, b128, 0xEA); /* (v & 0xf) | 0x4300 */
+}
+
+/* The AVX512-BF16 form for bf16 x, one row, MT tokens and PER = g / 32 planes of a 128-block per group (constants
+ * at each call site: the accumulators stay in registers). Per group and token one chain of vdpbf16ps from zero,
+ * scaled into one of two running sums; the offsets' share sum_g (offset - 128 scale) S_g is one dot of the row's
+ * (scale, offset) pairs with SS [MT, 2 G] = (-128 S_g, S_g) pairs, made once per call. */
+static inline __attribute__((always_inline)) void int4_row_bf16_avx(
+        const uint8_t *row, const float *so, const uint16_t *x, int64_t xs, const float *SS, const int MT,
+        const int PER, int64_t K, int64_t g, float *out) {
+    __m512 tot[GEMV_TOKENS][2];
+    for (int m = 0; m < MT; m++) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
+    int64_t f128 = K / 128 * 128, G0 = 0;
+    for (int64_t k = 0; k < f128; k += 128) {
+        __m512i v = _mm512_loadu_si512(row + k / 2), p[4];
+        for (int q = 0; q < 4; q++) p[q] = int4_plane(v, q);
+        for (int q0 = 0; q0 < 4; q0 += PER, G0++) {
+            __m512 sc = _mm512_set1_ps(so[2 * G0]);
+            for (int m = 0; m < MT; m++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int q = q0; q < q0 + PER; q++)
+                    a = _mm512_dpbf16_ps(a, (__m512bh)p[q], (__m512bh)_mm512_loadu_si512(x + m * xs + k + 32 * q));
+                tot[m][G0 & 1] = _mm512_fmadd_ps(a, sc, tot[m][G0 & 1]);
+            }
+        }
+    }
+    for (int64_t k = f128; k < K;) {                                    /* a block of 64 (L = 16), then of 32 (L = 8) */
+        int64_t L = K - k >= 64 ? 16 : 8, done = 0;
+        __mmask32 lanes = ((__mmask32)1 << L) - 1;
+        __mmask16 sums = (__mmask16)((1u << (L / 2)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi16(lanes, row + k / 2);
+        __m512 a[GEMV_TOKENS];
+        for (int m = 0; m < MT; m++) a[m] = _mm512_setzero_ps();
+        for (int q = 0; q < 4; q++) {
+            __m512i pq = int4_plane(v, q);
+            for (int m = 0; m < MT; m++)
+                a[m] = _mm512_mask_dpbf16_ps(a[m], sums, (__m512bh)pq,
+                                             (__m512bh)_mm512_maskz_loadu_epi16(lanes, x + m * xs + k + L * q));
+            if ((done += L) == g) {
+                __m512 sc = _mm512_set1_ps(so[2 * G0++]);
+                for (int m = 0; m < MT; m++) {
+                    tot[m][0] = _mm512_fmadd_ps(a[m], sc, tot[m][0]);
+                    a[m] = _mm512_setzero_ps();
+                }
+                done = 0;
+            }
+        }
+        k += 4 * L;
+    }
+    int64_t n2 = 2 * (K / g);
+    for (int m = 0; m < MT; m++) {
+        __m512 z = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n2; i += 16) {
+            __mmask16 km = n2 - i >= 16 ? 0xffff : (__mmask16)((1u << (n2 - i)) - 1);
+            z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, so + i),
+                                _mm512_maskz_loadu_ps(km, SS + m * n2 + i), z);
+        }
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]), z));
+    }
+}
+#endif
+
+/* x [M, K] rows of stride xs; Wp [N, K / 2] packed; so [N, K / g, 2] fp32; b [N] or NULL; y [M, N] of stride ys. */
+#define DEFINE_GEMV_INT4(NAME, T_, LOAD, STORE, GROUP_SUMS, ROW)                                                  \
+void NAME(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so, int64_t g, const T_ *b,      \
+          T_ *y, int64_t ys, int64_t N, int64_t K, int n_threads) {                                              \
+    float *S = (float *)malloc(sizeof(float) * (size_t)(M * 2 * (K / g)));                                       \
+    GROUP_SUMS(x, xs, M, K, g, S);                                                                               \
+    float *xf = NULL;                                                                                            \
+    if (!ROW##_direct) {                                                                                         \
+        xf = (float *)malloc(sizeof(float) * (size_t)(M * K));                                                   \
+        for (int64_t m = 0; m < M; m++)                                                                          \
+            for (int64_t k = 0; k < K; k++) xf[m * K + k] = LOAD(x[m * xs + k]);                                 \
+    }                                                                                                            \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")                                           \
+    for (int64_t n0 = 0; n0 < N; n0 += INT4_ROWS) {                                                              \
+        int64_t n1 = n0 + INT4_ROWS < N ? n0 + INT4_ROWS : N;                                                    \
+        float out[INT4_ROWS * GEMV_TOKENS];                                                                      \
+        ROW(W + n0 * (K / 2), so + n0 * (K / g) * 2, n1 - n0, x, xs, xf, S, M, K, g, out);                       \
+        for (int64_t n = n0; n < n1; n++) {                                                                      \
+            float bias = b ? LOAD(b[n]) : 0.0f;                                                                  \
+            for (int64_t m = 0; m < M; m++) y[m * ys + n] = STORE(out[(n - n0) * GEMV_TOKENS + m] + bias);       \
+        }                                                                                                        \
+    }                                                                                                            \
+    free(xf);                                                                                                    \
+    free(S);                                                                                                     \
+}
+
+/* ROW(W, so, rows, x, xs, xf, S, M, K, g, out): rows consecutive rows into out [rows, GEMV_TOKENS]; ROW_direct:
+ * whether it reads x itself (else xf, x in fp32). */
+static const int int4_f32_row_direct = 0;
+static inline void int4_f32_row(const uint8_t *W, const float *so, int64_t rows, const float *x, int64_t xs,
+                                const float *xf, const float *S, int64_t M, int64_t K, int64_t g, float *out) {
+    (void)x; (void)xs;
+    for (int64_t r = 0; r < rows; r++)
+        int4_row_f32(W + r * (K / 2), so + r * (K / g) * 2, xf, S, M, K, g, out + r * GEMV_TOKENS);
+}
+
+#ifdef __AVX512BF16__
+static const int int4_bf16_row_direct = 1;
+#define INT4_ROWS_PER(MT, PER)                                                                                     \
+    for (int64_t r = 0; r < rows; r++)                                                                             \
+        int4_row_bf16_avx(W + r * (K / 2), so + r * (K / g) * 2, x, xs, S, MT, PER, K, g, out + r * GEMV_TOKENS);
+#define INT4_ROW_CASE(MT)                                                                                          \
+    case MT:                                                                                                       \
+        if (g == 32) { INT4_ROWS_PER(MT, 1) }                                                                      \
+        else if (g == 64) { INT4_ROWS_PER(MT, 2) }                                                                 \
+        else { INT4_ROWS_PER(MT, 4) }                                                                              \
+        break;
+static void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows, const uint16_t *x, int64_t xs,
+                          const float *xf, const float *S, int64_t M, int64_t K, int64_t g, float *out) {
+    (void)xf;
+    switch (M) {                                                        /* constant token counts and group sizes */
+    INT4_ROW_CASE(1) INT4_ROW_CASE(2) INT4_ROW_CASE(3) INT4_ROW_CASE(4)
+    INT4_ROW_CASE(5) INT4_ROW_CASE(6) INT4_ROW_CASE(7) INT4_ROW_CASE(8)
+    }
+}
+#else
+static const int int4_bf16_row_direct = 0;
+static inline void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows, const uint16_t *x, int64_t xs,
+                                 const float *xf, const float *S, int64_t M, int64_t K, int64_t g, float *out) {
+    (void)x; (void)xs;
+    for (int64_t r = 0; r < rows; r++)
+        int4_row_f32(W + r * (K / 2), so + r * (K / g) * 2, xf, S, M, K, g, out + r * GEMV_TOKENS);
+}
+#endif
+
+DEFINE_GEMV_INT4(gemv_int4_f32, float, id_f32, id_f32, group_sums_f32, int4_f32_row)
+DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_bf16, int4_bf16_row)
+
+/* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous (the large-batch path's GEMM). */
+#define DEFINE_DEQUANT_INT4(NAME, T_, STORE)                                                                      \
+void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t K, T_ *out,         \
+          int n_threads) {                                                                                       \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
+    for (int64_t n = n0; n < n1; n++) {                                                                          \
+        const uint8_t *row = W + n * (K / 2);                                                                    \
+        const float *s = so + n * (K / g) * 2;                                                                \
+        T_ *o = out + (n - n0) * K;                                                                              \
+        float w[32];                                                                                             \
+        for (int64_t k0 = 0; k0 < K; k0 += 32) {                                                                 \
+            float sc = s[2 * (k0 / g)], off = s[2 * (k0 / g) + 1];                                                    \
+            int4_unpack32(row, K, k0, w);                                                                        \
+            for (int i = 0; i < 32; i++) o[k0 + i] = STORE(w[i] * sc + off);                                     \
+        }                                                                                                        \
+    }                                                                                                            \
+}
+DEFINE_DEQUANT_INT4(dequant_int4_f32, float, id_f32)
+DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, f32_to_bf16)
 
 /* ---- residual add + RMSNorm ------------------------------------------------------------------------------------ */
 

@@ -3,6 +3,8 @@
 * ``gemv``: ``y = x @ W.T + b`` for steps of at most ``GEMV_MAX_ROWS`` tokens, each weight row read once for all of
   them (ATen and oneDNN run one token's GEMV at a fraction of the read bandwidth at a decoder's shapes);
 * ``gemv_int8``: the same with weight-only int8 weights and per-row scales, widened in registers (no dequantized copy);
+* ``gemv_int4``: the same with group-wise int4 weights in our nibble-block layout (``ops.quant.pack_int4``), each
+  nibble widened to bf16 in registers; ``dequant_int4`` expands rows of it for the large-batch GEMM;
 * ``add_rms_norm``: the residual add and the next RMSNorm in one pass, rounding where the reference does;
 * ``rope``: RoPE applied in place on the q|k heads, rounding where the reference does;
 * ``silu_mul``: SwiGLU's ``silu(gate) * up`` from the stacked gate|up output in one pass.
@@ -24,6 +26,8 @@ DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
                "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _N],
+               "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _N],
+               "dequant_int4": [_P, _P, _I, _I, _I, _I, _P, _N],
                "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
                "rope": [_P, _I, _I, _I, _I, _P, _P, _N],
                "silu_mul": [_P, _I, _P, _I, _I, _N]}
@@ -89,6 +93,36 @@ def gemv_int8(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor,
     _fn("gemv_int8", x.dtype)(x.data_ptr(), x.stride(0), m, wq.data_ptr(), scales.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
     return y
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``) → ``[M, out]``: ``x @ W.T + bias`` with ``W = q · scale + offset`` per
+    group of ``group`` inputs (``packed: [out, in / 2]`` uint8 from ``ops.quant.pack_int4``, ``so: [out, in / group,
+    2]`` fp32 scale/offset pairs), fp32 accumulation, one rounding. Reference: ``ops.quant.int4_linear_reference``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not packed.is_contiguous() or packed.dtype != torch.uint8 \
+            or packed.shape[1] * 2 != k or so.dtype != torch.float32 or not so.is_contiguous() \
+            or so.shape != (n, k // group, 2) or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+        raise ValueError(f"gemv_int4: needs <= {GEMV_MAX_ROWS} rows of unit stride, packed uint8 weights and fp32 "
+                         f"scale/offset pairs, got x {tuple(x.shape)}, weight {tuple(packed.shape)} {packed.dtype}")
+    y = x.new_empty(m, n)
+    _fn("gemv_int4", x.dtype)(x.data_ptr(), x.stride(0), m, packed.data_ptr(), so.data_ptr(), group,
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
+    return y
+
+
+def dequant_int4(packed: torch.Tensor, so: torch.Tensor, group: int, rows: tuple[int, int],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``rows[0]:rows[1]`` of the int4 weight (see ``gemv_int4``) as ``[rows, in]`` of ``dtype``, each weight
+    rounded once. Reference: ``ops.quant.dequantize_int4``."""
+    n0, n1 = rows
+    k = packed.shape[1] * 2
+    out = torch.empty(n1 - n0, k, dtype=dtype)
+    _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), group, n0, n1, k, out.data_ptr(),
+                               torch.get_num_threads())
+    return out
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

@@ -1,13 +1,15 @@
 """Weight-only quantized linears, activations in a float dtype.
 
 int8, per output channel (the reference): ``y = x @ (Wq · s[:, None]).T + b`` with ``Wq: [out, in]`` int8, ``s: [out]``.
-int4, per group of ``g`` input columns (tinygemm's format): ``W[o, i] = (q[o, i] - 8) · scale[i // g, o] + zero[i // g, o]``
-with ``q`` in 0..15; packed by ``torch._convert_weight_to_int4pack_for_cpu`` (CPU only for now).
+int4, per group of ``g`` input columns: ``W[o, i] = q[o, i] · scale[o, i // g] + offset[o, i // g]`` with ``q`` in
+0..15 packed two to a byte in our nibble-block layout (``pack_int4``) and fp32 ``(scale, offset)`` pairs (CPU only;
+fp32 keeps GGUF's Q4_K sub-block scales ``d · sc`` exact, which fp16 would not).
 Paths, chosen per batch size by measurement (``engine.quant_plan``): ``int8mm`` — PyTorch's weight-only kernel
 (``torch._weight_int8pack_mm``) with activations in their own dtype; ``int8mm_bf16`` — the same kernel fed bf16
 activations (on CPUs where its fp32 variant is slow); ``dequant`` — the weights expanded to the activations' dtype,
 then one GEMM (the fast form for large batches: the int8 kernel is a GEMV at heart); ``int8_c`` — the C GEMV
 (``ops.dense_cpu.gemv_int8``, steps of at most ``GEMV_MAX_ROWS`` rows), the int8 weights widened in registers.
+int4's paths: ``int4_c`` (``ops.dense_cpu.gemv_int4``) and ``dequant`` (see ``int4_linear``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from loraplex.ops import dense_cpu
 
 INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant", "int8_c")
-INT4_PATHS = ("int4mm", "int4mm_bf16")  # int4 keeps only the packed weights: no dequantized form
+INT4_PATHS = ("int4_c", "dequant")  # int4 keeps only the packed weights: "dequant" expands rows per call
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,32 +59,98 @@ def int4_group_size(n_in: int, wanted: int) -> int:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w: [out, in]`` → (``q`` int32 ``[out, in]`` in 0..15, ``scales_zeros`` fp32 ``[in / g, out, 2]``):
-    asymmetric per group, ``scale = (max - min) / 15``, ``zero = min + 8 · scale``."""
+    """``w: [out, in]`` → (``q`` uint8 ``[out, in]`` in 0..15, ``so`` fp32 ``[out, in / group, 2]``): asymmetric per
+    group, ``scale = (max - min) / 15`` and ``offset = min``, ``W ≈ q · scale + offset``."""
     n_out, n_in = w.shape
     wg = w.float().view(n_out, n_in // group, group)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.clamp(torch.round((wg - lo) / scale), 0, 15).to(torch.int32).view(n_out, n_in)
-    zero = lo + 8 * scale
-    return q, torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1).contiguous()
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.clamp(torch.round((wg - lo[..., None]) / scale[..., None]), 0, 15).to(torch.uint8).view(n_out, n_in)
+    return q, scale_offset(scale, lo)
+
+
+def scale_offset(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``[out, groups]`` scales and offsets → the fp32 pairs ``[out, groups, 2]`` the int4 kernels read."""
+    return torch.stack([scale, offset], dim=-1).float().contiguous()
+
+
+def _int4_blocks(n_in: int) -> list[tuple[int, int, int]]:
+    """The layout's runs of blocks: ``(first weight, blocks, lanes L)`` — blocks of 128 (L = 32) while 128 weights
+    are left, then one of 64 (L = 16), then one of 32 (L = 8)."""
+    f128 = n_in // 128 * 128
+    runs, k = [(0, f128 // 128, 32)], f128
+    if n_in - k >= 64:
+        runs.append((k, 1, 16))
+        k += 64
+    if n_in - k:
+        runs.append((k, 1, 8))
+    return runs
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1)
-
-
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor,
-                bias: torch.Tensor | None, path: str) -> torch.Tensor:
-    act = torch.bfloat16 if path == "int4mm_bf16" else x.dtype
-    y = torch._weight_int4pack_mm_for_cpu(x.to(act).contiguous(), packed, group, scales_zeros.to(act)).to(x.dtype)
-    return y if bias is None else y + bias
-
-
-def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, group: int, scales_zeros: torch.Tensor,
-                          bias: torch.Tensor | None) -> torch.Tensor:
-    """The int4 semantics in fp32 (tests)."""
+    """``q: [out, in]`` in 0..15 → ``[out, in / 2]`` uint8 in the nibble-block layout of ``ops/dense_cpu.c``: blocks of
+    ``4 L`` weights as ``L`` little-endian 16-bit lanes, lane ``j`` holding ``q[k0 + L p + j]`` in bits ``4p..4p+3``
+    (see ``_int4_blocks`` for the block sizes)."""
     n_out, n_in = q.shape
-    scale, zero = scales_zeros[..., 0].t().unsqueeze(-1), scales_zeros[..., 1].t().unsqueeze(-1)  # [out, in/g, 1]
-    w = ((q.view(n_out, n_in // group, group).float() - 8) * scale + zero).view(n_out, n_in)
-    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    if n_in % 32:
+        raise ValueError(f"quantization: int4 needs an input width divisible by 32, got {n_in}")
+    q = q.to(torch.uint8)
+    packed = []
+    for k, blocks, lanes in _int4_blocks(n_in):
+        p = q[:, k:k + 4 * lanes * blocks].reshape(n_out, blocks, 4, lanes)
+        packed.append(torch.stack([p[:, :, 0] | (p[:, :, 1] << 4), p[:, :, 2] | (p[:, :, 3] << 4)], -1)
+                      .reshape(n_out, -1))
+    return torch.cat(packed, dim=1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: ``[out, in / 2]`` → ``q [out, in]`` uint8."""
+    n_out, n_in = packed.shape[0], packed.shape[1] * 2
+    out = []
+    for k, blocks, lanes in _int4_blocks(n_in):
+        b = packed[:, k // 2:(k + 4 * lanes * blocks) // 2].reshape(n_out, blocks, lanes, 2)
+        planes = [b[..., 0] & 15, b[..., 0] >> 4, b[..., 1] & 15, b[..., 1] >> 4]
+        out.append(torch.stack(planes, dim=2).reshape(n_out, -1))
+    return torch.cat(out, dim=1)
+
+
+def dequantize_int4(q: torch.Tensor, so: torch.Tensor, group: int) -> torch.Tensor:
+    """``W = q · scale + offset`` per group, in fp32 (``q`` unpacked)."""
+    n_out, n_in = q.shape
+    scale, offset = so[..., 0:1].float(), so[..., 1:2].float()
+    return (q.view(n_out, n_in // group, group).float() * scale + offset).view(n_out, n_in)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int, bias: torch.Tensor | None,
+                path: str) -> torch.Tensor:
+    """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path``: ``int4_c`` the C GEMV (steps of at most
+    ``GEMV_MAX_ROWS`` rows, bf16 activations widened nibbles in registers); ``dequant`` rows of the weight expanded
+    to the activations' dtype (by C where built, else torch), a GEMM per chunk of rows."""
+    if path == "int4_c" and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS and dense_cpu.available(x):
+        return dense_cpu.gemv_int4(x, packed, so, group, bias)
+    n_out = packed.shape[0]
+    rows = max(1, INT4_CHUNK // packed.shape[1])
+    if rows >= n_out or not dense_cpu.available(x):
+        return F.linear(x, _dequant_rows(packed, so, group, (0, n_out), x.dtype), bias)
+    y = x.new_empty(x.shape[0], n_out)
+    for r in range(0, n_out, rows):
+        at = (r, min(n_out, r + rows))
+        y[:, at[0]:at[1]] = x @ _dequant_rows(packed, so, group, at, x.dtype).t()
+    return y if bias is None else y.add_(bias)
+
+
+INT4_CHUNK = 1 << 19  # packed bytes expanded per GEMM of the dequant path (~2 MB of bf16: the L2 of most CPUs)
+
+
+def _dequant_rows(packed: torch.Tensor, so: torch.Tensor, group: int, at: tuple[int, int],
+                  dtype: torch.dtype) -> torch.Tensor:
+    if packed.is_cpu and dtype in dense_cpu.DTYPES and dense_cpu.available(torch.empty(0, dtype=dtype)):
+        return dense_cpu.dequant_int4(packed, so, group, at, dtype)
+    lo, hi = at
+    return dequantize_int4(unpack_int4(packed[lo:hi]), so[lo:hi], group).to(dtype)
+
+
+def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, so: torch.Tensor, group: int,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """The int4 semantics in fp32 (tests): ``x @ (q · scale + offset).T + bias`` per group."""
+    return F.linear(x.float(), dequantize_int4(q, so, group), None if bias is None else bias.float()).to(x.dtype)
