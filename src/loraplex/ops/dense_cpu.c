@@ -104,14 +104,17 @@ static inline int64_t int4_block(int64_t K, int64_t k, int64_t *base) {
     return 8;
 }
 
-/* q[k0 .. k0 + 32) of a row (k0 a multiple of 32; always inside one block) as floats. */
+/* q[k0 .. k0 + 32) of a row (k0 a multiple of 32; always inside one block: 1, 2 or 4 planes of it) as floats. */
 static inline void int4_unpack32(const uint8_t *row, int64_t K, int64_t k0, float *w) {
     int64_t base, L = int4_block(K, k0, &base);
-    const uint8_t *blk = row + base / 2;
-    for (int i = 0; i < 32; i++) {
-        int64_t r = k0 - base + i, p = r / L, j = r % L;
-        unsigned v = (unsigned)blk[2 * j] | ((unsigned)blk[2 * j + 1] << 8);
-        w[i] = (float)((v >> (4 * p)) & 0xfu);
+    const uint16_t *lanes = (const uint16_t *)(row + base / 2);           /* little-endian hosts only (x86, arm) */
+    int p0 = (int)((k0 - base) / L);
+    if (L == 32) {
+        _Pragma("omp simd")
+        for (int j = 0; j < 32; j++) w[j] = (float)((lanes[j] >> (4 * p0)) & 0xf);
+    } else {
+        for (int i = 0; i < 32 / L; i++)
+            for (int j = 0; j < L; j++) w[i * L + j] = (float)((lanes[j] >> (4 * (p0 + i))) & 0xf);
     }
 }
 
@@ -286,25 +289,63 @@ static inline void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows
 DEFINE_GEMV_INT4(gemv_int4_f32, float, id_f32, id_f32, group_sums_f32, int4_f32_row)
 DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_bf16, int4_bf16_row)
 
-/* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous (the large-batch path's GEMM). */
-#define DEFINE_DEQUANT_INT4(NAME, T_, STORE)                                                                      \
-void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t K, T_ *out,         \
+/* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous (the large-batch path's GEMM). FAST
+ * (or NULL) takes a row's 128-blocks and returns how many weights it wrote; the rest here, 32 at a time. */
+#define DEFINE_DEQUANT_INT4(NAME, T_, STORE, FAST)                                                                \
+void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t K, T_ *out,             \
           int n_threads) {                                                                                       \
     _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
     for (int64_t n = n0; n < n1; n++) {                                                                          \
         const uint8_t *row = W + n * (K / 2);                                                                    \
-        const float *s = so + n * (K / g) * 2;                                                                \
+        const float *s = so + n * (K / g) * 2;                                                                   \
         T_ *o = out + (n - n0) * K;                                                                              \
         float w[32];                                                                                             \
-        for (int64_t k0 = 0; k0 < K; k0 += 32) {                                                                 \
-            float sc = s[2 * (k0 / g)], off = s[2 * (k0 / g) + 1];                                                    \
+        for (int64_t k0 = FAST(row, s, g, K, o); k0 < K; k0 += 32) {                                             \
+            float sc = s[2 * (k0 / g)], off = s[2 * (k0 / g) + 1];                                               \
             int4_unpack32(row, K, k0, w);                                                                        \
             for (int i = 0; i < 32; i++) o[k0 + i] = STORE(w[i] * sc + off);                                     \
         }                                                                                                        \
     }                                                                                                            \
 }
-DEFINE_DEQUANT_INT4(dequant_int4_f32, float, id_f32)
-DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, f32_to_bf16)
+
+static inline int64_t dequant_none(const uint8_t *row, const float *s, int64_t g, int64_t K, void *o) {
+    (void)row; (void)s; (void)g; (void)K; (void)o;
+    return 0;
+}
+
+#ifdef __AVX512BF16__
+/* A row to bf16 by table: per group the 16 values r(r(q * scale) + offset), q = 0..15 (the reference's roundings),
+ * then one vpermw per plane (of 32, 16 or 8 weights: masked to the block's lanes). */
+static inline int64_t dequant_bf16_blocks(const uint8_t *row, const float *s, int64_t g, int64_t K, void *out) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i nib = _mm512_set1_epi16(0x000f);
+    uint16_t *o = (uint16_t *)out;
+    int64_t G0 = -1;
+    __m512i lut = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K;) {
+        int64_t base, L = int4_block(K, k, &base);
+        __mmask32 lanes = L == 32 ? 0xffffffffu : ((__mmask32)1 << L) - 1;
+        __m512i v = _mm512_maskz_loadu_epi16(lanes, row + k / 2);
+        for (int q = 0; q < 4; q++) {
+            int64_t G = (k + L * q) / g;
+            if (G != G0) {
+                __m512 t = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(s[2 * G])), _mm512_set1_ps(s[2 * G + 1]));
+                lut = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
+                G0 = G;
+            }
+            __m512i idx = _mm512_and_si512(q ? _mm512_srli_epi16(v, 4 * q) : v, nib);
+            _mm512_mask_storeu_epi16(o + k + L * q, lanes, _mm512_permutexvar_epi16(idx, lut));
+        }
+        k += 4 * L;
+    }
+    return K;
+}
+#else
+#define dequant_bf16_blocks dequant_none
+#endif
+
+DEFINE_DEQUANT_INT4(dequant_int4_f32, float, id_f32, dequant_none)
+DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, f32_to_bf16, dequant_bf16_blocks)
 
 /* ---- residual add + RMSNorm ------------------------------------------------------------------------------------ */
 

@@ -114,12 +114,17 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: in
 
 
 def dequant_int4(packed: torch.Tensor, so: torch.Tensor, group: int, rows: tuple[int, int],
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``rows[0]:rows[1]`` of the int4 weight (see ``gemv_int4``) as ``[rows, in]`` of ``dtype``, each weight
-    rounded once. Reference: ``ops.quant.dequantize_int4``."""
+                 dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``rows[0]:rows[1]`` of the int4 weight (see ``gemv_int4``) as ``[rows, in]`` of ``dtype`` (into ``out``'s
+    first rows when given: a contiguous scratch reused across calls), each weight rounded as the reference does.
+    Reference: ``ops.quant.dequantize_int4``."""
     n0, n1 = rows
     k = packed.shape[1] * 2
-    out = torch.empty(n1 - n0, k, dtype=dtype)
+    if out is None:
+        out = torch.empty(n1 - n0, k, dtype=dtype)
+    elif not out.is_contiguous() or out.dtype != dtype or out.shape[1] != k or out.shape[0] < n1 - n0:
+        raise ValueError("dequant_int4: out must be contiguous, of the dtype and wide enough")
+    out = out[:n1 - n0]
     _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), group, n0, n1, k, out.data_ptr(),
                                torch.get_num_threads())
     return out

@@ -129,25 +129,29 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: 
     if path == "int4_c" and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS and dense_cpu.available(x):
         return dense_cpu.gemv_int4(x, packed, so, group, bias)
     n_out = packed.shape[0]
-    rows = max(1, INT4_CHUNK // packed.shape[1])
-    if rows >= n_out or not dense_cpu.available(x):
-        return F.linear(x, _dequant_rows(packed, so, group, (0, n_out), x.dtype), bias)
+    if not dense_cpu.available(x):  # elsewhere: the torch reference's weights
+        return F.linear(x, dequantize_int4(unpack_int4(packed), so, group).to(x.dtype), bias)
+    rows = min(n_out, max(1, INT4_CHUNK // packed.shape[1]))
+    scratch = _scratch(rows * packed.shape[1] * 2, x.dtype).view(rows, -1)
+    if rows == n_out:
+        return F.linear(x, dense_cpu.dequant_int4(packed, so, group, (0, n_out), x.dtype, scratch), bias)
     y = x.new_empty(x.shape[0], n_out)
     for r in range(0, n_out, rows):
         at = (r, min(n_out, r + rows))
-        y[:, at[0]:at[1]] = x @ _dequant_rows(packed, so, group, at, x.dtype).t()
+        y[:, at[0]:at[1]] = x @ dense_cpu.dequant_int4(packed, so, group, at, x.dtype, scratch).t()
     return y if bias is None else y.add_(bias)
 
 
-INT4_CHUNK = 1 << 19  # packed bytes expanded per GEMM of the dequant path (~2 MB of bf16: the L2 of most CPUs)
+INT4_CHUNK = 1 << 20  # packed bytes expanded per GEMM of the dequant path (4 MB of bf16: cache-resident, and GEMMs
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}  # of 1k+ rows at a decoder's widths)
 
 
-def _dequant_rows(packed: torch.Tensor, so: torch.Tensor, group: int, at: tuple[int, int],
-                  dtype: torch.dtype) -> torch.Tensor:
-    if packed.is_cpu and dtype in dense_cpu.DTYPES and dense_cpu.available(torch.empty(0, dtype=dtype)):
-        return dense_cpu.dequant_int4(packed, so, group, at, dtype)
-    lo, hi = at
-    return dequantize_int4(unpack_int4(packed[lo:hi]), so[lo:hi], group).to(dtype)
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer kept across calls (fresh pages for every expanded chunk would fault in on each call)."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, so: torch.Tensor, group: int,
