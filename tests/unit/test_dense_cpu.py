@@ -57,6 +57,23 @@ def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group):
         assert torch.equal(got, quant.dequantize_int4(q, so, group)[at[0]:at[1]].to(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 4, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("k", [576, 1536, 100, 64, 37])
+def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k):
+    """Every int8 value (the bf16 form splits each into a signed high and an unsigned low nibble), widths with and
+    without a tail beyond the last 64, a bias, rows of a wider tensor."""
+    torch.manual_seed(rows * 11 + k)
+    wq = torch.randint(-128, 128, (90, k), dtype=torch.int8)
+    wq[0, :] = -128  # the extremes
+    wq[1, :] = 127
+    s = torch.rand(90) / 100
+    x = (torch.randn(rows, k + 4) * 2).to(dtype)[:, 2:k + 2]
+    b = torch.randn(90).to(dtype)
+    want = F.linear(x.double(), wq.double() * s.double()[:, None], b.double())
+    _close(dense_cpu.gemv_int8(x, wq, s, b), want, dtype)
+
+
 def test_int4_layout_is_the_documented_one():
     """Lane j of a 128-block holds q[32 p + j] in bits 4p..4p+3; a 64-block's lanes q[16 p + j]; a 32-block's q[8 p + j]."""
     q = torch.randint(0, 16, (2, 224), dtype=torch.uint8)  # 128 + 64 + 32

@@ -83,7 +83,9 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const int8_t *W, const float *s, c
 }
 
 DEFINE_GEMV_INT8(gemv_int8_f32, float, id_f32, id_f32)
+#ifndef __AVX512BF16__
 DEFINE_GEMV_INT8(gemv_int8_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+#endif
 
 /* ---- int4 GEMV ------------------------------------------------------------------------------------------------
  * INT4 LAYOUT (ops/quant.py pack_int4): each row's K/2 bytes hold blocks of 4 L weights in 2 L bytes, read as L
@@ -346,6 +348,94 @@ static inline int64_t dequant_bf16_blocks(const uint8_t *row, const float *s, in
 
 DEFINE_DEQUANT_INT4(dequant_int4_f32, float, id_f32, dequant_none)
 DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, f32_to_bf16, dequant_bf16_blocks)
+
+#ifdef __AVX512BF16__
+/* ---- int8 GEMV for bf16 x: each int8 weight as two nibbles widened like int4's ------------------------------------
+ * 64 int8 weights are 32 16-bit lanes; lane j holds weights 2j (low byte) and 2j+1 (high byte). Their four nibbles
+ * widen to bf16 as int4's planes do, the high nibbles with bit 3 flipped (XOR 0x4308 instead of OR 0x4300: 128 +
+ * h + 8 for the signed high nibble h), so a weight b = 16 h + l contributes (128 + h + 8) * 16 x + (128 + l) * x and
+ * sum b x = D - 2304 S, with D the vdpbf16ps sum against x's even / odd elements and 16 times them (exact in bf16),
+ * laid out per 64-block once per call, and S = sum x. */
+static inline __m512i int8_plane(__m512i v, int q) {
+    const __m512i nib = _mm512_set1_epi16(0x000f), lo = _mm512_set1_epi16(0x4300), hi = _mm512_set1_epi16(0x4308);
+    if (q == 3) return _mm512_xor_si512(_mm512_srli_epi16(v, 12), hi);
+    __m512i t = q ? _mm512_srli_epi16(v, 4 * q) : v;
+    return q == 1 ? _mm512_ternarylogic_epi32(t, nib, hi, 0x6A)          /* (t & 0xf) ^ 0x4308 */
+                  : _mm512_ternarylogic_epi32(t, nib, lo, 0xEA);         /* (t & 0xf) | 0x4300 */
+}
+
+/* One row, MT tokens: X [MT, 4, K64 / 2] the even, 16 * even, odd, 16 * odd elements per 64-block (plane order). */
+static inline __attribute__((always_inline)) void int8_row_bf16_avx(const int8_t *w, const uint16_t *X, const int MT,
+                                                                    int64_t K64, float *out) {
+    const int C = MT == 1 ? 4 : MT < 4 ? 2 : 1;
+    __m512 acc[GEMV_TOKENS][4];
+    for (int m = 0; m < MT; m++)
+        for (int c = 0; c < C; c++) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64) {
+        __m512i v = _mm512_loadu_si512(w + k);
+        for (int q = 0; q < 4; q++) {
+            __m512i p = int8_plane(v, q);
+            for (int m = 0; m < MT; m++)
+                acc[m][q % C] = _mm512_dpbf16_ps(acc[m][q % C], (__m512bh)p,
+                                                 (__m512bh)_mm512_loadu_si512(X + (m * 4 + q) * (K64 / 2) + k / 2));
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        __m512 a = acc[m][0];
+        for (int c = 1; c < C; c++) a = _mm512_add_ps(a, acc[m][c]);
+        out[m] = _mm512_reduce_add_ps(a);
+    }
+}
+
+#define INT8_ROW_CASE(MT)                                                                                          \
+    case MT:                                                                                                       \
+        for (int64_t r = 0; r < rows; r++) int8_row_bf16_avx(W + r * K, X, MT, K64, out + r * GEMV_TOKENS);      \
+        break;
+
+/* x [M, K] bf16 rows of stride xs; Wq [N, K] int8; s [N] fp32; b [N] or NULL; y [M, N] rows of stride ys. */
+void gemv_int8_bf16(const uint16_t *x, int64_t xs, int64_t M, const int8_t *W, const float *s, const uint16_t *b,
+                    uint16_t *y, int64_t ys, int64_t N, int64_t K, int n_threads) {
+    int64_t K64 = K / 64 * 64, half = K64 / 2;
+    uint16_t *X = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(M * 2 * K64 + 1));
+    float S[GEMV_TOKENS];
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * xs;
+        uint16_t *Xm = X + m * 2 * K64;           /* planes: even, 16 even, odd, 16 odd elements, half each */
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K64; k++) {
+            float f = bf16_to_f32(xm[k]);
+            sum += f;
+            int64_t at = (k & 1) * 2 * half + k / 2;
+            Xm[at] = xm[k];
+            Xm[at + half] = f32_to_bf16(16.0f * f);   /* exact: a power of two */
+        }
+        S[m] = sum;
+    }
+    _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")
+    for (int64_t n0 = 0; n0 < N; n0 += INT4_ROWS) {
+        int64_t rows = n0 + INT4_ROWS < N ? INT4_ROWS : N - n0;
+        float out[INT4_ROWS * GEMV_TOKENS];
+        const int8_t *Wr = W + n0 * K;
+        {
+            const int8_t *W = Wr;
+            switch (M) {
+            INT8_ROW_CASE(1) INT8_ROW_CASE(2) INT8_ROW_CASE(3) INT8_ROW_CASE(4)
+            INT8_ROW_CASE(5) INT8_ROW_CASE(6) INT8_ROW_CASE(7) default: INT8_ROW_CASE(8)
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t n = n0 + r;
+            float bias = b ? bf16_to_f32(b[n]) : 0.0f;
+            for (int64_t m = 0; m < M; m++) {
+                float d = out[r * GEMV_TOKENS + m] - 2304.0f * S[m];
+                for (int64_t k = K64; k < K; k++) d += (float)W[n * K + k] * bf16_to_f32(x[m * xs + k]);
+                y[m * ys + n] = f32_to_bf16(s[n] * d + bias);
+            }
+        }
+    }
+    free(X);
+}
+#endif
 
 /* ---- residual add + RMSNorm ------------------------------------------------------------------------------------ */
 
