@@ -72,6 +72,9 @@ def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k):
     b = torch.randn(90).to(dtype)
     want = F.linear(x.double(), wq.double() * s.double()[:, None], b.double())
     _close(dense_cpu.gemv_int8(x, wq, s, b), want, dtype)
+    scratch = torch.empty(90, k, dtype=dtype)  # the large-batch path's rows: r(Wq · s), bit for bit
+    got = dense_cpu.dequant_int8(wq, s, (7, 61), dtype, scratch)
+    assert torch.equal(got, (wq.float() * s[:, None])[7:61].to(dtype))
 
 
 def test_int4_layout_is_the_documented_one():

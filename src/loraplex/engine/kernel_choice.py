@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex import ops
-from loraplex.ops import dense_cpu
+from loraplex.ops import cpu_ext, dense_cpu
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
 from loraplex.engine.lora_batch import DENSE_LORA_TOKENS_PER_ADAPTER, MEASURED_TOKENS_PER_ADAPTER
 from loraplex.layers.lora import LoRAStack
@@ -157,7 +157,8 @@ def kernel_choice(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> 
         return KernelChoice()
     bgmv = "C" if ops.cpu_bgmv_serves(torch.zeros(1, dtype=dtype)) else "torch"  # which BGMV the ratio is against
     key = (f"{machine_key()} | {dtype} | {spec.hidden_size}x{spec.intermediate_size} "
-           f"q{spec.q_size} kv{spec.kv_size} | BGMV {bgmv} | C GEMV {dense_cpu.available(torch.zeros(1, dtype=dtype))}")
+           f"q{spec.q_size} kv{spec.kv_size} | BGMV {bgmv} | C GEMV {dense_cpu.available(torch.zeros(1, dtype=dtype))} "
+           f"{cpu_ext.sources_key()}")
 
     def measure() -> dict:
         with torch.inference_mode():

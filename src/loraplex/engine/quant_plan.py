@@ -7,7 +7,8 @@ import logging
 import torch
 
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
-from loraplex.ops import dense_cpu
+from loraplex.engine.kernel_choice import STREAM_BYTES
+from loraplex.ops import cpu_ext, dense_cpu
 from loraplex.ops.quant import (
     INT4_PATHS,
     INT8_PATHS,
@@ -19,23 +20,36 @@ from loraplex.ops.quant import (
 
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-C_GEMVS = ("int8_c", "int4_c")  # paths for steps of at most dense_cpu.GEMV_MAX_ROWS rows  # rows per step measured; larger batches take the last choice
+C_GEMVS = ("int8_c", "int4_c")  # paths for steps of at most dense_cpu.GEMV_MAX_ROWS rows
+MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)  # rows per step measured; larger batches take the last choice
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
     """(paths, ``run(x, path)``) for random ``n_in → n_out`` weights in ``method``'s format (made in that format
-    directly: the LM head's shape in fp32 would be ~1 GB for a 150k vocabulary)."""
+    directly: the LM head's shape in fp32 would be ~1 GB for a 150k vocabulary); ``run`` goes through as many copies
+    as ``STREAM_BYTES`` holds for steps of up to ``GEMV_MAX_ROWS`` rows, so that the weights stream from memory as in
+    a decode step (from cache a kernel's arithmetic decides, from memory its reads; larger steps are compute-bound
+    and take one copy)."""
     if method == "int4":
         group = int4_group_size(n_in, 128)
-        packed = pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.uint8))
-        so = torch.rand(n_out, n_in // group, 2) / 8
+        one = n_out * n_in // 2
+        copies = [(pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.uint8)),
+                   torch.rand(n_out, n_in // group, 2) / 8) for _ in range(_copies(one))]
         paths = [p for p in INT4_PATHS if p != "int4_c" or dense_cpu.available(torch.zeros(1, dtype=dtype,
                                                                                            device=device))]
-        return paths, lambda x, path: int4_linear(x, packed, so, group, None, path)
-    wq = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device)
-    scales = torch.rand(n_out, device=device) / 64
+        return paths, lambda x, path: [int4_linear(x, p, so, group, None, path) for p, so in _stream(x, copies)]
+    copies = [(torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device),
+               torch.rand(n_out, device=device) / 64) for _ in range(_copies(n_out * n_in))]
     paths = [p for p in INT8_PATHS if p != "int8_c" or dense_cpu.available(torch.zeros(1, dtype=dtype, device=device))]
-    return paths, lambda x, path: int8_linear(x, wq, scales, None, path)
+    return paths, lambda x, path: [int8_linear(x, wq, scales, None, path) for wq, scales in _stream(x, copies)]
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(MAX_COPIES, STREAM_BYTES // max(1, nbytes)))
+
+
+def _stream(x: torch.Tensor, copies: list) -> list:
+    return copies if x.shape[0] <= dense_cpu.GEMV_MAX_ROWS else copies[:1]
 
 
 def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
@@ -70,7 +84,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
 def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
-    key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths}"
+    key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} streamed"
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))

@@ -36,11 +36,22 @@ def _cpu_id() -> bytes:
     return "\n".join(next((x for x in lines if x.startswith(k)), "") for k in ("model name", "flags")).encode()
 
 
+def _sources() -> bytes:
+    """Every C source and header beside this file (what a source may include)."""
+    here = Path(__file__).parent
+    return b"".join(h.read_bytes() for h in sorted([*here.glob("*.h"), *here.glob("*.c")]))
+
+
+@functools.cache
+def sources_key() -> str:
+    """A hash of the C kernels' sources: measurements of their speed (``engine.quant_plan``, ``kernel_choice``) are
+    cached under it, so a changed kernel is measured again."""
+    return hashlib.sha256(_sources()).hexdigest()[:12]
+
+
 def _build_key(cc: str, source: Path, flags: tuple[str, ...]) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    # what a source may include: the headers and the other sources beside it
-    headers = b"".join(h.read_bytes() for h in sorted([*source.parent.glob("*.h"), *source.parent.glob("*.c")]))
-    key = source.read_bytes() + headers + _cpu_id() + version.encode() + " ".join(flags).encode()
+    key = source.read_bytes() + _sources() + _cpu_id() + version.encode() + " ".join(flags).encode()
     return hashlib.sha256(key).hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@
  *   gemv_int4:     y[m, n] = r(sum_k (q[n, k] * sc[n, k / g] + off[n, k / g]) * x[m, k] + b[n])
  *                  (q in 0..15 in nibble blocks, see INT4 LAYOUT; sc, off fp32 pairs; the dot in any order)
  *   dequant_int4:  W[n, k] = r(q[n, k] * sc[n, k / g] + off[n, k / g])                 (rows n0..n1 of the weight)
+ *   dequant_int8:  W[n, k] = r(Wq[n, k] * s[n])                                         (rows n0..n1 of the weight)
  *   add_rms_norm:  h' = r(h + d) (h' = h when d is NULL);  y = r(w * r(h' * rsqrt(mean(h'^2) + eps)))
  *   rope:          x[t, j, i] = r(r(x[t,j,i] * cos[t,i]) + r(x[t,j,(i+D/2)%D] * sin[t,i]))   (in place, sin signed)
  *   silu_mul:      y[t, i] = r(r(g / (1 + exp(-g))) * u)  with g = x[t, i], u = x[t, I + i]
@@ -436,6 +437,41 @@ void gemv_int8_bf16(const uint16_t *x, int64_t xs, int64_t M, const int8_t *W, c
     free(X);
 }
 #endif
+
+/* Rows n0..n1 of an int8 weight in the compute dtype, W[n, k] = r(Wq[n, k] * s[n]): out [(n1 - n0), K] contiguous. */
+#define DEFINE_DEQUANT_INT8(NAME, T_, STORE, FAST)                                                                \
+void NAME(const int8_t *W, const float *s, int64_t n0, int64_t n1, int64_t K, T_ *out, int n_threads) {          \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
+    for (int64_t n = n0; n < n1; n++) {                                                                          \
+        const int8_t *row = W + n * K;                                                                           \
+        T_ *o = out + (n - n0) * K;                                                                              \
+        float sc = s[n];                                                                                         \
+        int64_t k = FAST(row, sc, K, o);                                                                         \
+        for (; k < K; k++) o[k] = STORE((float)row[k] * sc);                                                     \
+    }                                                                                                            \
+}
+static inline int64_t dequant_int8_none(const int8_t *row, float sc, int64_t K, void *o) {
+    (void)row; (void)sc; (void)K; (void)o;
+    return 0;
+}
+
+#ifdef __AVX512BF16__
+static inline int64_t dequant_int8_bf16_fast(const int8_t *row, float sc, int64_t K, void *out) {  /* 16 at a time */
+    uint16_t *o = (uint16_t *)out;
+    __m512 vs = _mm512_set1_ps(sc);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+        _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(f, vs)));
+    }
+    return k;
+}
+#else
+#define dequant_int8_bf16_fast dequant_int8_none
+#endif
+
+DEFINE_DEQUANT_INT8(dequant_int8_f32, float, id_f32, dequant_int8_none)
+DEFINE_DEQUANT_INT8(dequant_int8_bf16, uint16_t, f32_to_bf16, dequant_int8_bf16_fast)
 
 /* ---- residual add + RMSNorm ------------------------------------------------------------------------------------ */
 

@@ -28,6 +28,7 @@ _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
                "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _N],
                "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _N],
                "dequant_int4": [_P, _P, _I, _I, _I, _I, _P, _N],
+               "dequant_int8": [_P, _P, _I, _I, _I, _P, _N],
                "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
                "rope": [_P, _I, _I, _I, _I, _P, _P, _N],
                "silu_mul": [_P, _I, _P, _I, _I, _N]}
@@ -127,6 +128,20 @@ def dequant_int4(packed: torch.Tensor, so: torch.Tensor, group: int, rows: tuple
     out = out[:n1 - n0]
     _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), group, n0, n1, k, out.data_ptr(),
                                torch.get_num_threads())
+    return out
+
+
+def dequant_int8(wq: torch.Tensor, scales: torch.Tensor, rows: tuple[int, int], dtype: torch.dtype,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows[0]:rows[1]`` of an int8 weight (see ``gemv_int8``) as ``[rows, in]`` of ``dtype`` into ``out``'s
+    first rows (a contiguous scratch), ``r(Wq · s)``. Reference: ``wq.float() * scales[:, None]`` rounded once."""
+    n0, n1 = rows
+    k = wq.shape[1]
+    if not out.is_contiguous() or out.dtype != dtype or out.shape[1] != k or out.shape[0] < n1 - n0 \
+            or not wq.is_contiguous() or wq.dtype != torch.int8 or scales.dtype != torch.float32:
+        raise ValueError("dequant_int8: needs contiguous int8 weights, fp32 scales and a wide enough scratch")
+    out = out[:n1 - n0]
+    _fn("dequant_int8", dtype)(wq.data_ptr(), scales.data_ptr(), n0, n1, k, out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -33,7 +33,10 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: t
                 path: str) -> torch.Tensor:
     """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path`` (see the module docstring)."""
     if path == "dequant":
-        return F.linear(x, wq.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
+        if not dense_cpu.available(x):
+            return F.linear(x, wq.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
+        return _chunked(x, wq.shape[0], wq.shape[1], bias,
+                        lambda at, buf: dense_cpu.dequant_int8(wq, scales, at, x.dtype, buf))
     if path == "int8_c" and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS:
         return dense_cpu.gemv_int8(x, wq, scales, bias)
     if path == "int8_c":  # a larger step than the C GEMV takes (the plan measured none): the int8 kernel
@@ -131,18 +134,25 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: 
     n_out = packed.shape[0]
     if not dense_cpu.available(x):  # elsewhere: the torch reference's weights
         return F.linear(x, dequantize_int4(unpack_int4(packed), so, group).to(x.dtype), bias)
-    rows = min(n_out, max(1, INT4_CHUNK // packed.shape[1]))
-    scratch = _scratch(rows * packed.shape[1] * 2, x.dtype).view(rows, -1)
+    return _chunked(x, n_out, packed.shape[1] * 2, bias,
+                    lambda at, buf: dense_cpu.dequant_int4(packed, so, group, at, x.dtype, buf))
+
+
+def _chunked(x: torch.Tensor, n_out: int, n_in: int, bias: torch.Tensor | None, expand) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` expanded to ``x.dtype`` a chunk of rows at a time by ``expand(rows, scratch)``
+    (the dequant paths: a GEMM per cache-resident chunk, no full-precision copy of the weight)."""
+    rows = min(n_out, max(1, DEQUANT_CHUNK // n_in))
+    scratch = _scratch(rows * n_in, x.dtype).view(rows, n_in)
     if rows == n_out:
-        return F.linear(x, dense_cpu.dequant_int4(packed, so, group, (0, n_out), x.dtype, scratch), bias)
+        return F.linear(x, expand((0, n_out), scratch), bias)
     y = x.new_empty(x.shape[0], n_out)
     for r in range(0, n_out, rows):
         at = (r, min(n_out, r + rows))
-        y[:, at[0]:at[1]] = x @ dense_cpu.dequant_int4(packed, so, group, at, x.dtype, scratch).t()
+        y[:, at[0]:at[1]] = x @ expand(at, scratch).t()
     return y if bias is None else y.add_(bias)
 
 
-INT4_CHUNK = 1 << 20  # packed bytes expanded per GEMM of the dequant path (4 MB of bf16: cache-resident, and GEMMs
+DEQUANT_CHUNK = 1 << 21  # weights expanded per GEMM of the dequant paths (4 MB of bf16: cache-resident, and GEMMs
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}  # of 1k+ rows at a decoder's widths)
 
 
