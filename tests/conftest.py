@@ -182,3 +182,31 @@ def hf_greedy_uncached(model, prompt_ids: list[int], n: int) -> tuple[list[int],
         ids.append(int(lp.argmax()))
         logprobs.append(lp)
     return ids[len(prompt_ids):], torch.stack(logprobs)
+
+
+def assert_fused_step_is_op_by_op(monkeypatch, make_llm, prompts: list[list[int]], n_new: int) -> None:
+    """Generate with ``make_llm()`` twice — decode steps through the one-call fused step (``ops.decode_step_cpu``,
+    the C GEMV forced for steps of up to 8 tokens), then through the op-by-op path — and require the same tokens and
+    log-probabilities, to the bit, and that the fused step did run."""
+    from loraplex import SamplingParams
+    from loraplex.engine import model_runner
+    from loraplex.engine.kernel_choice import KernelChoice
+    from loraplex.models.transformer import DecoderLM
+    from loraplex.ops import decode_step_cpu
+
+    if not decode_step_cpu.available(torch.zeros(1)):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
+    params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True, logprobs=3)
+    fused_steps = []
+    step = DecoderLM._fused_step
+    monkeypatch.setattr(DecoderLM, "_fused_step", lambda self, *a: fused_steps.append(1) or step(self, *a))
+
+    def run() -> list:
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs])
+                for o in make_llm().generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
+
+    fused = run()
+    assert len(fused_steps) >= n_new - 1  # the decode steps took the fused path
+    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta, lora: False)
+    assert run() == fused

@@ -20,7 +20,7 @@ from loraplex.ops.quant import (
     quantize_int4,
     quantize_int8,
 )
-from tests.conftest import hf_greedy, save_tiny_adapter
+from tests.conftest import assert_fused_step_is_op_by_op, hf_greedy, save_tiny_adapter
 
 PROMPTS = [[5, 17, 99, 3], list(range(30, 52)), [42, 7]]
 N_NEW = 10
@@ -147,26 +147,6 @@ def test_fused_decode_step_on_quantized_bases_is_the_op_by_op_path(tiny_model_di
     """With the C GEMVs as the measured paths for small steps, decode steps run the whole stack in one C call
     (``ops.decode_step_cpu``) on the quantized weights: the same tokens and log-probabilities as the op-by-op path,
     to the bit, on every family."""
-    from loraplex.engine import model_runner
-    from loraplex.engine.kernel_choice import KernelChoice
-    from loraplex.models.transformer import DecoderLM
-    from loraplex.ops import decode_step_cpu
-
-    if not decode_step_cpu.available(torch.zeros(1)):
-        pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
     monkeypatch.setattr(engine_mod, "quant_plan", lambda m, *a: [(8, f"{m}_c"), (1 << 30, "dequant")])
-    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=3)
-    fused_steps = []
-    step = DecoderLM._fused_step
-    monkeypatch.setattr(DecoderLM, "_fused_step", lambda self, *a: fused_steps.append(1) or step(self, *a))
-
-    def run() -> list:
-        llm = LLM(model=str(tiny_model_dir), dtype=dtype, quantization=method)
-        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs])
-                for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)]
-
-    fused = run()
-    assert len(fused_steps) >= N_NEW - 1  # the decode steps took the fused path
-    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta, lora: False)
-    assert run() == fused
+    assert_fused_step_is_op_by_op(monkeypatch, lambda: LLM(model=str(tiny_model_dir), dtype=dtype,
+                                                           quantization=method), PROMPTS, N_NEW)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loraplex import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import assert_fused_step_is_op_by_op, hf_greedy
 
 PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
            [42], list(range(30, 70)), [7, 7, 7, 7, 7, 7, 7]]
@@ -77,25 +77,5 @@ def test_c_kernels_and_their_torch_forms_both_match(tiny_model_dir, hf_model, ke
 def test_fused_decode_step_is_the_op_by_op_path_bit_for_bit(tiny_model_dir, dtype, monkeypatch):
     """The one-call decode step (``ops.decode_step_cpu``) runs the op-by-op path's kernels in its order: the same
     tokens and the same log-probabilities, to the bit, on every family (biases, q/k norms) and both dtypes."""
-    from loraplex.engine import model_runner
-    from loraplex.engine.kernel_choice import KernelChoice
-    from loraplex.models.transformer import DecoderLM
-    from loraplex.ops import decode_step_cpu
-
-    if not decode_step_cpu.available(torch.zeros(1)):
-        pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
-    params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=3)
-    fused_steps = []
-    step = DecoderLM._fused_step
-    monkeypatch.setattr(DecoderLM, "_fused_step", lambda self, *a: fused_steps.append(1) or step(self, *a))
-
-    def run() -> list:
-        llm = LLM(model=str(tiny_model_dir), dtype=dtype, device="cpu")
-        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs])
-                for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)]
-
-    fused = run()
-    assert len(fused_steps) >= N_NEW - 1  # the decode steps took the fused path
-    monkeypatch.setattr(DecoderLM, "_fused_serves", lambda self, h, meta, lora: False)
-    assert run() == fused
+    assert_fused_step_is_op_by_op(monkeypatch, lambda: LLM(model=str(tiny_model_dir), dtype=dtype, device="cpu"),
+                                  PROMPTS, N_NEW)
