@@ -136,27 +136,25 @@ DEFINE_GROUP_SUMS(group_sums_f32, float, id_f32)
 DEFINE_GROUP_SUMS(group_sums_bf16, uint16_t, bf16_to_f32)
 
 /* Portable form, one row: D[m, group] = sum q x over the row's groups, then scale * D + offset * S. */
-#define DEFINE_INT4_ROW(NAME, T_, LOAD)                                                                            \
-static void NAME(const uint8_t *row, const float *so, const float *xf, const float *S, int64_t M, int64_t K, \
-                 int64_t g, float *out) {                                                                          \
-    float w[32];                                                                                                   \
-    for (int64_t m = 0; m < M; m++) out[m] = 0.0f;                                                                 \
-    for (int64_t G0 = 0; G0 < K / g; G0++) {                                                                       \
-        float sc = so[2 * G0], off = so[2 * G0 + 1];                                                                  \
-        for (int64_t k0 = G0 * g; k0 < (G0 + 1) * g; k0 += 32) {                                                   \
-            int4_unpack32(row, K, k0, w);                                                                          \
-            for (int64_t m = 0; m < M; m++) {                                                                      \
-                const float *xm = xf + m * K + k0;                                                                 \
-                float d = 0.0f;                                                                                    \
-                _Pragma("omp simd reduction(+:d)")                                                                 \
-                for (int64_t i = 0; i < 32; i++) d += w[i] * xm[i];                                                \
-                out[m] += sc * d;                                                                                  \
-            }                                                                                                      \
-        }                                                                                                          \
-        for (int64_t m = 0; m < M; m++) out[m] += off * S[m * 2 * (K / g) + 2 * G0 + 1];                           \
-    }                                                                                                              \
+static void int4_row_f32(const uint8_t *row, const float *so, const float *xf, const float *S, int64_t M, int64_t K,
+                         int64_t g, float *out) {
+    float w[32];
+    for (int64_t m = 0; m < M; m++) out[m] = 0.0f;
+    for (int64_t G0 = 0; G0 < K / g; G0++) {
+        float sc = so[2 * G0], off = so[2 * G0 + 1];
+        for (int64_t k0 = G0 * g; k0 < (G0 + 1) * g; k0 += 32) {
+            int4_unpack32(row, K, k0, w);
+            for (int64_t m = 0; m < M; m++) {
+                const float *xm = xf + m * K + k0;
+                float d = 0.0f;
+                _Pragma("omp simd reduction(+:d)")
+                for (int64_t i = 0; i < 32; i++) d += w[i] * xm[i];
+                out[m] += sc * d;
+            }
+        }
+        for (int64_t m = 0; m < M; m++) out[m] += off * S[m * 2 * (K / g) + 2 * G0 + 1];
+    }
 }
-DEFINE_INT4_ROW(int4_row_f32, float, id_f32)
 
 #ifdef __AVX512BF16__
 static inline __m512i int4_plane(__m512i v, int q) { /* plane q of a block's lanes as bf16 128 + nibble */
@@ -451,8 +449,8 @@ void NAME(const int8_t *W, const float *s, int64_t n0, int64_t n1, int64_t K, T_
     }                                                                                                            \
 }
 static inline int64_t dequant_int8_none(const int8_t *row, float sc, int64_t K, void *o) {
-    (void)row; (void)sc; (void)K; (void)o;
-    return 0;
+    (void)sc;
+    return dequant_none((const uint8_t *)row, NULL, 0, K, o);
 }
 
 #ifdef __AVX512BF16__
