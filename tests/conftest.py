@@ -186,17 +186,18 @@ def hf_greedy_uncached(model, prompt_ids: list[int], n: int) -> tuple[list[int],
 
 def assert_fused_step_is_op_by_op(monkeypatch, make_llm, prompts: list[list[int]], n_new: int) -> None:
     """Generate with ``make_llm()`` twice — decode steps through the one-call fused step (``ops.decode_step_cpu``,
-    the C GEMV forced for steps of up to 8 tokens), then through the op-by-op path — and require the same tokens and
+    the C GEMV forced for every step it takes), then through the op-by-op path — and require the same tokens and
     log-probabilities, to the bit, and that the fused step did run."""
     from loraplex import SamplingParams
     from loraplex.engine import model_runner
     from loraplex.engine.kernel_choice import KernelChoice
     from loraplex.models.transformer import DecoderLM
-    from loraplex.ops import decode_step_cpu
+    from loraplex.ops import decode_step_cpu, dense_cpu
 
     if not decode_step_cpu.available(torch.zeros(1)):
         pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
+    monkeypatch.setattr(model_runner, "kernel_choice",
+                        lambda *args: KernelChoice(c_gemv_tokens=dense_cpu.GEMV_MAX_ROWS))
     params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True, logprobs=3)
     fused_steps = []
     step = DecoderLM._fused_step

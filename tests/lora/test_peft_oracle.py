@@ -102,12 +102,13 @@ def test_fused_decode_step_with_adapters(tiny_model_dir, adapter_dirs, monkeypat
     from loraplex.engine import model_runner
     from loraplex.engine.kernel_choice import KernelChoice
     from loraplex.models.transformer import DecoderLM
-    from loraplex.ops import decode_step_cpu
+    from loraplex.ops import decode_step_cpu, dense_cpu
 
     if not decode_step_cpu.available(torch.zeros(1)):
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(model_runner, "kernel_choice",
-                        lambda *args: KernelChoice(c_gemv_tokens=8, dense_lora_ratio=float("inf")))
+                        lambda *args: KernelChoice(c_gemv_tokens=dense_cpu.GEMV_MAX_ROWS,
+                                                   dense_lora_ratio=float("inf")))
     with_lora = []
     step = DecoderLM._fused_step
     monkeypatch.setattr(DecoderLM, "_fused_step", lambda self, h, rope, kv, meta, lora:
@@ -142,12 +143,13 @@ def test_fused_decode_step_follows_slot_buffers_that_grow(tiny_model_dir, adapte
     from loraplex.engine import model_runner
     from loraplex.engine.kernel_choice import KernelChoice
     from loraplex.layers.lora import LoRAStack
-    from loraplex.ops import decode_step_cpu
+    from loraplex.ops import decode_step_cpu, dense_cpu
 
     if not decode_step_cpu.available(torch.zeros(1)):
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(model_runner, "kernel_choice",
-                        lambda *args: KernelChoice(c_gemv_tokens=8, dense_lora_ratio=float("inf")))
+                        lambda *args: KernelChoice(c_gemv_tokens=dense_cpu.GEMV_MAX_ROWS,
+                                                   dense_lora_ratio=float("inf")))
     llm = LLM(model=str(tiny_model_dir), dtype="float32", device="cpu", enable_lora=True, max_loras=2,
               max_lora_rank=64)
     params = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)

@@ -57,7 +57,7 @@ def test_sharded_checkpoint_loads_the_same(tmp_path, tiny_llama_dir):
 
 @pytest.mark.parametrize("kernels", ["C", "torch"])
 def test_c_kernels_and_their_torch_forms_both_match(tiny_model_dir, hf_model, kernels, monkeypatch):
-    """Every small step through the C kernels (GEMV forced for steps up to 8 tokens, norm, RoPE, decode attention),
+    """Every small step through the C kernels (GEMV forced for every step it takes, norm, RoPE, decode attention),
     then none of them (their torch forms, what runs where no compiler is found)."""
     from loraplex.engine import model_runner
     from loraplex.engine.kernel_choice import KernelChoice
@@ -66,7 +66,8 @@ def test_c_kernels_and_their_torch_forms_both_match(tiny_model_dir, hf_model, ke
     if kernels == "C":
         if not dense_cpu.available(torch.zeros(1)):
             pytest.skip("no C compiler on this machine")
-        monkeypatch.setattr(model_runner, "kernel_choice", lambda *args: KernelChoice(c_gemv_tokens=8))
+        monkeypatch.setattr(model_runner, "kernel_choice",
+                            lambda *args: KernelChoice(c_gemv_tokens=dense_cpu.GEMV_MAX_ROWS))
     else:
         monkeypatch.setattr(dense_cpu, "available", lambda x: False)
         monkeypatch.setattr(attention_cpu, "available", lambda x: False)
@@ -74,8 +75,11 @@ def test_c_kernels_and_their_torch_forms_both_match(tiny_model_dir, hf_model, ke
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_decode_step_is_the_op_by_op_path_bit_for_bit(tiny_model_dir, dtype, monkeypatch):
+@pytest.mark.parametrize("batch", ["few", "wide"])
+def test_fused_decode_step_is_the_op_by_op_path_bit_for_bit(tiny_model_dir, dtype, batch, monkeypatch):
     """The one-call decode step (``ops.decode_step_cpu``) runs the op-by-op path's kernels in its order: the same
-    tokens and the same log-probabilities, to the bit, on every family (biases, q/k norms) and both dtypes."""
+    tokens and the same log-probabilities, to the bit, on every family (biases, q/k norms) and both dtypes; "wide":
+    steps of 19 decodes (the GEMV's register-tiled form, a partial tile of tokens)."""
+    prompts = PROMPTS if batch == "few" else [p[i:] + [i] for i in range(4) for p in PROMPTS[:4]] + PROMPTS[1:4]
     assert_fused_step_is_op_by_op(monkeypatch, lambda: LLM(model=str(tiny_model_dir), dtype=dtype, device="cpu"),
-                                  PROMPTS, N_NEW)
+                                  prompts, N_NEW)

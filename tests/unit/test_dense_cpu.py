@@ -22,7 +22,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 5, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (100, 37), (7, 1), (33, 64)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_linear(dtype, rows, shape, bias):
@@ -38,7 +38,19 @@ def test_gemv_matches_linear(dtype, rows, shape, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("shape", [(960, 576), (101, 70)])
+def test_gemv_tiled_steps_do_not_change_a_tokens_bits(dtype, shape):
+    """Steps larger than the row form's (register tiles of 4 rows x 4 tokens): a token's result is the same bits
+    whichever tile, and whatever step size, it comes in."""
+    n, k = shape
+    x, w = torch.randn(dense_cpu.GEMV_MAX_ROWS, k).to(dtype), torch.randn(n, k).to(dtype)
+    full = dense_cpu.gemv(x, w)
+    for m in (5, 6, 7, 8, 13):
+        assert torch.equal(dense_cpu.gemv(x[-m:], w), full[-m:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 11, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k,group", [(576, 64), (1536, 128), (96, 32), (160, 32), (256, 128), (64, 64), (320, 64)])
 def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group):
     """Every block shape of the nibble layout (128 / 64 / 32 weights) and group size, both activation dtypes (bf16:

@@ -33,7 +33,7 @@ from loraplex.ops.lora_batch import Bgmv, Dense, LoRABatch
 log = logging.getLogger("loraplex.engine")
 
 GEMV_ROWS = (1, 2, 3, 4)  # step sizes measured with and without oneDNN
-C_GEMV_ROWS = (1, 2, 3, 4, 6, 8)  # step sizes measured for the C GEMV (at most dense_cpu.GEMV_MAX_ROWS)
+C_GEMV_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # step sizes measured for the C GEMV (≤ dense_cpu.GEMV_MAX_ROWS)
 STREAM_BYTES = 96 << 20  # the GEMV measurement cycles through this many bytes of weights: more than a cache holds
 DECODES, RANK = 32, 16  # the LoRA measurement: a decode batch over adapters of this rank
 # distinct adapters among the DECODES tokens: tokens per adapter 1, 2, 4, 8, 16

@@ -18,16 +18,27 @@
 
 #include "cpu_common.h"
 
-#define GEMV_TOKENS 8 /* the most tokens one GEMV call takes: dense_cpu.py's GEMV_MAX_ROWS */
+#define GEMV_TOKENS 8 /* the most tokens one quantized GEMV call takes: dense_cpu.py's QUANT_GEMV_ROWS */
 #define INT4_ROWS 8   /* weight rows per scheduling chunk of the int4 GEMV */
 
 /* ---- GEMV ---------------------------------------------------------------------------------------------------- */
 
-/* x [M, K] rows of stride xs; W [N, K] contiguous; b [N] or NULL; y [M, N] rows of stride ys. Each weight row is
- * read from memory once and reused from L1 for the M tokens; OpenMP over output rows. */
-#define DEFINE_GEMV(NAME, T_, DOT, LOAD, STORE)                                                                     \
-void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, int64_t ys, int64_t N, int64_t K,  \
-          int n_threads) {                                                                                         \
+/* x [M, K] rows of stride xs; W [N, K] contiguous; b [N] or NULL; y [M, N] rows of stride ys; OpenMP over weight
+ * rows. Two forms: steps of at most GEMV_ROW_TOKENS tokens (bandwidth-bound) read one weight row at a time, a dot
+ * per token over it from L1 (the row streams in at the first token's pace); larger steps (compute-bound, with
+ * AVX-512) take register tiles of GEMM_NR rows x GEMM_MR tokens, each weight vector used GEMM_MR times from a
+ * register, the next rows fetched into cache ahead. The tiled form sums each dot in one fixed order (K in
+ * vector-wide steps in one chain per (token, row), then the lanes by halving), so within it a token's bits do not
+ * depend on the step's other tokens. */
+#define GEMV_ROW_TOKENS 4  /* steps of at most this many tokens take the row form */
+#define GEMM_MR 4          /* tokens per register tile */
+#define GEMM_NR 4          /* weight rows per register tile */
+#define GEMV_CHUNK 16      /* weight rows per scheduling chunk of the tiled form */
+#define GEMV_PF 2          /* the tiled form fetches weight rows this many tiles ahead */
+
+#define DEFINE_GEMV_ROWS(NAME, T_, DOT, LOAD, STORE)                                                                \
+static void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, int64_t ys, int64_t N,      \
+                 int64_t K, int n_threads) {                                                                       \
     _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")                                             \
     for (int64_t n = 0; n < N; n++) {                                                                              \
         const T_ *w = W + n * K;                                                                                   \
@@ -35,9 +46,102 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, i
         for (int64_t m = 0; m < M; m++) y[m * ys + n] = STORE(DOT(w, x + m * xs, K) + bias);                       \
     }                                                                                                              \
 }
+DEFINE_GEMV_ROWS(gemv_rows_f32, float, dot_f32, id_f32, id_f32)
+DEFINE_GEMV_ROWS(gemv_rows_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
 
-DEFINE_GEMV(gemv_f32, float, dot_f32, id_f32, id_f32)
-DEFINE_GEMV(gemv_bf16, uint16_t, dot_bf16, bf16_to_f32, f32_to_bf16)
+#if defined(__AVX512F__)
+/* The four sums of a, b, c, d's lanes, each by halving (lane i + lane i + 8, then + 4, + 2, + 1). */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+    return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, u));
+}
+
+/* One register tile: MT (<= GEMM_MR) tokens of x (row stride xs) against GEMM_NR rows w[r] into out[m][r]; LANES
+ * elements of K per step (VT vectors by LOAD(p, mask)), DOT(acc, w, x) one step, the last step masked. pf (or
+ * NULL): GEMM_NR rows to fetch into cache along the way. */
+#define DEFINE_GEMM_TILE(NAME, T_, VT, LANES, MASK_T, LOAD, DOT)                                                   \
+static inline __attribute__((always_inline)) void NAME(const T_ *const *w, const T_ *pf, const T_ *x, int64_t xs,  \
+                                                       const int MT, int64_t K, float out[GEMM_MR][GEMM_NR]) {     \
+    __m512 acc[GEMM_MR][GEMM_NR];                                                                                \
+    VT wv[GEMM_NR];                                                                                              \
+    for (int m = 0; m < MT; m++)                                                                                  \
+        for (int r = 0; r < GEMM_NR; r++) acc[m][r] = _mm512_setzero_ps();                                        \
+    int64_t k = 0;                                                                                                \
+    for (; k < K; k += LANES) {                                                                                   \
+        MASK_T mk = K - k >= LANES ? (MASK_T)~(MASK_T)0 : (MASK_T)(((MASK_T)1 << (K - k)) - 1);                  \
+        if (pf)                                                                                                   \
+            for (int r = 0; r < GEMM_NR; r++) _mm_prefetch((const char *)(pf + r * K + k), _MM_HINT_T0);          \
+        for (int r = 0; r < GEMM_NR; r++) wv[r] = LOAD(w[r] + k, mk);                                             \
+        for (int m = 0; m < MT; m++) {                                                                            \
+            VT xv = LOAD(x + m * xs + k, mk);                                                                     \
+            for (int r = 0; r < GEMM_NR; r++) acc[m][r] = DOT(acc[m][r], wv[r], xv);                              \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int m = 0; m < MT; m++) _mm_storeu_ps(out[m], hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));        \
+}
+static inline __m512 load_f32(const float *p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+static inline __m512 dot_step_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+DEFINE_GEMM_TILE(gemm_tile_f32, float, __m512, 16, __mmask16, load_f32, dot_step_f32)
+#if defined(__AVX512BF16__)
+static inline __m512i load_bf16(const uint16_t *p, __mmask32 mk) { return _mm512_maskz_loadu_epi16(mk, p); }
+static inline __m512 dot_step_bf16(__m512 acc, __m512i w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+DEFINE_GEMM_TILE(gemm_tile_bf16, uint16_t, __m512i, 32, __mmask32, load_bf16, dot_step_bf16)
+#endif
+
+/* The tile's token count as a constant (the compiler unrolls each case). */
+#define GEMM_TILE_CASES(TILE, w, pf, x, xs, MT, K, out)                                                           \
+    switch (MT) {                                                                                                 \
+    case 1: TILE(w, pf, x, xs, 1, K, out); break;                                                                 \
+    case 2: TILE(w, pf, x, xs, 2, K, out); break;                                                                 \
+    case 3: TILE(w, pf, x, xs, 3, K, out); break;                                                                 \
+    default: TILE(w, pf, x, xs, 4, K, out); break;                                                                \
+    }
+
+#define DEFINE_GEMV_TILED(NAME, T_, TILE, LOAD, STORE)                                                              \
+static void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, int64_t ys, int64_t N,      \
+                 int64_t K, int n_threads) {                                                                       \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")                                             \
+    for (int64_t c = 0; c < N; c += GEMV_CHUNK) {                                                                  \
+        for (int64_t n0 = c; n0 < N && n0 < c + GEMV_CHUNK; n0 += GEMM_NR) {                                      \
+            const T_ *w[GEMM_NR];                                                                                  \
+            for (int r = 0; r < GEMM_NR; r++) w[r] = W + (n0 + r < N ? n0 + r : N - 1) * K; /* past N: unused */   \
+            const T_ *pf = n0 + (GEMV_PF + 1) * GEMM_NR <= N ? W + (n0 + GEMV_PF * GEMM_NR) * K : NULL;           \
+            for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                         \
+                float out[GEMM_MR][GEMM_NR];                                                                       \
+                int mt = M - m0 < GEMM_MR ? (int)(M - m0) : GEMM_MR;                                               \
+                GEMM_TILE_CASES(TILE, w, m0 == 0 ? pf : NULL, x + m0 * xs, xs, mt, K, out)                         \
+                for (int r = 0; r < GEMM_NR && n0 + r < N; r++) {                                                  \
+                    float bias = b ? LOAD(b[n0 + r]) : 0.0f;                                                       \
+                    for (int m = 0; m < mt; m++) y[(m0 + m) * ys + n0 + r] = STORE(out[m][r] + bias);             \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+    }                                                                                                              \
+}
+DEFINE_GEMV_TILED(gemv_tiled_f32, float, gemm_tile_f32, id_f32, id_f32)
+#if defined(__AVX512BF16__)
+DEFINE_GEMV_TILED(gemv_tiled_bf16, uint16_t, gemm_tile_bf16, bf16_to_f32, f32_to_bf16)
+#else
+#define gemv_tiled_bf16 gemv_rows_bf16
+#endif
+#else
+#define gemv_tiled_f32 gemv_rows_f32
+#define gemv_tiled_bf16 gemv_rows_bf16
+#endif
+
+#define DEFINE_GEMV(NAME, T_, SFX)                                                                                  \
+void NAME(const T_ *x, int64_t xs, int64_t M, const T_ *W, const T_ *b, T_ *y, int64_t ys, int64_t N, int64_t K,  \
+          int n_threads) {                                                                                         \
+    (M <= GEMV_ROW_TOKENS ? gemv_rows_##SFX : gemv_tiled_##SFX)(x, xs, M, W, b, y, ys, N, K, n_threads);          \
+}
+DEFINE_GEMV(gemv_f32, float, f32)
+DEFINE_GEMV(gemv_bf16, uint16_t, bf16)
 
 /* int8 weights widened to fp32 in registers (16 per instruction) against x converted to fp32 once per call. */
 static inline float dot_i8(const int8_t *w, const float *x, int64_t K) {
@@ -224,7 +328,7 @@ static inline __attribute__((always_inline)) void int4_row_bf16_avx(
 
 /* x [M, K] rows of stride xs; Wp [N, K / 2] packed; so [N, K / g, 2] fp32; b [N] or NULL; y [M, N] of stride ys. */
 #define DEFINE_GEMV_INT4(NAME, T_, LOAD, STORE, GROUP_SUMS, ROW)                                                  \
-void NAME(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so, int64_t g, const T_ *b,      \
+static void NAME##_pass(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so, int64_t g, const T_ *b,      \
           T_ *y, int64_t ys, int64_t N, int64_t K, int n_threads) {                                              \
     float *S = (float *)malloc(sizeof(float) * (size_t)(M * 2 * (K / g)));                                       \
     GROUP_SUMS(x, xs, M, K, g, S);                                                                               \
@@ -289,6 +393,20 @@ static inline void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows
 
 DEFINE_GEMV_INT4(gemv_int4_f32, float, id_f32, id_f32, group_sums_f32, int4_f32_row)
 DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_bf16, int4_bf16_row)
+
+/* Steps of more than GEMV_TOKENS tokens: one pass over the weights per GEMV_TOKENS of them (each token's result is
+ * its own, so the bits do not depend on the chunking). */
+#define DEFINE_TOKEN_CHUNKS(NAME, T_, WT, Q_PARAMS, Q_ARGS)                                                        \
+void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b, T_ *y, int64_t ys, int64_t N,   \
+          int64_t K, int n_threads) {                                                                              \
+    for (int64_t m0 = 0; m0 < M; m0 += GEMV_TOKENS)                                                               \
+        NAME##_pass(x + m0 * xs, xs, M - m0 < GEMV_TOKENS ? M - m0 : GEMV_TOKENS, W, Q_ARGS, b, y + m0 * ys, ys, N, \
+                    K, n_threads);                                                                                 \
+}
+#define INT4_Q_PARAMS const float *so, int64_t g
+#define INT4_Q_ARGS so, g
+DEFINE_TOKEN_CHUNKS(gemv_int4_f32, float, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS)
+DEFINE_TOKEN_CHUNKS(gemv_int4_bf16, uint16_t, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS)
 
 /* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous (the large-batch path's GEMM). FAST
  * (or NULL) takes a row's 128-blocks and returns how many weights it wrote; the rest here, 32 at a time. */
@@ -392,8 +510,8 @@ static inline __attribute__((always_inline)) void int8_row_bf16_avx(const int8_t
         break;
 
 /* x [M, K] bf16 rows of stride xs; Wq [N, K] int8; s [N] fp32; b [N] or NULL; y [M, N] rows of stride ys. */
-void gemv_int8_bf16(const uint16_t *x, int64_t xs, int64_t M, const int8_t *W, const float *s, const uint16_t *b,
-                    uint16_t *y, int64_t ys, int64_t N, int64_t K, int n_threads) {
+static void gemv_int8_bf16_pass(const uint16_t *x, int64_t xs, int64_t M, const int8_t *W, const float *s,
+                                const uint16_t *b, uint16_t *y, int64_t ys, int64_t N, int64_t K, int n_threads) {
     int64_t K64 = K / 64 * 64, half = K64 / 2;
     uint16_t *X = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(M * 2 * K64 + 1));
     float S[GEMV_TOKENS];
@@ -434,6 +552,7 @@ void gemv_int8_bf16(const uint16_t *x, int64_t xs, int64_t M, const int8_t *W, c
     }
     free(X);
 }
+DEFINE_TOKEN_CHUNKS(gemv_int8_bf16, uint16_t, int8_t, const float *s, s)
 #endif
 
 /* Rows n0..n1 of an int8 weight in the compute dtype, W[n, k] = r(Wq[n, k] * s[n]): out [(n1 - n0), K] contiguous. */

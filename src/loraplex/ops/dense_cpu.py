@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from loraplex.ops import cpu_ext
 
-GEMV_MAX_ROWS = 8  # the most tokens one C GEMV call takes (more: a GEMM's job)
+GEMV_MAX_ROWS = 64  # the most tokens one C GEMV call takes (more: prefill-sized GEMMs, oneDNN's job)
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
