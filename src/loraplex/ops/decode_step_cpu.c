@@ -43,7 +43,7 @@ static void project_##SFX(const dense_proj *p, const T_ *x, int64_t xs, int64_t 
         gemv_int8_##SFX(x, xs, T, (const int8_t *)p->w, (const float *)p->q, (const T_ *)p->b, y, ys, N, K,     \
                         n_threads);                                                                              \
     else if (p->kind == PROJ_INT4)                                                                               \
-        gemv_int4_##SFX(x, xs, T, (const uint8_t *)p->w, (const uint16_t *)p->q, p->group, (const T_ *)p->b, y,  \
+        gemv_int4_##SFX(x, xs, T, (const uint8_t *)p->w, (const float *)p->q, p->group, (const T_ *)p->b, y,  \
                         ys, N, K, n_threads);                                                                    \
     else                                                                                                         \
         gemv_##SFX(x, xs, T, (const T_ *)p->w, (const T_ *)p->b, y, ys, N, K, n_threads);                        \
