@@ -141,14 +141,17 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: 
 def _chunked(x: torch.Tensor, n_out: int, n_in: int, bias: torch.Tensor | None, expand) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` expanded to ``x.dtype`` a chunk of rows at a time by ``expand(rows, scratch)``
     (the dequant paths: a GEMM per cache-resident chunk, no full-precision copy of the weight)."""
+    from loraplex import ops  # the package imports this module
+
     rows = min(n_out, max(1, DEQUANT_CHUNK // n_in))
     scratch = _scratch(rows * n_in, x.dtype).view(rows, n_in)
+    linear = ops.linear  # the C GEMV for the steps it was measured to serve, else F.linear
     if rows == n_out:
-        return F.linear(x, expand((0, n_out), scratch), bias)
+        return linear(x, expand((0, n_out), scratch), bias)
     y = x.new_empty(x.shape[0], n_out)
     for r in range(0, n_out, rows):
         at = (r, min(n_out, r + rows))
-        y[:, at[0]:at[1]] = x @ expand(at, scratch).t()
+        y[:, at[0]:at[1]] = linear(x, expand(at, scratch))
     return y if bias is None else y.add_(bias)
 
 
