@@ -18,7 +18,7 @@
 
 #include "cpu_common.h"
 
-#define GEMV_TOKENS 8 /* the most tokens one quantized GEMV call takes: dense_cpu.py's QUANT_GEMV_ROWS */
+#define GEMV_TOKENS 8 /* tokens per pass of a quantized GEMV over its weights (more: DEFINE_TOKEN_CHUNKS) */
 #define INT4_ROWS 8   /* weight rows per scheduling chunk of the int4 GEMV */
 
 /* ---- GEMV ---------------------------------------------------------------------------------------------------- */
