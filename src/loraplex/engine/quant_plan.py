@@ -19,9 +19,9 @@ from loraplex.ops.quant import (
 )
 
 log = logging.getLogger("loraplex.engine")
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
 C_GEMVS = ("int8_c", "int4_c")  # paths for steps of at most dense_cpu.GEMV_MAX_ROWS rows
-MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)  # rows per step measured; larger batches take the last choice
+MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):

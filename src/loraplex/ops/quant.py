@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loraplex import ops
 from loraplex.ops import dense_cpu
 
 INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant", "int8_c")
@@ -141,22 +142,21 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: 
 def _chunked(x: torch.Tensor, n_out: int, n_in: int, bias: torch.Tensor | None, expand) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` expanded to ``x.dtype`` a chunk of rows at a time by ``expand(rows, scratch)``
     (the dequant paths: a GEMM per cache-resident chunk, no full-precision copy of the weight)."""
-    from loraplex import ops  # the package imports this module
-
     rows = min(n_out, max(1, DEQUANT_CHUNK // n_in))
     scratch = _scratch(rows * n_in, x.dtype).view(rows, n_in)
-    linear = ops.linear  # the C GEMV for the steps it was measured to serve, else F.linear
-    if rows == n_out:
-        return linear(x, expand((0, n_out), scratch), bias)
+    if rows == n_out:  # ops.linear: the C GEMV for the step sizes it was measured to serve, else F.linear
+        return ops.linear(x, expand((0, n_out), scratch), bias)
     y = x.new_empty(x.shape[0], n_out)
     for r in range(0, n_out, rows):
         at = (r, min(n_out, r + rows))
-        y[:, at[0]:at[1]] = linear(x, expand(at, scratch))
+        y[:, at[0]:at[1]] = ops.linear(x, expand(at, scratch))
     return y if bias is None else y.add_(bias)
 
 
-DEQUANT_CHUNK = 1 << 21  # weights expanded per GEMM of the dequant paths (4 MB of bf16: cache-resident, and GEMMs
-_SCRATCH: dict[torch.dtype, torch.Tensor] = {}  # of 1k+ rows at a decoder's widths)
+# weights expanded per GEMM of the dequant paths (4 MB of bf16: cache-resident, and GEMMs of 1k+ rows at a decoder's
+# widths)
+DEQUANT_CHUNK = 1 << 21
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}  # the kept scratch per dtype (``_scratch``)
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
