@@ -143,10 +143,13 @@ def test_measured_plan_stays_close_and_bad_method_is_refused(tiny_llama_dir):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_fused_decode_step_on_quantized_bases_is_the_op_by_op_path(tiny_model_dir, monkeypatch, dtype, method):
-    """With the C GEMVs as the measured paths for small steps, decode steps run the whole stack in one C call
-    (``ops.decode_step_cpu``) on the quantized weights: the same tokens and log-probabilities as the op-by-op path,
-    to the bit, on every family."""
-    monkeypatch.setattr(engine_mod, "quant_plan", lambda m, *a: [(8, f"{m}_c"), (1 << 30, "dequant")])
+@pytest.mark.parametrize("tiled_from", [None, 2])
+def test_fused_decode_step_on_quantized_bases_is_the_op_by_op_path(tiny_model_dir, monkeypatch, dtype, method,
+                                                                   tiled_from):
+    """With the C GEMVs as the measured paths for small steps (the pass form, or the tiled form from 2 tokens on),
+    decode steps run the whole stack in one C call (``ops.decode_step_cpu``) on the quantized weights: the same
+    tokens and log-probabilities as the op-by-op path, to the bit, on every family."""
+    plan = [(8, f"{method}_c")] if tiled_from is None else [(tiled_from - 1, f"{method}_c"), (8, f"{method}_tiled")]
+    monkeypatch.setattr(engine_mod, "quant_plan", lambda m, *a: plan + [(1 << 30, "dequant")])
     assert_fused_step_is_op_by_op(monkeypatch, lambda: LLM(model=str(tiny_model_dir), dtype=dtype,
                                                            quantization=method), PROMPTS, N_NEW)

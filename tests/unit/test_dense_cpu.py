@@ -52,9 +52,11 @@ def test_gemv_tiled_steps_do_not_change_a_tokens_bits(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 11, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k,group", [(576, 64), (1536, 128), (96, 32), (160, 32), (256, 128), (64, 64), (320, 64)])
-def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group):
+@pytest.mark.parametrize("tiled", [False, True])
+def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group, tiled):
     """Every block shape of the nibble layout (128 / 64 / 32 weights) and group size, both activation dtypes (bf16:
-    the nibbles widened to bf16 in registers), a bias, rows of a wider tensor."""
+    the nibbles widened to bf16 in registers, or rows expanded for the register tiles), a bias, rows of a wider
+    tensor."""
     torch.manual_seed(rows * 7 + k)
     w = torch.randn(70, k) * 0.05 + 0.01
     q, so = quant.quantize_int4(w, group)
@@ -63,16 +65,17 @@ def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group):
     x = torch.randn(rows, k + 3).to(dtype)[:, 1:k + 1]
     b = torch.randn(70).to(dtype)
     want = F.linear(x.double(), quant.dequantize_int4(q, so, group).double(), b.double())
-    _close(dense_cpu.gemv_int4(x, packed, so, group, b), want, dtype)
+    _close(dense_cpu.gemv_int4(x, packed, so, group, b, tiled=tiled), want, dtype)
     for at in ((0, 70), (3, 41)):  # the large-batch path's rows, each weight rounded once
         got = dense_cpu.dequant_int4(packed, so, group, at, dtype)
         assert torch.equal(got, quant.dequantize_int4(q, so, group)[at[0]:at[1]].to(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 4, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 4, 13, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k", [576, 1536, 100, 64, 37])
-def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k):
+@pytest.mark.parametrize("tiled", [False, True])
+def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k, tiled):
     """Every int8 value (the bf16 form splits each into a signed high and an unsigned low nibble), widths with and
     without a tail beyond the last 64, a bias, rows of a wider tensor."""
     torch.manual_seed(rows * 11 + k)
@@ -83,10 +86,27 @@ def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k):
     x = (torch.randn(rows, k + 4) * 2).to(dtype)[:, 2:k + 2]
     b = torch.randn(90).to(dtype)
     want = F.linear(x.double(), wq.double() * s.double()[:, None], b.double())
-    _close(dense_cpu.gemv_int8(x, wq, s, b), want, dtype)
+    _close(dense_cpu.gemv_int8(x, wq, s, b, tiled=tiled), want, dtype)
     scratch = torch.empty(90, k, dtype=dtype)  # the large-batch path's rows: r(Wq · s), bit for bit
     got = dense_cpu.dequant_int8(wq, s, (7, 61), dtype, scratch)
     assert torch.equal(got, (wq.float() * s[:, None])[7:61].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiled", [False, True])
+def test_quantized_gemv_steps_do_not_change_a_tokens_bits(dtype, tiled):
+    """In either form of the int8 / int4 GEMVs (passes of 8 tokens, or rows expanded once for register tiles of 4
+    tokens) a token's result is the same bits whatever its step's size and its place in it."""
+    n, k, group = 101, 320, 64
+    x = torch.randn(dense_cpu.GEMV_MAX_ROWS, k).to(dtype)
+    q, so = quant.quantize_int4(torch.randn(n, k), group)
+    packed = quant.pack_int4(q)
+    wq, s = quant.quantize_int8(torch.randn(n, k))
+    int4 = dense_cpu.gemv_int4(x, packed, so, group, tiled=tiled)
+    int8 = dense_cpu.gemv_int8(x, wq, s, tiled=tiled)
+    for m in (1, 3, 5, 8, 9, 13):
+        assert torch.equal(dense_cpu.gemv_int4(x[-m:], packed, so, group, tiled=tiled), int4[-m:])
+        assert torch.equal(dense_cpu.gemv_int8(x[-m:], wq, s, tiled=tiled), int8[-m:])
 
 
 def test_int4_layout_is_the_documented_one():

@@ -10,6 +10,7 @@ from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
 from loraplex.engine.kernel_choice import STREAM_BYTES
 from loraplex.ops import cpu_ext, dense_cpu
 from loraplex.ops.quant import (
+    C_PATHS,
     INT4_PATHS,
     INT8_PATHS,
     int4_group_size,
@@ -20,7 +21,6 @@ from loraplex.ops.quant import (
 
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
-C_GEMVS = ("int8_c", "int4_c")  # paths for steps of at most dense_cpu.GEMV_MAX_ROWS rows
 MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)
 
 
@@ -35,13 +35,18 @@ def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str
         one = n_out * n_in // 2
         copies = [(pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.uint8)),
                    torch.rand(n_out, n_in // group, 2) / 8) for _ in range(_copies(one))]
-        paths = [p for p in INT4_PATHS if p != "int4_c" or dense_cpu.available(torch.zeros(1, dtype=dtype,
-                                                                                           device=device))]
+        paths = _available(INT4_PATHS, dtype, device)
         return paths, lambda x, path: [int4_linear(x, p, so, group, None, path) for p, so in _stream(x, copies)]
     copies = [(torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device),
                torch.rand(n_out, device=device) / 64) for _ in range(_copies(n_out * n_in))]
-    paths = [p for p in INT8_PATHS if p != "int8_c" or dense_cpu.available(torch.zeros(1, dtype=dtype, device=device))]
+    paths = _available(INT8_PATHS, dtype, device)
     return paths, lambda x, path: [int8_linear(x, wq, scales, None, path) for wq, scales in _stream(x, copies)]
+
+
+def _available(paths: tuple[str, ...], dtype: torch.dtype, device: str) -> list[str]:
+    """``paths`` less the C GEMVs where their library does not serve ``dtype`` on ``device``."""
+    c_ok = dense_cpu.available(torch.zeros(1, dtype=dtype, device=device))
+    return [p for p in paths if c_ok or p not in C_PATHS]
 
 
 def _copies(nbytes: int) -> int:
@@ -66,7 +71,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
             times = {}
             if m > dense_cpu.GEMV_MAX_ROWS:
                 # the C GEMVs take small steps only
-                alive = [p for p in alive if p not in C_GEMVS] or [p for p in paths if p not in C_GEMVS]
+                alive = [p for p in alive if p not in C_PATHS] or [p for p in paths if p not in C_PATHS]
             for path in alive:
                 try:
                     times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex.ops.quant import int4_linear, int8_linear
+from loraplex.ops.quant import C_PATHS, int4_linear, int8_linear
 
 
 class QuantLinear(nn.Module):
@@ -20,6 +20,14 @@ class QuantLinear(nn.Module):
 
     def path_for(self, m: int) -> str:
         return next((p for limit, p in self.plan if m <= limit), self.plan[-1][1])
+
+    def c_gemv_for(self, m: int) -> bool:
+        """Does a step of ``m`` rows take one of the C GEMV's forms (the fused decode step can take it then)?"""
+        return self.path_for(m) in C_PATHS
+
+    def tiled_steps(self, max_rows: int) -> int:
+        """A bit mask: bit ``m - 1`` set where a step of ``m ≤ max_rows`` rows takes the C GEMV's tiled form."""
+        return sum(1 << (m - 1) for m in range(1, max_rows + 1) if self.path_for(m).endswith("_tiled"))
 
 
 class Int8Linear(QuantLinear):

@@ -20,7 +20,7 @@ from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.layers.row_tiled import RowTiled
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.model_config import ModelSpec
-from loraplex.ops import decode_step_cpu
+from loraplex.ops import decode_step_cpu, dense_cpu
 from loraplex.ops.lora_batch import Bgmv, LoRABatch
 
 
@@ -157,8 +157,7 @@ class DecoderLM(nn.Module):
         if t not in self._fused_ok:
             linears = [getattr(getattr(layer, p.block), p.name) for layer in self.layers for p in PROJECTIONS]
             self._fused_ok[t] = all(isinstance(m, Linear) and m.weight.dtype == dtype
-                                    or isinstance(m, Int8Linear) and m.path_for(t) == "int8_c"
-                                    or isinstance(m, Int4Linear) and m.path_for(t) == "int4_c" for m in linears)
+                                    or isinstance(m, (Int8Linear, Int4Linear)) and m.c_gemv_for(t) for m in linears)
         return self._fused_ok[t]
 
     def _fused_lora_ok(self) -> bool:
@@ -272,8 +271,9 @@ class DecoderLM(nn.Module):
 
 def _fused_proj(m: nn.Module) -> decode_step_cpu.Proj:
     """A projection's base weight as the fused step's table takes it."""
+    tiled = m.tiled_steps(dense_cpu.GEMV_MAX_ROWS) if isinstance(m, (Int8Linear, Int4Linear)) else 0
     if isinstance(m, Int8Linear):
-        return decode_step_cpu.Proj("int8", m.wq, m.bias, m.scales)
+        return decode_step_cpu.Proj("int8", m.wq, m.bias, m.scales, tiled_steps=tiled)
     if isinstance(m, Int4Linear):
-        return decode_step_cpu.Proj("int4", m.packed, m.bias, m.so, m.group)
+        return decode_step_cpu.Proj("int4", m.packed, m.bias, m.so, m.group, tiled)
     return decode_step_cpu.Proj("dense", m.weight, m.bias)

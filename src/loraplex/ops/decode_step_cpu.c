@@ -20,11 +20,13 @@ typedef struct {
 } lora_proj;
 
 /* One projection's base weight: kind PROJ_DENSE (w of the compute dtype), PROJ_INT8 (w int8, q fp32 row scales) or
- * PROJ_INT4 (w nibble blocks, q fp32 scale/offset pairs per group of `group`); b its bias or NULL. */
+ * PROJ_INT4 (w nibble blocks, q fp32 scale/offset pairs per group of `group`); b its bias or NULL; bit T - 1 of
+ * tiled_steps: a quantized GEMV of T tokens takes the tiled form. */
 enum { PROJ_DENSE = 0, PROJ_INT8 = 1, PROJ_INT4 = 2 };
 typedef struct {
     const void *w, *b, *q;
     int64_t kind, group;
+    uint64_t tiled_steps;
 } dense_proj;
 
 /* One layer's tensors (NULL: absent q/k norm), its four projections (q|k|v, o, gate|up, down) and their LoRA. */
@@ -39,12 +41,13 @@ typedef struct {
 #define DEFINE_PROJECT(SFX, T_)                                                                                    \
 static void project_##SFX(const dense_proj *p, const T_ *x, int64_t xs, int64_t T, T_ *y, int64_t ys, int64_t N, \
                           int64_t K, int n_threads) {                                                            \
+    int64_t tiled = (int64_t)((p->tiled_steps >> (T - 1)) & 1);                                                  \
     if (p->kind == PROJ_INT8)                                                                                    \
         gemv_int8_##SFX(x, xs, T, (const int8_t *)p->w, (const float *)p->q, (const T_ *)p->b, y, ys, N, K,     \
-                        n_threads);                                                                              \
+                        tiled, n_threads);                                                                       \
     else if (p->kind == PROJ_INT4)                                                                               \
         gemv_int4_##SFX(x, xs, T, (const uint8_t *)p->w, (const float *)p->q, p->group, (const T_ *)p->b, y,  \
-                        ys, N, K, n_threads);                                                                    \
+                        ys, N, K, tiled, n_threads);                                                             \
     else                                                                                                         \
         gemv_##SFX(x, xs, T, (const T_ *)p->w, (const T_ *)p->b, y, ys, N, K, n_threads);                        \
 }

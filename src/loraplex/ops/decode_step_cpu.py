@@ -29,18 +29,20 @@ class LoRAProj(ctypes.Structure):
 class DenseProj(ctypes.Structure):
     """One projection's base weight as the kernel reads it (``dense_proj`` in the C source)."""
 
-    _fields_ = [("w", _P), ("b", _P), ("q", _P), ("kind", _I), ("group", _I)]
+    _fields_ = [("w", _P), ("b", _P), ("q", _P), ("kind", _I), ("group", _I), ("tiled_steps", ctypes.c_uint64)]
 
 
 class Proj(NamedTuple):
     """A projection's base weight for the table: ``kind`` (``PROJ_KINDS``), the weight, bias (or None), and for int8
-    the fp32 row scales / for int4 the fp32 scale-offset pairs and the group size."""
+    the fp32 row scales / for int4 the fp32 scale-offset pairs and the group size; ``tiled_steps``: bit ``T - 1`` set
+    where a quantized GEMV of ``T`` tokens takes the tiled form (``ops.dense_cpu.gemv_int4``)."""
 
     kind: str
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     group: int = 0
+    tiled_steps: int = 0
 
 
 class DecodeLayer(ctypes.Structure):
@@ -108,6 +110,7 @@ def _set_proj(slot: DenseProj, proj: Proj, dtype: torch.dtype) -> None:
     if not ok:
         raise ValueError(f"decode step: a {proj.kind} projection's tensors are not contiguous of the kernel's dtypes")
     slot.kind, slot.group, slot.w = PROJ_KINDS[proj.kind], proj.group, proj.weight.data_ptr()
+    slot.tiled_steps = proj.tiled_steps
     slot.b = None if proj.bias is None else proj.bias.data_ptr()
     slot.q = None if proj.scales is None else proj.scales.data_ptr()
 

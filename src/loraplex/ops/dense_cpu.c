@@ -7,7 +7,8 @@
  *   gemv:          y[m, n] = r(sum_k W[n, k] * x[m, k] + b[n])                      (m < M, the dot in any order)
  *   gemv_int8:     y[m, n] = r(s[n] * sum_k Wq[n, k] * x[m, k] + b[n])      (Wq int8, s fp32: weight-only int8)
  *   gemv_int4:     y[m, n] = r(sum_k (q[n, k] * sc[n, k / g] + off[n, k / g]) * x[m, k] + b[n])
- *                  (q in 0..15 in nibble blocks, see INT4 LAYOUT; sc, off fp32 pairs; the dot in any order)
+ *                  (q in 0..15 in nibble blocks, see INT4 LAYOUT; sc, off fp32 pairs; the dot in any order; the
+ *                  tiled form rounds each weight to the compute dtype first, as dequant_int4 does)
  *   dequant_int4:  W[n, k] = r(q[n, k] * sc[n, k / g] + off[n, k / g])                 (rows n0..n1 of the weight)
  *   dequant_int8:  W[n, k] = r(Wq[n, k] * s[n])                                         (rows n0..n1 of the weight)
  *   add_rms_norm:  h' = r(h + d) (h' = h when d is NULL);  y = r(w * r(h' * rsqrt(mean(h'^2) + eps)))
@@ -170,8 +171,8 @@ static inline float dot_i8(const int8_t *w, const float *x, int64_t K) {
 
 /* x [M, K] rows of stride xs; Wq [N, K] int8 contiguous; s [N] fp32; b [N] or NULL; y [M, N] rows of stride ys. */
 #define DEFINE_GEMV_INT8(NAME, T_, LOAD, STORE)                                                                    \
-void NAME(const T_ *x, int64_t xs, int64_t M, const int8_t *W, const float *s, const T_ *b, T_ *y, int64_t ys,   \
-          int64_t N, int64_t K, int n_threads) {                                                                   \
+static void NAME##_pass(const T_ *x, int64_t xs, int64_t M, const int8_t *W, const float *s, const T_ *b, T_ *y,  \
+                       int64_t ys, int64_t N, int64_t K, int n_threads) {                                          \
     _Pragma("omp parallel num_threads(n_threads)")                                                                 \
     {                                                                                                              \
         float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K));                                              \
@@ -394,37 +395,24 @@ static inline void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows
 DEFINE_GEMV_INT4(gemv_int4_f32, float, id_f32, id_f32, group_sums_f32, int4_f32_row)
 DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_bf16, int4_bf16_row)
 
-/* Steps of more than GEMV_TOKENS tokens: one pass over the weights per GEMV_TOKENS of them (each token's result is
- * its own, so the bits do not depend on the chunking). */
-#define DEFINE_TOKEN_CHUNKS(NAME, T_, WT, Q_PARAMS, Q_ARGS)                                                        \
-void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b, T_ *y, int64_t ys, int64_t N,   \
-          int64_t K, int n_threads) {                                                                              \
-    for (int64_t m0 = 0; m0 < M; m0 += GEMV_TOKENS)                                                               \
-        NAME##_pass(x + m0 * xs, xs, M - m0 < GEMV_TOKENS ? M - m0 : GEMV_TOKENS, W, Q_ARGS, b, y + m0 * ys, ys, N, \
-                    K, n_threads);                                                                                 \
+/* One row of the weight in the compute dtype: out [K] (the large-batch path's GEMM, the tiled GEMV's scratch). FAST
+ * takes the row's blocks and returns how many weights it wrote; the rest here, 32 at a time. */
+#define DEFINE_DEQUANT_INT4_ROW(NAME, T_, STORE, FAST)                                                            \
+static inline void NAME(const uint8_t *row, const float *s, int64_t g, int64_t K, T_ *o) {                       \
+    float w[32];                                                                                                 \
+    for (int64_t k0 = FAST(row, s, g, K, o); k0 < K; k0 += 32) {                                                 \
+        float sc = s[2 * (k0 / g)], off = s[2 * (k0 / g) + 1];                                                   \
+        int4_unpack32(row, K, k0, w);                                                                            \
+        for (int i = 0; i < 32; i++) o[k0 + i] = STORE(w[i] * sc + off);                                         \
+    }                                                                                                            \
 }
-#define INT4_Q_PARAMS const float *so, int64_t g
-#define INT4_Q_ARGS so, g
-DEFINE_TOKEN_CHUNKS(gemv_int4_f32, float, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS)
-DEFINE_TOKEN_CHUNKS(gemv_int4_bf16, uint16_t, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS)
 
-/* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous (the large-batch path's GEMM). FAST
- * (or NULL) takes a row's 128-blocks and returns how many weights it wrote; the rest here, 32 at a time. */
-#define DEFINE_DEQUANT_INT4(NAME, T_, STORE, FAST)                                                                \
+/* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous. */
+#define DEFINE_DEQUANT_INT4(NAME, T_, ROW)                                                                        \
 void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t K, T_ *out,             \
           int n_threads) {                                                                                       \
     _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
-    for (int64_t n = n0; n < n1; n++) {                                                                          \
-        const uint8_t *row = W + n * (K / 2);                                                                    \
-        const float *s = so + n * (K / g) * 2;                                                                   \
-        T_ *o = out + (n - n0) * K;                                                                              \
-        float w[32];                                                                                             \
-        for (int64_t k0 = FAST(row, s, g, K, o); k0 < K; k0 += 32) {                                             \
-            float sc = s[2 * (k0 / g)], off = s[2 * (k0 / g) + 1];                                               \
-            int4_unpack32(row, K, k0, w);                                                                        \
-            for (int i = 0; i < 32; i++) o[k0 + i] = STORE(w[i] * sc + off);                                     \
-        }                                                                                                        \
-    }                                                                                                            \
+    for (int64_t n = n0; n < n1; n++) ROW(W + n * (K / 2), so + n * (K / g) * 2, g, K, out + (n - n0) * K);     \
 }
 
 static inline int64_t dequant_none(const uint8_t *row, const float *s, int64_t g, int64_t K, void *o) {
@@ -463,8 +451,10 @@ static inline int64_t dequant_bf16_blocks(const uint8_t *row, const float *s, in
 #define dequant_bf16_blocks dequant_none
 #endif
 
-DEFINE_DEQUANT_INT4(dequant_int4_f32, float, id_f32, dequant_none)
-DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, f32_to_bf16, dequant_bf16_blocks)
+DEFINE_DEQUANT_INT4_ROW(int4_row_to_f32, float, id_f32, dequant_none)
+DEFINE_DEQUANT_INT4_ROW(int4_row_to_bf16, uint16_t, f32_to_bf16, dequant_bf16_blocks)
+DEFINE_DEQUANT_INT4(dequant_int4_f32, float, int4_row_to_f32)
+DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, int4_row_to_bf16)
 
 #ifdef __AVX512BF16__
 /* ---- int8 GEMV for bf16 x: each int8 weight as two nibbles widened like int4's ------------------------------------
@@ -552,7 +542,6 @@ static void gemv_int8_bf16_pass(const uint16_t *x, int64_t xs, int64_t M, const 
     }
     free(X);
 }
-DEFINE_TOKEN_CHUNKS(gemv_int8_bf16, uint16_t, int8_t, const float *s, s)
 #endif
 
 /* Rows n0..n1 of an int8 weight in the compute dtype, W[n, k] = r(Wq[n, k] * s[n]): out [(n1 - n0), K] contiguous. */
@@ -589,6 +578,107 @@ static inline int64_t dequant_int8_bf16_fast(const int8_t *row, float sc, int64_
 
 DEFINE_DEQUANT_INT8(dequant_int8_f32, float, id_f32, dequant_int8_none)
 DEFINE_DEQUANT_INT8(dequant_int8_bf16, uint16_t, f32_to_bf16, dequant_int8_bf16_fast)
+
+/* ---- the quantized GEMVs' entry points ------------------------------------------------------------------------
+ * Two forms, the caller's choice (`tiled`; measured per machine, shape and step size by engine/quant_plan.py). The
+ * pass form widens in registers as above, one pass over the weights per GEMV_TOKENS tokens (bandwidth-bound small
+ * steps). The tiled form (with AVX-512; else the pass form) expands each GEMM_NR weight rows once into a per-thread
+ * scratch in the compute dtype -- int4 as dequant_int4 writes them, r(r(q * scale) + offset); int8 as the exact q,
+ * its row scale applied to the fp32 dot -- then runs the dense register tiles over them for every token, so a
+ * weight is widened once per step, not once per GEMV_TOKENS tokens. Within a form a token's bits do not depend on
+ * the step's other tokens. */
+
+/* An int8 row's exact values q in the compute dtype (|q| <= 127 fits bf16's 8-bit significand). */
+static inline void int8_row_exact_f32(const int8_t *row, int64_t K, float *o) {
+    for (int64_t k = 0; k < K; k++) o[k] = (float)row[k];
+}
+static inline void int8_row_exact_bf16(const int8_t *row, int64_t K, uint16_t *o) {
+    int64_t k = 0;
+#ifdef __AVX512BF16__
+    for (; k + 16 <= K; k += 16) {
+        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+        _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+#endif
+    for (; k < K; k++) o[k] = f32_to_bf16((float)row[k]);
+}
+
+/* EXPAND(n, out): weight row n into out [K] (W, the Q_PARAMS and K in scope); ROW_SCALE(n): the factor on row n's
+ * dot, before the bias. */
+#define DEFINE_GEMV_QUANT_TILED(NAME, T_, WT, Q_PARAMS, TILE, EXPAND, ROW_SCALE, LOAD, STORE)                        \
+static void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b, T_ *y, int64_t ys,       \
+                 int64_t N, int64_t K, int n_threads) {                                                            \
+    _Pragma("omp parallel num_threads(n_threads)")                                                                 \
+    {                                                                                                              \
+        T_ *scratch = (T_ *)malloc(sizeof(T_) * (size_t)(GEMM_NR * K));                                             \
+        _Pragma("omp for schedule(guided)")                                                                        \
+        for (int64_t c = 0; c < N; c += GEMV_CHUNK) {                                                              \
+            for (int64_t n0 = c; n0 < N && n0 < c + GEMV_CHUNK; n0 += GEMM_NR) {                                  \
+                const T_ *w[GEMM_NR];                                                                              \
+                for (int r = 0; r < GEMM_NR; r++) {                                                                \
+                    if (n0 + r < N) EXPAND(n0 + r, scratch + r * K);                                               \
+                    w[r] = scratch + (n0 + r < N ? r : 0) * K;                               /* past N: unused */  \
+                }                                                                                                  \
+                for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {                                                     \
+                    float out[GEMM_MR][GEMM_NR];                                                                   \
+                    int mt = M - m0 < GEMM_MR ? (int)(M - m0) : GEMM_MR;                                           \
+                    GEMM_TILE_CASES(TILE, w, NULL, x + m0 * xs, xs, mt, K, out)                                    \
+                    for (int r = 0; r < GEMM_NR && n0 + r < N; r++) {                                              \
+                        float f = ROW_SCALE(n0 + r), bias = b ? LOAD(b[n0 + r]) : 0.0f;                            \
+                        for (int m = 0; m < mt; m++) y[(m0 + m) * ys + n0 + r] = STORE(f * out[m][r] + bias);     \
+                    }                                                                                              \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        free(scratch);                                                                                             \
+    }                                                                                                              \
+}
+#define INT4_EXPAND_F32(n, o) int4_row_to_f32(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
+#define INT4_EXPAND_BF16(n, o) int4_row_to_bf16(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
+#define INT4_ROW_SCALE(n) 1.0f
+#define INT8_EXPAND_F32(n, o) int8_row_exact_f32(W + (n) * K, K, o)
+#define INT8_EXPAND_BF16(n, o) int8_row_exact_bf16(W + (n) * K, K, o)
+#define INT8_ROW_SCALE(n) s[n]
+#define INT4_Q_PARAMS const float *so, int64_t g
+#define INT4_Q_ARGS so, g
+#define INT8_Q_PARAMS const float *s
+#define INT8_Q_ARGS s
+
+/* NAME: LARGE (the tiled form) when `tiled`, else NAME##_chunks (passes of NAME##_pass, GEMV_TOKENS tokens each). */
+#define DEFINE_QUANT_GEMV(NAME, T_, WT, Q_PARAMS, Q_ARGS, LARGE)                                                     \
+static void NAME##_chunks(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b, T_ *y,          \
+                          int64_t ys, int64_t N, int64_t K, int n_threads) {                                       \
+    for (int64_t m0 = 0; m0 < M; m0 += GEMV_TOKENS)                                                               \
+        NAME##_pass(x + m0 * xs, xs, M - m0 < GEMV_TOKENS ? M - m0 : GEMV_TOKENS, W, Q_ARGS, b, y + m0 * ys, ys, N, \
+                    K, n_threads);                                                                                 \
+}                                                                                                                  \
+void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b, T_ *y, int64_t ys, int64_t N,   \
+          int64_t K, int64_t tiled, int n_threads) {                                                               \
+    (tiled ? LARGE : NAME##_chunks)(x, xs, M, W, Q_ARGS, b, y, ys, N, K, n_threads);                               \
+}
+
+#if defined(__AVX512F__)
+DEFINE_GEMV_QUANT_TILED(gemv_int4_f32_tiled, float, uint8_t, INT4_Q_PARAMS, gemm_tile_f32, INT4_EXPAND_F32,
+                        INT4_ROW_SCALE, id_f32, id_f32)
+DEFINE_GEMV_QUANT_TILED(gemv_int8_f32_tiled, float, int8_t, INT8_Q_PARAMS, gemm_tile_f32, INT8_EXPAND_F32,
+                        INT8_ROW_SCALE, id_f32, id_f32)
+#else
+#define gemv_int4_f32_tiled gemv_int4_f32_chunks
+#define gemv_int8_f32_tiled gemv_int8_f32_chunks
+#endif
+#if defined(__AVX512BF16__)
+DEFINE_GEMV_QUANT_TILED(gemv_int4_bf16_tiled, uint16_t, uint8_t, INT4_Q_PARAMS, gemm_tile_bf16, INT4_EXPAND_BF16,
+                        INT4_ROW_SCALE, bf16_to_f32, f32_to_bf16)
+DEFINE_GEMV_QUANT_TILED(gemv_int8_bf16_tiled, uint16_t, int8_t, INT8_Q_PARAMS, gemm_tile_bf16, INT8_EXPAND_BF16,
+                        INT8_ROW_SCALE, bf16_to_f32, f32_to_bf16)
+#else
+#define gemv_int4_bf16_tiled gemv_int4_bf16_chunks
+#define gemv_int8_bf16_tiled gemv_int8_bf16_chunks
+#endif
+DEFINE_QUANT_GEMV(gemv_int4_f32, float, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS, gemv_int4_f32_tiled)
+DEFINE_QUANT_GEMV(gemv_int4_bf16, uint16_t, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS, gemv_int4_bf16_tiled)
+DEFINE_QUANT_GEMV(gemv_int8_f32, float, int8_t, INT8_Q_PARAMS, INT8_Q_ARGS, gemv_int8_f32_tiled)
+DEFINE_QUANT_GEMV(gemv_int8_bf16, uint16_t, int8_t, INT8_Q_PARAMS, INT8_Q_ARGS, gemv_int8_bf16_tiled)
 
 /* ---- residual add + RMSNorm ------------------------------------------------------------------------------------ */
 

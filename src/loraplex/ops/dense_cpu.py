@@ -2,9 +2,11 @@
 
 * ``gemv``: ``y = x @ W.T + b`` for steps of at most ``GEMV_MAX_ROWS`` tokens, each weight row read once for all of
   them (ATen and oneDNN run one token's GEMV at a fraction of the read bandwidth at a decoder's shapes);
-* ``gemv_int8``: the same with weight-only int8 weights and per-row scales, widened in registers (no dequantized copy);
-* ``gemv_int4``: the same with group-wise int4 weights in our nibble-block layout (``ops.quant.pack_int4``), each
-  nibble widened to bf16 in registers; ``dequant_int4`` expands rows of it for the large-batch GEMM;
+* ``gemv_int8``: the same with weight-only int8 weights and per-row scales; ``gemv_int4``: with group-wise int4
+  weights in our nibble-block layout (``ops.quant.pack_int4``). Two forms each: widened in registers, one pass over
+  the weights per 8 tokens (small steps), or ``tiled`` — a few rows at a time expanded into a per-thread scratch in
+  the compute dtype, then the dense register tiles over every token (larger steps); ``dequant_int4`` /
+  ``dequant_int8`` expand rows for the prefill-sized GEMM;
 * ``add_rms_norm``: the residual add and the next RMSNorm in one pass, rounding where the reference does;
 * ``rope``: RoPE applied in place on the q|k heads, rounding where the reference does;
 * ``silu_mul``: SwiGLU's ``silu(gate) * up`` from the stacked gate|up output in one pass.
@@ -25,8 +27,8 @@ GEMV_MAX_ROWS = 64  # the most tokens one C GEMV call takes (more: prefill-sized
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
-               "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _N],
-               "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _N],
+               "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _N],
+               "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _N],
                "dequant_int4": [_P, _P, _I, _I, _I, _I, _P, _N],
                "dequant_int8": [_P, _P, _I, _I, _I, _P, _N],
                "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
@@ -80,9 +82,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def gemv_int8(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, tiled: bool = False) -> torch.Tensor:
     """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``) → ``[M, out]``: ``scales * (x @ wq.T) + bias`` with ``wq: [out, in]``
-    int8 and ``scales: [out]`` fp32, fp32 accumulation, one rounding. Reference: ``ops.quant.int8_linear_reference``."""
+    int8 and ``scales: [out]`` fp32, fp32 accumulation, one rounding; ``tiled``: the tiled form. Reference:
+    ``ops.quant.int8_linear_reference``."""
     m, k = x.shape
     n = wq.shape[0]
     if m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not wq.is_contiguous() or wq.dtype != torch.int8 \
@@ -92,15 +95,17 @@ def gemv_int8(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor,
                          f"scales, got x {tuple(x.shape)}, weight {tuple(wq.shape)} {wq.dtype}")
     y = x.new_empty(m, n)
     _fn("gemv_int8", x.dtype)(x.data_ptr(), x.stride(0), m, wq.data_ptr(), scales.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, int(tiled),
+                              torch.get_num_threads())
     return y
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, tiled: bool = False) -> torch.Tensor:
     """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``) → ``[M, out]``: ``x @ W.T + bias`` with ``W = q · scale + offset`` per
     group of ``group`` inputs (``packed: [out, in / 2]`` uint8 from ``ops.quant.pack_int4``, ``so: [out, in / group,
-    2]`` fp32 scale/offset pairs), fp32 accumulation, one rounding. Reference: ``ops.quant.int4_linear_reference``."""
+    2]`` fp32 scale/offset pairs), fp32 accumulation, one rounding (``tiled``: the tiled form, each weight rounded to
+    x's dtype first). Reference: ``ops.quant.int4_linear_reference``."""
     m, k = x.shape
     n = packed.shape[0]
     if m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not packed.is_contiguous() or packed.dtype != torch.uint8 \
@@ -110,7 +115,8 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: in
                          f"scale/offset pairs, got x {tuple(x.shape)}, weight {tuple(packed.shape)} {packed.dtype}")
     y = x.new_empty(m, n)
     _fn("gemv_int4", x.dtype)(x.data_ptr(), x.stride(0), m, packed.data_ptr(), so.data_ptr(), group,
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, int(tiled),
+                              torch.get_num_threads())
     return y
 
 

@@ -8,8 +8,10 @@ Paths, chosen per batch size by measurement (``engine.quant_plan``): ``int8mm`` 
 (``torch._weight_int8pack_mm``) with activations in their own dtype; ``int8mm_bf16`` — the same kernel fed bf16
 activations (on CPUs where its fp32 variant is slow); ``dequant`` — the weights expanded to the activations' dtype,
 then one GEMM (the fast form for large batches: the int8 kernel is a GEMV at heart); ``int8_c`` — the C GEMV
-(``ops.dense_cpu.gemv_int8``, steps of at most ``GEMV_MAX_ROWS`` rows), the int8 weights widened in registers.
-int4's paths: ``int4_c`` (``ops.dense_cpu.gemv_int4``) and ``dequant`` (see ``int4_linear``).
+(``ops.dense_cpu.gemv_int8``, steps of at most ``GEMV_MAX_ROWS`` rows), the int8 weights widened in registers;
+``int8_tiled`` — the same C GEMV's tiled form (rows expanded into a scratch once per step, register tiles over the
+tokens). int4's paths: ``int4_c``, ``int4_tiled`` (``ops.dense_cpu.gemv_int4``'s two forms) and ``dequant`` (see
+``int4_linear``).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch.nn.functional as F
 from loraplex import ops
 from loraplex.ops import dense_cpu
 
-INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant", "int8_c")
-INT4_PATHS = ("int4_c", "dequant")  # int4 keeps only the packed weights: "dequant" expands rows per call
+INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant", "int8_c", "int8_tiled")
+INT4_PATHS = ("int4_c", "int4_tiled", "dequant")  # int4 keeps only the packed weights: "dequant" expands per call
+C_PATHS = ("int8_c", "int8_tiled", "int4_c", "int4_tiled")  # the C GEMVs: steps of at most GEMV_MAX_ROWS rows
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +41,9 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: t
             return F.linear(x, wq.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
         return _chunked(x, wq.shape[0], wq.shape[1], bias,
                         lambda at, buf: dense_cpu.dequant_int8(wq, scales, at, x.dtype, buf))
-    if path == "int8_c" and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS:
-        return dense_cpu.gemv_int8(x, wq, scales, bias)
-    if path == "int8_c":  # a larger step than the C GEMV takes (the plan measured none): the int8 kernel
+    if path in C_PATHS and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS:
+        return dense_cpu.gemv_int8(x, wq, scales, bias, tiled=path == "int8_tiled")
+    if path in C_PATHS:  # a larger step than the C GEMV takes (the plan measured none): the int8 kernel
         path = "int8mm"
     act = torch.bfloat16 if path == "int8mm_bf16" else x.dtype
     y = torch._weight_int8pack_mm(x.to(act).contiguous(), wq, scales.to(act)).to(x.dtype)
@@ -127,11 +130,11 @@ def dequantize_int4(q: torch.Tensor, so: torch.Tensor, group: int) -> torch.Tens
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int, bias: torch.Tensor | None,
                 path: str) -> torch.Tensor:
-    """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path``: ``int4_c`` the C GEMV (steps of at most
-    ``GEMV_MAX_ROWS`` rows, bf16 activations widened nibbles in registers); ``dequant`` rows of the weight expanded
-    to the activations' dtype (by C where built, else torch), a GEMM per chunk of rows."""
-    if path == "int4_c" and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS and dense_cpu.available(x):
-        return dense_cpu.gemv_int4(x, packed, so, group, bias)
+    """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path``: ``int4_c`` / ``int4_tiled`` the C GEMV's forms
+    (steps of at most ``GEMV_MAX_ROWS`` rows); ``dequant`` rows of the weight expanded to the activations' dtype (by
+    C where built, else torch), a GEMM per chunk of rows."""
+    if path in C_PATHS and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS and dense_cpu.available(x):
+        return dense_cpu.gemv_int4(x, packed, so, group, bias, tiled=path == "int4_tiled")
     n_out = packed.shape[0]
     if not dense_cpu.available(x):  # elsewhere: the torch reference's weights
         return F.linear(x, dequantize_int4(unpack_int4(packed), so, group).to(x.dtype), bias)
