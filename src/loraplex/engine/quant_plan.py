@@ -22,6 +22,9 @@ from loraplex.ops.quant import (
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
 MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)
+# a C GEMV within this factor of the fastest path is taken: with every projection on one, a decode step runs the
+# whole stack in one call (ops.decode_step_cpu), which a single layer's measurement does not see
+C_PATH_SLACK = 1.1
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
@@ -59,8 +62,8 @@ def _stream(x: torch.Tensor, copies: list) -> list:
 
 def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                  method: str = "int8") -> list[tuple[int, str]]:
-    """Fastest path per batch size for an ``n_in → n_out`` linear; a path 3× slower than the best is dropped for
-    larger batches (it only gets slower)."""
+    """Fastest path per batch size for an ``n_in → n_out`` linear (a C GEMV where within ``C_PATH_SLACK`` of it); a
+    path 3× slower than the best is dropped for larger batches (it only gets slower)."""
     paths, run = _kernels(method, n_in, n_out, dtype, device)
     alive, plan = paths, []
     if device != "cpu" or dtype == torch.bfloat16:
@@ -79,6 +82,9 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                     times[path] = float("inf")
             best = min(times, key=times.get)
             alive = [p for p in alive if times[p] <= 3 * times[best]]
+            c_best = min((p for p in times if p in C_PATHS), key=times.get, default=None)
+            if c_best is not None and times[c_best] <= C_PATH_SLACK * times[best]:
+                best = c_best
             if plan and plan[-1][1] == best:
                 plan[-1] = (m, best)
             else:
@@ -89,7 +95,8 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
 def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
-    key = f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} streamed"
+    key = (f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} "
+           f"streamed, C slack {C_PATH_SLACK}")
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
