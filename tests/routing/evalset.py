@@ -2,9 +2,10 @@
 
 - development sets (defaults may be chosen on them): ``eval_set.json`` (the demo adapters' domains and general
   prompts) and ``dev_domains.json`` (new domains with short cards);
-- held-out sets (never used to choose anything), ``heldout/`` and ``heldout2/`` (written before the competing-class
-  method, after ``heldout/`` had been looked at): ``cards_{en,zh}.json`` with ``prompts_{en,zh}.json`` (8 domains ×
-  10 prompts each, cards written apart from the prompts) and ``general.json``.
+- held-out sets (never used to choose anything), ``heldout/``, ``heldout2/`` (written before the competing-class
+  method, after ``heldout/`` had been looked at) and ``heldout3/`` (written blind, by a writer who had not seen the
+  router, before it was first measured): ``cards_{en,zh}.json`` with ``prompts_{en,zh}.json`` (8 domains × 10
+  prompts each, cards written apart from the prompts) and ``general.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ EVAL_FILE = HERE / "eval_set.json"
 DEV_DOMAINS_FILE = HERE / "dev_domains.json"
 HELDOUT = HERE / "heldout"
 HELDOUT2 = HERE / "heldout2"
-HELDOUT_SETS = {"heldout": HELDOUT, "heldout2": HELDOUT2}
+HELDOUT3 = HERE / "heldout3"
+HELDOUT_SETS = {"heldout": HELDOUT, "heldout2": HELDOUT2, "heldout3": HELDOUT3}
 
 
 @dataclass(frozen=True)

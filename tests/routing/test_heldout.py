@@ -1,11 +1,12 @@
-"""Routing accuracy per scorer: the development sets (where defaults were chosen) and the two held-out sets (never
-used to choose anything; ``tests/routing/heldout`` and ``heldout2``, the second written before the competing-class
-method). The floors are the measured figures (docs/benchmarks.md, "Router v2") less a small allowance, so a change
+"""Routing accuracy per scorer: the development sets (where defaults were chosen) and the three held-out sets (never
+used to choose anything; ``tests/routing/heldout``, ``heldout2`` — written before the competing-class method — and
+``heldout3``, written blind before it was first measured). The floors are the measured figures (docs/benchmarks.md, "Router v2") less a small allowance, so a change
 that routes worse fails here.
 
 The issue's targets — held-out English ≥ 0.95, Chinese ≥ 0.90, general prompts kept on the base ≥ 0.98 with the
-embedding scorer, ≥ 0.85 with TF-IDF — are met only for the general prompts (USE: 1.000 on both sets; English
-0.863 / 0.800, Chinese 0.850 / 0.787); the floors below are what the router does today.
+embedding scorer, ≥ 0.85 with TF-IDF — are met only for the general prompts of the first two sets (USE: 1.000 on
+both, 0.969 on heldout3; English 0.863 / 0.800 / 0.812, Chinese 0.850 / 0.787 / 0.812); the floors below are what
+the router does today.
 """
 from __future__ import annotations
 
@@ -31,16 +32,20 @@ from tests.routing.evalset import (
 FLOORS = {
     "use": {"dev": 0.93, "dev_domains": 0.91,
             "heldout": {"en": 0.83, "zh": 0.82, "general": 0.97},
-            "heldout2": {"en": 0.77, "zh": 0.75, "general": 0.97}},
+            "heldout2": {"en": 0.77, "zh": 0.75, "general": 0.97},
+            "heldout3": {"en": 0.78, "zh": 0.78, "general": 0.93}},
     "e5": {"dev": 0.93, "dev_domains": 0.89,
             "heldout": {"en": 0.82, "zh": 0.83, "general": 0.97},
-            "heldout2": {"en": 0.70, "zh": 0.85, "general": 0.97}},
+            "heldout2": {"en": 0.70, "zh": 0.85, "general": 0.97},
+            "heldout3": {"en": 0.87, "zh": 0.83, "general": 0.94}},
     "minilm": {"dev": 0.91, "dev_domains": 0.80,
             "heldout": {"en": 0.82, "zh": 0.58, "general": 0.94},
-            "heldout2": {"en": 0.74, "zh": 0.72, "general": 0.97}},
+            "heldout2": {"en": 0.74, "zh": 0.72, "general": 0.97},
+            "heldout3": {"en": 0.85, "zh": 0.60, "general": 0.91}},
     "lexical": {"dev": 0.89, "dev_domains": 0.70,
             "heldout": {"en": 0.58, "zh": 0.59, "general": 0.92},
-            "heldout2": {"en": 0.33, "zh": 0.63, "general": 0.96}},
+            "heldout2": {"en": 0.33, "zh": 0.63, "general": 0.96},
+            "heldout3": {"en": 0.24, "zh": 0.59, "general": 0.92}},
 }
 
 
