@@ -63,7 +63,7 @@ def _stream(x: torch.Tensor, copies: list) -> list:
 def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                  method: str = "int8") -> list[tuple[int, str]]:
     """Fastest path per batch size for an ``n_in → n_out`` linear (a C GEMV where within ``C_PATH_SLACK`` of it); a
-    path 3× slower than the best is dropped for larger batches (it only gets slower)."""
+    path 3× slower than the best is dropped for larger batches (it only gets slower), except ``dequant``."""
     paths, run = _kernels(method, n_in, n_out, dtype, device)
     alive, plan = paths, []
     if device != "cpu" or dtype == torch.bfloat16:
@@ -81,7 +81,8 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                 except RuntimeError:  # a kernel this build lacks for this device / dtype
                     times[path] = float("inf")
             best = min(times, key=times.get)
-            alive = [p for p in alive if times[p] <= 3 * times[best]]
+            # "dequant" stays: its cost is mostly the expansion, which larger batches share
+            alive = [p for p in alive if times[p] <= 3 * times[best] or p == "dequant"]
             c_best = min((p for p in times if p in C_PATHS), key=times.get, default=None)
             if c_best is not None and times[c_best] <= C_PATH_SLACK * times[best]:
                 best = c_best
@@ -96,7 +97,7 @@ def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: s
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
     key = (f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} "
-           f"streamed, C slack {C_PATH_SLACK}")
+           f"streamed, C slack {C_PATH_SLACK}, dequant kept")
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
