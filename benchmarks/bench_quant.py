@@ -30,8 +30,9 @@ from bench_lora import write_random_adapter  # noqa: E402
 def rate(llm: LLM, prompts: list[list[int]], n: int, loras: list | None = None) -> float:
     sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     per = None if not loras else [loras[i % len(loras)] for i in range(len(prompts))]
-    llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False,
-                 lora_request=None if per is None else per[:1])
+    # warm-up on the same batch (first uses of a step size: kernel plans, scratch buffers, oneDNN primitives)
+    llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=2), use_tqdm=False,
+                 lora_request=per)
     t = time.perf_counter()
     llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False, lora_request=per)
     return len(prompts) * n / (time.perf_counter() - t)

@@ -633,11 +633,11 @@ static void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, cons
         free(scratch);                                                                                             \
     }                                                                                                              \
 }
-#define INT4_EXPAND_F32(n, o) int4_row_to_f32(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
-#define INT4_EXPAND_BF16(n, o) int4_row_to_bf16(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
+#define INT4_EXPAND_f32(n, o) int4_row_to_f32(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
+#define INT4_EXPAND_bf16(n, o) int4_row_to_bf16(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
 #define INT4_ROW_SCALE(n) 1.0f
-#define INT8_EXPAND_F32(n, o) int8_row_exact_f32(W + (n) * K, K, o)
-#define INT8_EXPAND_BF16(n, o) int8_row_exact_bf16(W + (n) * K, K, o)
+#define INT8_EXPAND_f32(n, o) int8_row_exact_f32(W + (n) * K, K, o)
+#define INT8_EXPAND_bf16(n, o) int8_row_exact_bf16(W + (n) * K, K, o)
 #define INT8_ROW_SCALE(n) s[n]
 #define INT4_Q_PARAMS const float *so, int64_t g
 #define INT4_Q_ARGS so, g
@@ -657,20 +657,20 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b
     (tiled ? LARGE : NAME##_chunks)(x, xs, M, W, Q_ARGS, b, y, ys, N, K, n_threads);                               \
 }
 
+/* Both formats' tiled forms for one compute dtype (SFX f32 / bf16: its tile, loads and stores). */
+#define DEFINE_QUANT_TILED_FORMS(SFX, T_, LOAD, STORE)                                                              \
+DEFINE_GEMV_QUANT_TILED(gemv_int4_##SFX##_tiled, T_, uint8_t, INT4_Q_PARAMS, gemm_tile_##SFX, INT4_EXPAND_##SFX,  \
+                        INT4_ROW_SCALE, LOAD, STORE)                                                               \
+DEFINE_GEMV_QUANT_TILED(gemv_int8_##SFX##_tiled, T_, int8_t, INT8_Q_PARAMS, gemm_tile_##SFX, INT8_EXPAND_##SFX,   \
+                        INT8_ROW_SCALE, LOAD, STORE)
 #if defined(__AVX512F__)
-DEFINE_GEMV_QUANT_TILED(gemv_int4_f32_tiled, float, uint8_t, INT4_Q_PARAMS, gemm_tile_f32, INT4_EXPAND_F32,
-                        INT4_ROW_SCALE, id_f32, id_f32)
-DEFINE_GEMV_QUANT_TILED(gemv_int8_f32_tiled, float, int8_t, INT8_Q_PARAMS, gemm_tile_f32, INT8_EXPAND_F32,
-                        INT8_ROW_SCALE, id_f32, id_f32)
+DEFINE_QUANT_TILED_FORMS(f32, float, id_f32, id_f32)
 #else
 #define gemv_int4_f32_tiled gemv_int4_f32_chunks
 #define gemv_int8_f32_tiled gemv_int8_f32_chunks
 #endif
 #if defined(__AVX512BF16__)
-DEFINE_GEMV_QUANT_TILED(gemv_int4_bf16_tiled, uint16_t, uint8_t, INT4_Q_PARAMS, gemm_tile_bf16, INT4_EXPAND_BF16,
-                        INT4_ROW_SCALE, bf16_to_f32, f32_to_bf16)
-DEFINE_GEMV_QUANT_TILED(gemv_int8_bf16_tiled, uint16_t, int8_t, INT8_Q_PARAMS, gemm_tile_bf16, INT8_EXPAND_BF16,
-                        INT8_ROW_SCALE, bf16_to_f32, f32_to_bf16)
+DEFINE_QUANT_TILED_FORMS(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 #else
 #define gemv_int4_bf16_tiled gemv_int4_bf16_chunks
 #define gemv_int8_bf16_tiled gemv_int8_bf16_chunks
