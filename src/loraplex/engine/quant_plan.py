@@ -7,7 +7,7 @@ import logging
 import torch
 
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
-from loraplex.engine.kernel_choice import STREAM_BYTES
+from loraplex.engine.kernel_choice import C_GEMV_SLACK, STREAM_BYTES
 from loraplex.ops import cpu_ext, dense_cpu
 from loraplex.ops.quant import (
     C_PATHS,
@@ -22,9 +22,6 @@ from loraplex.ops.quant import (
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
 MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)
-# a C GEMV within this factor of the fastest path is taken: with every projection on one, a decode step runs the
-# whole stack in one call (ops.decode_step_cpu), which a single layer's measurement does not see
-C_PATH_SLACK = 1.1
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
@@ -62,7 +59,7 @@ def _stream(x: torch.Tensor, copies: list) -> list:
 
 def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                  method: str = "int8") -> list[tuple[int, str]]:
-    """Fastest path per batch size for an ``n_in → n_out`` linear (a C GEMV where within ``C_PATH_SLACK`` of it); a
+    """Fastest path per batch size for an ``n_in → n_out`` linear (a C GEMV where within ``C_GEMV_SLACK`` of it); a
     path 3× slower than the best is dropped for larger batches (it only gets slower), except ``dequant``."""
     paths, run = _kernels(method, n_in, n_out, dtype, device)
     alive, plan = paths, []
@@ -84,7 +81,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
             # "dequant" stays: its cost is mostly the expansion, which larger batches share
             alive = [p for p in alive if times[p] <= 3 * times[best] or p == "dequant"]
             c_best = min((p for p in times if p in C_PATHS), key=times.get, default=None)
-            if c_best is not None and times[c_best] <= C_PATH_SLACK * times[best]:
+            if c_best is not None and times[c_best] <= C_GEMV_SLACK * times[best]:
                 best = c_best
             if plan and plan[-1][1] == best:
                 plan[-1] = (m, best)
@@ -97,7 +94,7 @@ def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: s
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
     key = (f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} "
-           f"streamed, C slack {C_PATH_SLACK}, dequant kept")
+           f"streamed, C slack {C_GEMV_SLACK}, dequant kept")
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
