@@ -8,6 +8,7 @@ import torch
 
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
 from loraplex.engine.kernel_choice import C_GEMV_SLACK, STREAM_BYTES
+from loraplex import ops
 from loraplex.ops import cpu_ext, dense_cpu
 from loraplex.ops.quant import (
     C_PATHS,
@@ -74,7 +75,10 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
                 alive = [p for p in alive if p not in C_PATHS] or [p for p in paths if p not in C_PATHS]
             for path in alive:
                 try:
-                    times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)
+                    # steps the C GEMV serves: the dequant path's GEMM is the C GEMV too at run time (ops.linear inside
+                    # the runner's ops.cpu_gemv, where kernel_choice measured it to serve), so it is timed that way
+                    with ops.cpu_gemv(m if path == "dequant" and m <= dense_cpu.GEMV_MAX_ROWS else 0):
+                        times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)
                 except RuntimeError:  # a kernel this build lacks for this device / dtype
                     times[path] = float("inf")
             best = min(times, key=times.get)
@@ -94,7 +98,7 @@ def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: s
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
     key = (f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} "
-           f"streamed, C slack {C_GEMV_SLACK}, dequant kept")
+           f"streamed, C slack {C_GEMV_SLACK}, dequant kept, its GEMV as run")
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
