@@ -6,9 +6,9 @@ import logging
 
 import torch
 
+from loraplex import ops
 from loraplex.engine.cpu_dtype import best_time, cached_measurement, machine_key
 from loraplex.engine.kernel_choice import C_GEMV_SLACK, STREAM_BYTES
-from loraplex import ops
 from loraplex.ops import cpu_ext, dense_cpu
 from loraplex.ops.quant import (
     C_PATHS,
@@ -95,7 +95,7 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
 
 
 def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str) -> list[tuple[int, str]]:
-    """The cached plan for this machine, method, dtype and shape (measured on first use, ~1 s)."""
+    """The cached plan for this machine, method, dtype and shape (measured on first use, ~2–3 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
     key = (f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} "
            f"streamed, C slack {C_GEMV_SLACK}, dequant kept, its GEMV as run")

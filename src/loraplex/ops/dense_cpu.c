@@ -19,7 +19,7 @@
 
 #include "cpu_common.h"
 
-#define GEMV_TOKENS 8 /* tokens per pass of a quantized GEMV over its weights (more: DEFINE_TOKEN_CHUNKS) */
+#define GEMV_TOKENS 8 /* tokens per pass of a quantized GEMV's pass form over its weights (more: NAME##_chunks) */
 #define INT4_ROWS 8   /* weight rows per scheduling chunk of the int4 GEMV */
 
 /* ---- GEMV ---------------------------------------------------------------------------------------------------- */
