@@ -60,9 +60,15 @@ async function tokensServed() {
   return counts;
 }
 
+// The adapters' rows, or null (the error shown) when the server refused or failed the listing.
 async function adapterRows() {
-  if (state.admin) return (await api("/v1/lora_adapters")).body.data;
+  if (state.admin) {
+    const r = await api("/v1/lora_adapters");
+    if (!r.ok) { status(r.error); return null; }
+    return r.body.data;
+  }
   const [models, mine] = [await api("/v1/models"), state.platform ? await api("/v1/adapters") : null];
+  if (!models.ok) { status(models.error); return null; }
   const uploaded = Object.fromEntries(((mine && mine.ok && mine.body.data) || []).map((a) => [a.id, a]));
   return models.body.data.slice(1).map((m) => ({ name: m.id, rank: uploaded[m.id]?.rank ?? null, targets: null,
     tier: uploaded[m.id]?.tier ?? null, pinned: null, in_flight: uploaded[m.id]?.in_flight ?? null,
@@ -78,6 +84,7 @@ async function adminCall(path, body) {
 
 async function refreshAdapters() {
   const rows = await adapterRows();
+  if (rows === null) return;  // the table stays as it was
   state.adapters = rows;
   const tokens = await tokensServed();
   const body = $("#adapter-table tbody");
