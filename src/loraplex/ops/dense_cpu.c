@@ -544,17 +544,17 @@ static void gemv_int8_bf16_pass(const uint16_t *x, int64_t xs, int64_t M, const 
 }
 #endif
 
-/* Rows n0..n1 of an int8 weight in the compute dtype, W[n, k] = r(Wq[n, k] * s[n]): out [(n1 - n0), K] contiguous. */
-#define DEFINE_DEQUANT_INT8(NAME, T_, STORE, FAST)                                                                \
+/* One int8 row in the compute dtype, o[k] = r(Wq[k] * sc): FAST writes what it can and returns how many. */
+#define DEFINE_DEQUANT_INT8_ROW(NAME, T_, STORE, FAST)                                                            \
+static inline void NAME(const int8_t *row, float sc, int64_t K, T_ *o) {                                         \
+    int64_t k = FAST(row, sc, K, o);                                                                             \
+    for (; k < K; k++) o[k] = STORE((float)row[k] * sc);                                                         \
+}
+/* Rows n0..n1 of an int8 weight, W[n, k] = r(Wq[n, k] * s[n]): out [(n1 - n0), K] contiguous. */
+#define DEFINE_DEQUANT_INT8(NAME, T_, ROW)                                                                        \
 void NAME(const int8_t *W, const float *s, int64_t n0, int64_t n1, int64_t K, T_ *out, int n_threads) {          \
     _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
-    for (int64_t n = n0; n < n1; n++) {                                                                          \
-        const int8_t *row = W + n * K;                                                                           \
-        T_ *o = out + (n - n0) * K;                                                                              \
-        float sc = s[n];                                                                                         \
-        int64_t k = FAST(row, sc, K, o);                                                                         \
-        for (; k < K; k++) o[k] = STORE((float)row[k] * sc);                                                     \
-    }                                                                                                            \
+    for (int64_t n = n0; n < n1; n++) ROW(W + n * K, s[n], K, out + (n - n0) * K);                               \
 }
 static inline int64_t dequant_int8_none(const int8_t *row, float sc, int64_t K, void *o) {
     (void)sc;
@@ -576,8 +576,10 @@ static inline int64_t dequant_int8_bf16_fast(const int8_t *row, float sc, int64_
 #define dequant_int8_bf16_fast dequant_int8_none
 #endif
 
-DEFINE_DEQUANT_INT8(dequant_int8_f32, float, id_f32, dequant_int8_none)
-DEFINE_DEQUANT_INT8(dequant_int8_bf16, uint16_t, f32_to_bf16, dequant_int8_bf16_fast)
+DEFINE_DEQUANT_INT8_ROW(int8_row_to_f32, float, id_f32, dequant_int8_none)
+DEFINE_DEQUANT_INT8_ROW(int8_row_to_bf16, uint16_t, f32_to_bf16, dequant_int8_bf16_fast)
+DEFINE_DEQUANT_INT8(dequant_int8_f32, float, int8_row_to_f32)
+DEFINE_DEQUANT_INT8(dequant_int8_bf16, uint16_t, int8_row_to_bf16)
 
 /* ---- the quantized GEMVs' entry points ------------------------------------------------------------------------
  * Two forms, the caller's choice (`tiled`; measured per machine, shape and step size by engine/quant_plan.py). The
@@ -587,21 +589,6 @@ DEFINE_DEQUANT_INT8(dequant_int8_bf16, uint16_t, f32_to_bf16, dequant_int8_bf16_
  * its row scale applied to the fp32 dot -- then runs the dense register tiles over them for every token, so a
  * weight is widened once per step, not once per GEMV_TOKENS tokens. Within a form a token's bits do not depend on
  * the step's other tokens. */
-
-/* An int8 row's exact values q in the compute dtype (|q| <= 127 fits bf16's 8-bit significand). */
-static inline void int8_row_exact_f32(const int8_t *row, int64_t K, float *o) {
-    for (int64_t k = 0; k < K; k++) o[k] = (float)row[k];
-}
-static inline void int8_row_exact_bf16(const int8_t *row, int64_t K, uint16_t *o) {
-    int64_t k = 0;
-#ifdef __AVX512BF16__
-    for (; k + 16 <= K; k += 16) {
-        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-        _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(f));
-    }
-#endif
-    for (; k < K; k++) o[k] = f32_to_bf16((float)row[k]);
-}
 
 /* EXPAND(n, out): weight row n into out [K] (W, the Q_PARAMS and K in scope); ROW_SCALE(n): the factor on row n's
  * dot, before the bias. */
@@ -636,8 +623,9 @@ static void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, cons
 #define INT4_EXPAND_f32(n, o) int4_row_to_f32(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
 #define INT4_EXPAND_bf16(n, o) int4_row_to_bf16(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
 #define INT4_ROW_SCALE(n) 1.0f
-#define INT8_EXPAND_f32(n, o) int8_row_exact_f32(W + (n) * K, K, o)
-#define INT8_EXPAND_bf16(n, o) int8_row_exact_bf16(W + (n) * K, K, o)
+/* int8 rows expanded as their exact q (scale 1: |q| <= 127 fits bf16's 8-bit significand) */
+#define INT8_EXPAND_f32(n, o) int8_row_to_f32(W + (n) * K, 1.0f, K, o)
+#define INT8_EXPAND_bf16(n, o) int8_row_to_bf16(W + (n) * K, 1.0f, K, o)
 #define INT8_ROW_SCALE(n) s[n]
 #define INT4_Q_PARAMS const float *so, int64_t g
 #define INT4_Q_ARGS so, g
