@@ -20,6 +20,7 @@ from loraplex.layers.attention import AttentionMetadata, PagedRows, PrefillChunk
 from loraplex.layers.xlora_gate import XLoRAGate
 from loraplex.lora.xlora import XLoRAPlan
 from loraplex.models.loader import LoadedModel
+from loraplex.ops import hugepages
 from loraplex.ops.lora_batch import LoRABatch, XLoRAGroup
 from loraplex.sampling import Sampler, score_tokens
 from loraplex.scheduler.output import (
@@ -50,8 +51,13 @@ class ModelRunner:
         self.block_size = cache.block_size
         shape = (cache.num_slots, self.spec.num_kv_heads, self.spec.head_dim)  # [num_slots, Hkv, D] per layer
         # NOTE: zeros, not empty: padded decode positions read slot 0, and a NaN there would poison 0 * V.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(self.spec.num_layers)]
+        if device.type == "cpu" and hugepages.available():  # weights and KV streamed from 2 MB pages
+            hugepages.move_module(self.model)
+            kv = hugepages.zeros([shape] * (2 * self.spec.num_layers), dtype)
+            self.kv_caches = list(zip(kv[0::2], kv[1::2]))
+        else:
+            self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(self.spec.num_layers)]
         self.sampler = Sampler(device, seed)
         # row_tile > 0 (deterministic): fixed GEMM shapes and per-token attention, so no per-step kernel switch
         self.row_tile = row_tile
