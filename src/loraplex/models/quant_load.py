@@ -7,8 +7,6 @@ safetensors, and from the tensors' GGUF types too for GGUF (``gguf_tensors.GGUF_
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -21,25 +19,12 @@ from loraplex.layers.linear import Linear
 from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import EXACT_INT4, FLOAT_TYPES
+from loraplex.ops import hugepages
 from loraplex.ops.quant import int4_group_size, pack_int4, quantize_int4, quantize_int8, scale_offset
 
 log = logging.getLogger("loraplex.engine")
 
 
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to trim
-        return None
-
-
-def _trim() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps the chunk temporaries' holes between the kept buffers:
-    ~40 % of the weights' size by the end of a load otherwise, and peak RSS counts them)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 CHUNK = 1 << 20  # elements dequantized at once (4 MB in fp32; the quantizers make a few temporaries of it)
 PlanFor = Callable[[str, int, int], list[tuple[int, str]]]
 
@@ -200,7 +185,7 @@ def fill_quantized(model, tensors: Iterable[tuple[str, Source]], kinds: dict[str
                     shard.projection), getattr(skel, "bias", None) is not None, dtype, device)
             _check_shape(hf_name, src, (shard.size, shapes.in_features(shard.projection))[:len(src.shape)])
             fills[key].put(hf_name, parts[4], shard.index, src)
-            _trim()
+            hugepages.release_freed()
             if fills[key].complete:
                 setattr(block, shard.projection.name, fills.pop(key).build(plan_for))
                 built[kinds[key].kind] += 1
@@ -210,7 +195,7 @@ def fill_quantized(model, tensors: Iterable[tuple[str, Source]], kinds: dict[str
             fill = Fill(kinds[key], spec.hidden_size, [spec.vocab_size], False, dtype, device)
             fill.put(hf_name, "weight", 0, src)
             _set_table(model, key, fill, plan_for)
-            _trim()
+            hugepages.release_freed()
         else:
             _materialize(model, hf_name, name, src, dtype)
     if fills:

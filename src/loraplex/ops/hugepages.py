@@ -90,12 +90,23 @@ def collapse(t: torch.Tensor) -> bool:
         and libc.madvise(start, end - start, _MADV_COLLAPSE) == 0
 
 
+def release_freed() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps the holes that freed tensors leave between live ones, and
+    peak RSS counts them); nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def move_module(module: nn.Module) -> Arena | None:
     """Copy ``module``'s CPU parameters and buffers (contiguous ones below ``IN_PLACE_BYTES``; larger ones are
     collapsed in place) into one arena, in module order, and make each a view of it (a ``Parameter`` keeps its
-    identity: ``.data`` is swapped). Returns the arena (None: nothing moved). Each old tensor is freed as it is
-    replaced, so the peak is the model plus one small tensor."""
-    entries = []  # (owner dict, name, tensor, original address): tied tensors share their address
+    identity: ``.data`` is swapped). Returns the arena (None: nothing moved). Each old tensor is freed (and its
+    heap pages handed back) as it is replaced, so the peak is the model plus a few small tensors."""
+    entries = []  # (owner dict, name, original address, bytes): tied tensors share their address
     large: dict[int, torch.Tensor] = {}
     for mod in module.modules():
         for table in (mod._parameters, mod._buffers):
@@ -105,23 +116,30 @@ def move_module(module: nn.Module) -> Arena | None:
                 if t.numel() * t.element_size() >= IN_PLACE_BYTES:
                     large[t.data_ptr()] = t
                 else:
-                    entries.append((table, name, t, t.data_ptr()))
+                    entries.append((table, name, t.data_ptr(), _padded(t.numel() * t.element_size())))
     collapsed = sum(collapse(t) for t in large.values())
     if large:
         log.info("huge pages: %d of %d large tensors collapsed in place", collapsed, len(large))
-    sizes = {ptr: _padded(t.numel() * t.element_size()) for _, _, t, ptr in entries}
+    del large
+    sizes = {ptr: n for _, _, ptr, n in entries}
     if not sizes:
         return None
     arena = Arena(sum(sizes.values()))
     moved: dict[int, torch.Tensor] = {}
+    freed = 0
     with torch.no_grad():
-        for table, name, t, ptr in entries:
+        for table, name, ptr, nbytes in entries:  # no other reference to the old tensor: it goes when replaced
             if ptr not in moved:
-                moved[ptr] = arena.take(t.shape, t.dtype).copy_(t)
-            if isinstance(t, nn.Parameter):
-                t.data = moved[ptr]
+                moved[ptr] = arena.take(table[name].shape, table[name].dtype).copy_(table[name])
+                freed += nbytes
+            if isinstance(table[name], nn.Parameter):
+                table[name].data = moved[ptr]
             else:
                 table[name] = moved[ptr]
+            if freed >= IN_PLACE_BYTES:
+                release_freed()
+                freed = 0
+    release_freed()
     log.info("huge pages: %d tensors (%.0f MB) moved", len(moved), sum(sizes.values()) / 1e6)
     return arena
 
