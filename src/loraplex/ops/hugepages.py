@@ -17,6 +17,7 @@ without huge pages granted (fragmented memory) the mapping simply stays on 4 KB 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import mmap
@@ -77,15 +78,24 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def collapse(t: torch.Tensor) -> bool:
     """Back the 2 MB extents inside ``t``'s memory by huge pages in place (``MADV_HUGEPAGE`` + ``MADV_COLLAPSE``);
     whether the kernel did (best effort: older kernels, no free huge page → False, ``t`` unchanged either way)."""
     start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
-    if end <= start:
+    libc = _libc()
+    if end <= start or libc is None:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise(start, end - start, mmap.MADV_HUGEPAGE) == 0 \
         and libc.madvise(start, end - start, _MADV_COLLAPSE) == 0
 
@@ -93,11 +103,8 @@ def collapse(t: torch.Tensor) -> bool:
 def release_freed() -> None:
     """Hand freed heap pages back to the OS (glibc keeps the holes that freed tensors leave between live ones, and
     peak RSS counts them); nothing where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
