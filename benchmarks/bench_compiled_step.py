@@ -21,18 +21,18 @@ from loraplex.layers.attention import AttentionMetadata, paged_attention
 
 @torch.library.custom_op("loraplex_bench::paged_decode", mutates_args=("k_cache", "v_cache"))
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, kv_slots: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    meta = AttentionMetadata(slot_mapping, q.shape[0], kv_slots, mask)
+                 slot_mapping: torch.Tensor, kv_slots: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    meta = AttentionMetadata(slot_mapping, q.shape[0], kv_slots, lens)
     return paged_attention(q, k, v, k_cache, v_cache, meta, scale).clone()
 
 
 @paged_decode.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, kv_slots, mask, scale):
+def _(q, k, v, k_cache, v_cache, slot_mapping, kv_slots, lens, scale):
     return torch.empty_like(q)
 
 
 def _opaque_attention(q, k, v, k_cache, v_cache, meta, scale):
-    return paged_decode(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.decode_kv_slots, meta.decode_mask, scale)
+    return paged_decode(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.decode_kv_slots, meta.decode_lens, scale)
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         n = args.context
         ids, pos = torch.randint(0, 1000, (b,)), torch.full((b,), n - 1)
         slots = torch.arange(b * n).view(b, n)
-        meta = AttentionMetadata(slots[:, -1].contiguous(), b, slots, torch.ones(b, 1, 1, n, dtype=torch.bool))
+        meta = AttentionMetadata(slots[:, -1].contiguous(), b, slots, torch.full((b,), n))
         torch._C._set_mkldnn_enabled(b > runner.kernels.gemv_tokens)  # as the runner does for this step size
 
         def eager():

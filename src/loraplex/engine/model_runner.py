@@ -49,6 +49,7 @@ class ModelRunner:
         self.spec = loaded.spec
         self.device = device
         self.block_size = cache.block_size
+        self._block_offsets = torch.arange(self.block_size)  # a block's slot offsets (context slots per step)
         shape = (cache.num_slots, self.spec.num_kv_heads, self.spec.head_dim)  # [num_slots, Hkv, D] per layer
         # NOTE: zeros, not empty: padded decode positions read slot 0, and a NaN there would poison 0 * V.
         if device.type == "cpu" and hugepages.available():  # weights and KV streamed from 2 MB pages
@@ -146,15 +147,13 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _context_slots(self, block_tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of positions ``0..L_i-1`` per row, padded: ``([R, Lmax] slots, [R, Lmax] valid mask)``."""
+    def _context_slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """Slots of positions ``0..L_i-1`` per row, padded with slot 0: ``[R, Lmax]``."""
         bs = self.block_size
         max_len = max(lengths)
         n_blocks = -(-max_len // bs)
         bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables])
-        slots = (bt.unsqueeze(-1) * bs + torch.arange(bs)).view(len(block_tables), -1)[:, :max_len].contiguous()
-        valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-        return slots, valid
+        return (bt.unsqueeze(-1) * bs + self._block_offsets).view(len(block_tables), -1)[:, :max_len].contiguous()
 
     def _paged_rows(self, rows: list[ScheduledRequest]) -> PagedRows:
         bs = self.block_size
@@ -188,12 +187,12 @@ class ModelRunner:
             positions += range(r.start_pos, end)
             slot_mapping += self._slots(r.block_table, r.start_pos, end)
             if self.row_tile:
-                slots, _ = self._context_slots([r.block_table], [end])
+                slots = self._context_slots([r.block_table], [end])
                 prefills.append(PrefillChunk(q_start, len(input_ids), r.start_pos, slots[0].to(self.device)))
             elif r.num_tokens > 1 and not kernel:
                 chunk = PrefillChunk(q_start, len(input_ids), r.start_pos)
                 if r.start_pos > 0:
-                    slots, _ = self._context_slots([r.block_table], [end])
+                    slots = self._context_slots([r.block_table], [end])
                     q_pos = torch.arange(r.start_pos, end).unsqueeze(1)
                     chunk.kv_slots = slots[0].to(self.device)
                     chunk.mask = (torch.arange(end).unsqueeze(0) <= q_pos).to(self.device)  # [n, L]
@@ -207,9 +206,7 @@ class ModelRunner:
             meta.rows = self._paged_rows(rows)
         elif decode_rows:
             lens = [r.start_pos + 1 for r in decode_rows]
-            slots, valid = self._context_slots([r.block_table for r in decode_rows], lens)
-            meta.decode_kv_slots = slots.to(self.device)
-            meta.decode_mask = valid[:, None, None, :].to(self.device)  # [nd, 1, 1, L]
+            meta.decode_kv_slots = self._context_slots([r.block_table for r in decode_rows], lens).to(self.device)
             meta.decode_lens = torch.tensor(lens, device=self.device)
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
@@ -246,7 +243,8 @@ class ModelRunner:
             out.prompt_logprobs = self.prompt_logprobs(hidden, rows)
             if not sampling_rows:
                 return out
-            logits = self.model.compute_logits(hidden[sample_idx])
+            # every row samples (a step of decodes): its hidden states as they are, no gather
+            logits = self.model.compute_logits(hidden if len(sample_idx) == hidden.shape[0] else hidden[sample_idx])
         tokens = self.sampler(logits, sampling_rows)
         out.sampled = {r.request_id: t for r, t in zip(sampling_rows, tokens)}
         return out

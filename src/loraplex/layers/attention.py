@@ -33,7 +33,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64 where each new token's K/V go
     num_decodes: int = 0
     decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padded with slot 0)
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
     decode_lens: torch.Tensor | None = None  # [num_decodes] int64 context lengths (what the C kernel reads)
     prefills: list[PrefillChunk] = field(default_factory=list)
     rows: "PagedRows | None" = None  # set when the step runs the Triton kernel (then the fields above are unused)
@@ -89,7 +88,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # Grouped-query trick: a decode has one query per head, so the heads sharing a kv head become that kv
         # head's "query rows" — no repeat of K/V needed.
         qq = q[:nd].view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale)
+        valid = torch.arange(nd_slots.shape[1], device=q.device) < meta.decode_lens.unsqueeze(1)  # [nd, L]
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=valid[:, None, None, :], scale=scale)
         parts.append(o.reshape(nd, num_heads, head_dim))
     for p in meta.prefills:
         qq = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
