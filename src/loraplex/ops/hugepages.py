@@ -2,7 +2,7 @@
 
 A decode step streams every weight once, and on this kind of machine a streaming read from 4 KB pages runs well
 below the memory's rate: a 2-core Zen 4 read 25 GB/s from 4 KB pages and 32 GB/s from huge pages (a C loop, 256 MB,
-2 threads), and SmolLM2's bf16 batch-1 decode went from 74–85 to 91–125 tok/s with its weights moved (same run).
+2 threads), and SmolLM2's bf16 batch-1 decode went from 85 to 96 tok/s with its weights moved (bench_engine.py).
 torch's CPU allocator gives huge pages only to allocations of ≥ 2 MB and only when ``THP_MEM_ALLOC_ENABLE`` is set
 before its first allocation; a small decoder's projections are 0.1–2 MB each. So the model runner copies the
 model's parameters and buffers, after loading, into one anonymous private mapping advised ``MADV_HUGEPAGE``, in
@@ -66,7 +66,7 @@ class Arena:
         if self._next + nbytes > self._limit:
             raise ValueError(f"arena: {nbytes} bytes more do not fit")
         view = self._base[self._next:self._next + nbytes].view(dtype).view(shape)
-        self._next += -(-nbytes // ALIGN) * ALIGN
+        self._next += _padded(nbytes)
         return view
 
     def holds(self, t: torch.Tensor) -> bool:
