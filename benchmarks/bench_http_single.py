@@ -3,9 +3,11 @@
     python benchmarks/bench_http_single.py [--new-tokens 64] [--requests 4] [--rounds 2] [--adapter congcong]
 
 Offline: ``LLM.generate`` one prompt at a time. HTTP: ``loraplex serve`` (a subprocess, embedded SmolLM2, demo
-adapters) and one client streaming ``/v1/completions`` with ``ignore_eos``. Decode tok/s is ``(N - 1) / (t_last -
-t_first)`` per request (the first token's prefill taken out), TTFT from the client's send; rounds alternate offline
-and HTTP so machine noise hits both. The batch-1 floor (``roofline.py``, measured in this run after the rounds):
+adapters) and one client streaming ``/v1/completions`` with ``ignore_eos``. Decode tok/s is the tokens generated
+between the first and the last chunk over the time between them (the first token's prefill taken out; over HTTP the
+token counts come from each chunk's ``usage``, since a token that adds no text — a special token, part of a UTF-8
+character — sends no chunk of its own), TTFT from the client's send; rounds alternate offline and HTTP so machine
+noise hits both. The batch-1 floor (``roofline.py``, measured in this run after the rounds):
 the weights' and the adapter's bytes over the read bandwidth, or one row's FLOPs over the matmul rate.
 """
 from __future__ import annotations
@@ -78,15 +80,18 @@ def http(prompts: list[str], n: int, adapter: str | None) -> tuple[list[float], 
         with httpx.Client(timeout=300) as client:
             for i, p in enumerate([prompts[0]] + prompts):
                 body = {"model": adapter or "SmolLM2-135M-Instruct", "prompt": p, "max_tokens": n, "temperature": 0,
-                        "ignore_eos": True, "stream": True}
-                t0, times = time.perf_counter(), []
+                        "ignore_eos": True, "stream": True,
+                        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+                t0, times, counts = time.perf_counter(), [], []
                 with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
                     for line in r.iter_lines():
                         if line.startswith("data: ") and line != "data: [DONE]":
-                            if json.loads(line[6:])["choices"][0]["text"]:
+                            chunk = json.loads(line[6:])
+                            if chunk["choices"]:
                                 times.append(time.perf_counter())
+                                counts.append(chunk["usage"]["completion_tokens"])
                 if i:
-                    rates.append((len(times) - 1) / (times[-1] - times[0]))
+                    rates.append((counts[-1] - counts[0]) / (times[-1] - times[0]))
                     ttfts.append(times[0] - t0)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from loraplex.ops import hugepages
 
 MIN_ROWS = 32  # the smallest GEMM whose rate is measured as a compute ceiling
+# torch's thread count before any engine ran: an engine's thread tuner may leave the process on fewer, and the
+# machine's limits are measured on all of them
+MACHINE_THREADS = torch.get_num_threads()
 
 # CPU features that decide which kernels a CPU has (bf16 in hardware, AMX, AVX-512)
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -91,8 +94,13 @@ class Roofline:
         """Bandwidth, and the matmul rate at each case's row count (at least ``MIN_ROWS``: below it a GEMM is a
         GEMV bound by reading its weights, which the bandwidth term already counts)."""
         name, flags = cpu_model()
-        rates = {m: matmul_rate(shapes, max(m, MIN_ROWS), dtype) for m in rows}
-        return cls(read_bandwidth(), rates, name, flags, dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(MACHINE_THREADS)
+        try:
+            rates = {m: matmul_rate(shapes, max(m, MIN_ROWS), dtype) for m in rows}
+            return cls(read_bandwidth(), rates, name, flags, dtype)
+        finally:
+            torch.set_num_threads(threads)
 
     def floor_seconds(self, bytes_moved: float, flops: float, rows: int) -> float:
         """The least time a step can take: reading its bytes, or computing its FLOPs at this row count's rate."""
@@ -106,7 +114,7 @@ class Roofline:
     def header(self) -> str:
         rates = ", ".join(f"{m} rows (measured at M={max(m, MIN_ROWS)}): {r / 1e9:.0f} GFLOP/s"
                           for m, r in self.rate.items())
-        return (f"CPU {self.cpu} [{' '.join(self.flags) or 'no AVX2'}], {torch.get_num_threads()} threads, torch "
+        return (f"CPU {self.cpu} [{' '.join(self.flags) or 'no AVX2'}], {MACHINE_THREADS} threads, torch "
                 f"{torch.__version__}; read bandwidth {self.bandwidth / 1e9:.1f} GB/s; "
                 f"{str(self.dtype).removeprefix('torch.')} matmul at the model's shapes {rates}")
 

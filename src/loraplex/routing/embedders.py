@@ -16,7 +16,6 @@ routers a process builds; a request's text is not cached).
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import threading
 from collections import OrderedDict
@@ -123,19 +122,19 @@ _omp_single: set[int] = set()
 
 def _one_omp_thread() -> None:
     """On the router thread, once: ATen's per-thread set-up first, then OpenMP's thread count of *this* thread only
-    set to 1 (``torch.set_num_threads`` would change the engine's too). Two OpenMP teams on two busy cores wait on
-    each other's spinning threads: one query's forward pass took ~480 ms instead of ~15 ms on the 2-core test
-    machine while another process kept a core busy."""
+    set to 1 (``torch.set_num_threads`` would change the engine's too) and the worker the set-up started freed (a
+    second pool makes the engine's workers sleep between parallel regions, see ``ops/openmp.py``). Two OpenMP teams
+    on two busy cores wait on each other's spinning threads: one query's forward pass took ~480 ms instead of ~15 ms
+    on the 2-core test machine while another process kept a core busy."""
     import torch
+
+    from loraplex.ops import openmp
 
     if threading.get_ident() in _omp_single:
         return
     torch.ones(1 << 16).add_(1)
-    for lib in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*")):
-        try:
-            ctypes.CDLL(str(lib)).omp_set_num_threads(1)
-        except (OSError, AttributeError):
-            pass
+    openmp.set_thread_count(1)
+    openmp.release_thread_pool()
     _omp_single.add(threading.get_ident())
 
 

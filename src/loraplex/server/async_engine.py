@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from loraplex.engine import LLMEngine
 from loraplex.lora.request import LoRARequest
+from loraplex.ops import openmp
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.server.errors import APIError
@@ -63,7 +64,11 @@ class AsyncEngine:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the step loop. The steps run on the engine's thread from now on, so the OpenMP workers the calling
+        thread started (loading the model) are freed: with two pools on a 2-core machine every parallel region of
+        a step woke a sleeping worker (``ops/openmp.py``)."""
         self._thread.start()
+        openmp.release_thread_pool()
 
     def shutdown(self) -> None:
         self._stopping.set()
