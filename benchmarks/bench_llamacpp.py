@@ -15,7 +15,8 @@ Without it the benchmark says so and exits 0 (skipped).
 What runs, one server at a time on the machine, each with every core: the embedded SmolLM2 GGUF as shipped (Q4_1)
 and a bf16 copy made by ``llama-quantize --allow-requantize … BF16`` (the values loraplex computes with after it
 dequantizes the same file); the three demo adapters converted by llama.cpp's ``convert_lora_to_gguf.py`` and chosen
-per request (``"lora": [{"id", "scale"}]``; loraplex: ``model``). Cases:
+per request (``"lora": [{"id", "scale"}]``; loraplex: ``model``). loraplex runs twice: bf16, and with
+``--quantization gguf`` (the Q4_1 blocks kept as int4: llama.cpp's as-shipped precision). Cases:
 
 1. one client: ``--single`` prompts × N tokens in turn on adapter congcong, streaming; decode tok/s (first token
    left out, median) and TTFT, against the batch-1 floor ``weight bytes / read bandwidth`` measured in the run;
@@ -130,9 +131,19 @@ class Server:
         self.log.close()
 
 
-def loraplex_server(port: int, base_id: str) -> Server:
+def loraplex_server(port: int, base_id: str, quantization: str | None = None) -> Server:
+    """``quantization="gguf"``: the GGUF's Q4_1 blocks kept as int4 (the precision llama.cpp runs as shipped)."""
     argv = [sys.executable, "-m", "loraplex", "serve", "--port", str(port), "--log-level", "warning"]
-    return Server("loraplex (bf16)", argv, port, lambda adapter: {"model": adapter or base_id})
+    argv += ["--quantization", quantization] if quantization else []
+    label = "loraplex (GGUF kept quantized)" if quantization else "loraplex (bf16)"
+    return Server(label, argv, port, lambda adapter: {"model": adapter or base_id})
+
+
+def weight_bytes(server: Server, path: Path) -> int:
+    """What a decode step reads: loraplex's weights as held (``/info``), llama.cpp's GGUF file."""
+    if server.label.startswith("loraplex"):
+        return int(httpx.get(f"{server.url}/info").json()["memory_bytes"]["weights"])
+    return path.stat().st_size
 
 
 def llama_server(label: str, binary: Path, gguf: Path, loras: list[Path], port: int, slots: int, ctx: int) -> Server:
@@ -217,15 +228,17 @@ def main() -> None:
     prompts = QUESTIONS[:args.single]
     with tempfile.TemporaryDirectory(prefix="loraplex-llamacpp-") as tmp:
         variants, loras = prepare_llamacpp(Path(args.llama_dir), gguf, Path(tmp))
-        servers = [(loraplex_server(free_port(), source.model_id), variants["bf16"])]
+        servers = [(loraplex_server(free_port(), source.model_id), variants["bf16"]),
+                   (loraplex_server(free_port(), source.model_id, "gguf"), gguf)]
         servers += [(llama_server(f"llama.cpp {label}", binary, path, loras, free_port(), args.clients,
                                   args.new_tokens + 64), path) for label, path in variants.items()]
         rows = []
         for server, weights in servers:
             with server:
+                nbytes = weight_bytes(server, weights)
                 rate, ttft = asyncio.run(single(server, prompts, args.new_tokens))
                 tps, tokens = asyncio.run(concurrent(server, args.clients, args.requests, args.new_tokens))
-            rows.append((server.label, weights.stat().st_size, rate, ttft, tps, tokens))
+            rows.append((server.label, nbytes, rate, ttft, tps, tokens))
         bw = roofline.read_bandwidth()
     cpu, flags = roofline.cpu_model()
     print(f"CPU {cpu} [{' '.join(flags)}], {os.cpu_count()} cores; read bandwidth {bw / 1e9:.1f} GB/s (measured after "
@@ -235,9 +248,9 @@ def main() -> None:
     for label, nbytes, rate, ttft, tps, tokens in rows:
         floor = bw / nbytes
         print(f"| {label} | {nbytes / 1e6:.0f} | {rate:.1f} | {rate / floor:.0%} | {ttft * 1e3:.0f} | {tps:.1f} |")
-    ours = rows[0]
-    for label, _, rate, _, tps, _ in rows[1:]:
-        print(f"loraplex / {label}: one client {ours[2] / rate:.2f}x, {args.clients} clients {ours[4] / tps:.2f}x")
+    for ours, peer in ((rows[0], rows[3]), (rows[1], rows[2]), (rows[0], rows[2])):  # same precision first
+        print(f"{ours[0]} / {peer[0]}: one client {ours[2] / peer[2]:.2f}x, {args.clients} clients "
+              f"{ours[4] / peer[4]:.2f}x")
 
 
 if __name__ == "__main__":
