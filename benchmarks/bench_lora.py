@@ -1,6 +1,6 @@
 """Multi-LoRA benchmark: 32 prompts × 64 tokens, each prompt on its own rank-16 all-linear adapter.
 
-    python benchmarks/bench_lora.py [--adapters 32] [--rank 16] [--new-tokens 64] [--skip-peft]
+    python benchmarks/bench_lora.py [--adapters 32] [--rank 16] [--new-tokens 64] [--skip-peft] [--pairs 3]
 
 Side by side in one run: transformers (base), transformers+PEFT mixed batch ``generate(adapter_names=...)``,
 loraplex base-only and loraplex with one adapter per prompt. Random adapters are written in PEFT's format.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +51,19 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def paired(run_base, run_lora, total: int, pairs: int) -> tuple[float, float, float]:
+    """Median tok/s of base-only and of adapter runs timed in ``pairs`` back-to-back pairs (the order alternating),
+    and the median of the pairs' ratios: on a shared machine whose speed drifts by tens of percent between minutes,
+    only a ratio taken within one pair compares like with like."""
+    base, lora = [], []
+    for i in range(pairs):
+        first, second = (run_base, run_lora) if i % 2 == 0 else (run_lora, run_base)
+        a, b = total / timed(first), total / timed(second)
+        base.append(a if i % 2 == 0 else b)
+        lora.append(b if i % 2 == 0 else a)
+    return statistics.median(base), statistics.median(lora), statistics.median(b / a for a, b in zip(base, lora))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=32)
@@ -59,6 +73,8 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--max-lora-rank", type=int, default=None,
                     help="the engine's slot width cap (default: the largest --rank; 64 is the server's default)")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="base-only / adapter runs timed in this many back-to-back pairs (medians reported)")
     ap.add_argument("--sweep", type=int, nargs="*", default=None,
                     help="instead: distinct-adapter counts to sweep (e.g. 1 8 32 128), max(32, n) prompts each, "
                          "max_loras = --adapters")
@@ -90,8 +106,8 @@ def main() -> None:
                  lora_request=reqs[0], use_tqdm=False)
     cold = time.perf_counter() - t
     run_base(), run_lora()  # warm-up (loads every adapter into host cache and slots)
-    results = {"loraplex base-only": total / timed(run_base),
-               f"loraplex {args.adapters} adapters": total / timed(run_lora)}
+    base, lora, ratio = paired(run_base, run_lora, total, args.pairs)
+    results = {"loraplex base-only": base, f"loraplex {args.adapters} adapters": lora}
 
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +154,7 @@ def main() -> None:
     print(f"decode floor: base-only {floor_base:.0f} tok/s, with the adapters' {lora_bytes / 1e6:.0f} MB "
           f"{floor_lora:.0f} tok/s; loraplex base-only at {results['loraplex base-only'] / floor_base:.0%}, "
           f"adapters at {ours / floor_lora:.0%} of theirs (end-to-end rates, prefill included)")
-    print(f"\nloraplex adapters / own base-only: {ours / results['loraplex base-only']:.0%}")
+    print(f"\nloraplex adapters / own base-only: {ratio:.0%} (median of {args.pairs} pairs)")
     if not args.skip_peft:
         print(f"loraplex adapters / transformers+PEFT: {ours / results[f'transformers+PEFT {args.adapters} adapters']:.1f}x")
     print(f"first adapter request (cold load from disk + 1 token): {cold * 1000:.0f} ms")
@@ -156,6 +172,7 @@ def sweep(args) -> None:
     sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     print(f"sweep: rank-{args.rank} all-linear adapters, max_loras {args.adapters}, {args.new_tokens} new tokens, "
           f"one adapter per prompt round-robin, bf16, {torch.get_num_threads()} threads")
+    print(f"medians of {args.pairs} back-to-back pairs (ratio: the pairs' median)")
     print("| distinct adapters | prompts | base-only tok/s | with adapters tok/s | ratio | slot loads | evictions |")
     print("|---|---|---|---|---|---|---|")
     for n in args.sweep:
@@ -168,10 +185,11 @@ def sweep(args) -> None:
         store = llm.llm_engine.lora_store
         loads, evictions = store.num_loads, store.num_evictions
         total = n_prompts * args.new_tokens
-        base = total / timed(lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False))
-        lora = total / timed(lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=reqs,
-                                                  use_tqdm=False))
-        print(f"| {n} | {n_prompts} | {base:.1f} | {lora:.1f} | {lora / base:.0%} | {store.num_loads - loads} | "
+        base, lora, ratio = paired(
+            lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False),
+            lambda: llm.generate(prompt_token_ids=prompts, sampling_params=sp, lora_request=reqs, use_tqdm=False),
+            total, args.pairs)
+        print(f"| {n} | {n_prompts} | {base:.1f} | {lora:.1f} | {ratio:.0%} | {store.num_loads - loads} | "
               f"{store.num_evictions - evictions} |")
 
 

@@ -39,6 +39,23 @@ def test_one_adapter_on_fewer_decodes_than_the_dense_ratio_gathers_per_token():
     assert many.decodes is None and many.segments == (Segment(0, 17, 0),)
 
 
+def test_steps_the_fused_decode_step_takes_keep_bgmv():
+    """Up to ``fused_decodes`` decodes and nothing else: BGMV whatever the dense ratio says (the fused step takes
+    only that form); a prefill in the step, or more decodes, and the ratio decides again."""
+    lone = [row(1, "a")] * 32
+    fused = build_lora_batch(lone, SLOTS, ZERO, dense_ratio=4, fused_decodes=32)
+    assert isinstance(fused.decodes, Bgmv) and fused.decodes.slots.tolist() == [[0]] * 32 and not fused.segments
+    assert build_lora_batch(lone, SLOTS, ZERO, dense_ratio=4, fused_decodes=16).segments == (Segment(0, 32, 0),)
+    with_prefill = build_lora_batch(lone + [row(3, "a")], SLOTS, ZERO, dense_ratio=4, fused_decodes=64)
+    assert with_prefill.decodes is None and with_prefill.segments == (Segment(0, 35, 0),)
+    two = [row(1, n) for n in ["a", "b"] * 8]
+    assert isinstance(build_lora_batch(two, SLOTS, ZERO, dense_ratio=4, fused_decodes=16).decodes, Bgmv)
+    assert isinstance(build_lora_batch(two, SLOTS, ZERO, dense_ratio=4).decodes, Dense)
+    mix = [row(1, mix=[("a", 0.5), ("b", 0.5)])] * 8
+    assert isinstance(build_lora_batch(mix, SLOTS, ZERO, dense_ratio=2, fused_decodes=8).decodes, Bgmv)
+    assert isinstance(build_lora_batch(mix, SLOTS, ZERO, dense_ratio=2).decodes, DenseWeighted)
+
+
 def test_few_decodes_over_distinct_adapters_gather_per_token():
     b = build_lora_batch([row(1, "a"), row(1), row(1, "b"), row(4, "c")], SLOTS, ZERO)
     assert isinstance(b.decodes, Bgmv) and b.decodes.weights is None

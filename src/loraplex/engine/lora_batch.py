@@ -5,6 +5,7 @@ the X-LoRA groups (they need the classifier's scores, runner state) and hands th
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -70,7 +71,7 @@ def token_groups(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int],
 
 def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int], zero_slot: int,
                      device: torch.device | str = "cpu", row_tile: int = 0,
-                     dense_ratio: float = DENSE_LORA_TOKENS_PER_ADAPTER) -> LoRABatch | None:
+                     dense_ratio: float = DENSE_LORA_TOKENS_PER_ADAPTER, fused_decodes: int = 0) -> LoRABatch | None:
     """The step's LoRA batch (None when no row uses an adapter: the base pays nothing).
 
     ``rows`` are in step order (one-token decodes first); ``slot_of`` maps every adapter they name to its device
@@ -78,6 +79,10 @@ def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int
     X-LoRA rows contribute no form here (see ``ModelRunner.xlora_groups``), only their experts' ``used_slots``.
     ``row_tile`` > 0: the batch-invariant form (``token_groups``, GEMMs on row tiles of that size).
     ``dense_ratio``: decode tokens per distinct adapter from which the dense form serves them (else BGMV).
+    ``fused_decodes``: a step of only decodes, at most this many, keeps them in the BGMV form whatever the ratio
+    says — the model's one-call decode step (``ops.decode_step_cpu``) takes only that form, and the stack run op
+    by op costs more than the other forms save (32 rows on one adapter, bf16, 2-core Zen 4: 0.92 of base-only
+    with BGMV in the fused step, 0.71 as a segment; docs/benchmarks.md). 0: no fused step.
     """
     if not any(r.lora_names for r in rows):
         return None
@@ -87,15 +92,18 @@ def build_lora_batch(rows: Sequence[ScheduledRequest], slot_of: Mapping[str, int
         return LoRABatch(len(decodes), used_slots=used, groups=token_groups(rows, slot_of, device), row_tile=row_tile)
     segments: list[Segment] = []
     form = None
+    fused = len(decodes) == len(rows) and len(decodes) <= fused_decodes
+    ratio = math.inf if fused else dense_ratio
+    lone_from = math.inf if fused else min(dense_ratio, MEASURED_TOKENS_PER_ADAPTER)
     if any(r.lora_mix for r in decodes):
-        form = _mixture_decodes(decodes, slot_of, zero_slot, device, dense_ratio)
+        form = _mixture_decodes(decodes, slot_of, zero_slot, device, ratio)
     elif any(r.lora_name is not None for r in decodes):
         slots = [slot_of.get(r.lora_name, zero_slot) for r in decodes]
         unique = sorted(set(slots))
-        if len(unique) == 1 and len(slots) >= min(dense_ratio, MEASURED_TOKENS_PER_ADAPTER):
+        if len(unique) == 1 and len(slots) >= lone_from:
             # one adapter for enough decodes that reading it once pays: a segment (merged with its prefills below)
             segments.append(Segment(0, len(decodes), unique[0]))
-        elif len(unique) * dense_ratio <= len(slots):
+        elif len(unique) * ratio <= len(slots):
             pos = {s: i for i, s in enumerate(unique)}
             form = Dense(torch.tensor(unique, device=device), torch.tensor([pos[s] for s in slots], device=device))
         else:

@@ -80,8 +80,9 @@ class ModelRunner:
         to score after the forward (see :meth:`xlora_groups`). ``rows`` are in step order (decodes first)."""
         if adapters is None:
             return None, []
+        fused = self.kernels.c_gemv_tokens if self.model.fused_lora_ready() else 0
         batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device, self.row_tile,
-                                 self.kernels.dense_lora_ratio)
+                                 self.kernels.dense_lora_ratio, fused)
         if batch is None or not adapters.xloras:
             return batch, []
         groups, to_score = self.xlora_groups(rows, adapters)

@@ -146,6 +146,12 @@ class DecoderLM(nn.Module):
         return lora is None or (isinstance(lora.decodes, Bgmv) and not lora.segments and not lora.xlora
                                 and not lora.row_tile and self._fused_lora_ok())
 
+    def fused_lora_ready(self) -> bool:
+        """Can the one-call decode step take LoRA rows at all (the C kernels built for this dtype on this device,
+        every LoRA stack readable by the C BGMV kernel)? Which steps it takes is :meth:`_fused_serves`'s call."""
+        probe = self.norm.weight
+        return decode_step_cpu.available(probe) and self._fused_lora_ok()
+
     def _stacks(self) -> list[list[LoRAStack | None]]:
         """Each layer's LoRA stacks in projection order (None where LoRA is not enabled)."""
         blocks = [{"self_attn": layer.self_attn.lora, "mlp": layer.mlp.lora} for layer in self.layers]
