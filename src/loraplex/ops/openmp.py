@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from pathlib import Path
-
-log = logging.getLogger("loraplex.ops")
 
 OMP_PAUSE_HARD = 2  # omp_pause_resource_t: free the threads and their state
 _NAMES = ("libgomp", "libiomp", "libomp")
@@ -31,7 +28,8 @@ def runtimes() -> tuple[ctypes.CDLL, ...]:
     paths: list[str] = []
     try:
         for line in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines():
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            fields = line.split()
+            path = fields[-1] if len(fields) >= 6 else ""
             if Path(path).name.startswith(_NAMES) and ".so" in path and path not in paths:
                 paths.append(path)
     except OSError:  # no procfs (not Linux): torch's own copy, if it ships one
