@@ -80,7 +80,8 @@ class ModelRunner:
         to score after the forward (see :meth:`xlora_groups`). ``rows`` are in step order (decodes first)."""
         if adapters is None:
             return None, []
-        fused = self.kernels.c_gemv_tokens if self.model.fused_lora_ready() else 0
+        decodes = sum(1 for r in rows if r.num_tokens == 1)
+        fused = decodes if 0 < decodes <= self.kernels.c_gemv_tokens and self.model.fused_takes_lora(decodes) else 0
         batch = build_lora_batch(rows, adapters.slots, adapters.zero_slot, self.device, self.row_tile,
                                  self.kernels.dense_lora_ratio, fused)
         if batch is None or not adapters.xloras:

@@ -146,11 +146,13 @@ class DecoderLM(nn.Module):
         return lora is None or (isinstance(lora.decodes, Bgmv) and not lora.segments and not lora.xlora
                                 and not lora.row_tile and self._fused_lora_ok())
 
-    def fused_lora_ready(self) -> bool:
-        """Can the one-call decode step take LoRA rows at all (the C kernels built for this dtype on this device,
-        every LoRA stack readable by the C BGMV kernel)? Which steps it takes is :meth:`_fused_serves`'s call."""
+    def fused_takes_lora(self, num_decodes: int) -> bool:
+        """Would the one-call decode step take a step of ``num_decodes`` decodes whose LoRA is per-token BGMV (the
+        C kernels built for this dtype on this device, every projection served for that many rows, every LoRA
+        stack readable by the C BGMV kernel)? The step-size limit (``ops.cpu_gemv``) is the caller's."""
         probe = self.norm.weight
-        return decode_step_cpu.available(probe) and self._fused_lora_ok()
+        return (decode_step_cpu.available(probe) and self._fused_weights_ok(probe.dtype, num_decodes)
+                and self._fused_lora_ok())
 
     def _stacks(self) -> list[list[LoRAStack | None]]:
         """Each layer's LoRA stacks in projection order (None where LoRA is not enabled)."""
