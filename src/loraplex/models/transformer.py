@@ -141,7 +141,7 @@ class DecoderLM(nn.Module):
         t = h.shape[0]
         if not (t <= ops.gemv_rows() and meta.num_decodes == t and not meta.prefills and meta.rows is None
                 and meta.token_rows is None and meta.decode_lens is not None and not self.row_tile
-                and decode_step_cpu.available(h) and self._fused_weights_ok(h.dtype, t)):
+                and self._fused_kernels_ok(h, t)):
             return False
         return lora is None or (isinstance(lora.decodes, Bgmv) and not lora.segments and not lora.xlora
                                 and not lora.row_tile and self._fused_lora_ok())
@@ -150,9 +150,11 @@ class DecoderLM(nn.Module):
         """Would the one-call decode step take a step of ``num_decodes`` decodes whose LoRA is per-token BGMV (the
         C kernels built for this dtype on this device, every projection served for that many rows, every LoRA
         stack readable by the C BGMV kernel)? The step-size limit (``ops.cpu_gemv``) is the caller's."""
-        probe = self.norm.weight
-        return (decode_step_cpu.available(probe) and self._fused_weights_ok(probe.dtype, num_decodes)
-                and self._fused_lora_ok())
+        return self._fused_kernels_ok(self.norm.weight, num_decodes) and self._fused_lora_ok()
+
+    def _fused_kernels_ok(self, x: torch.Tensor, t: int) -> bool:
+        """The fused step's C library built for tensors like ``x`` and every projection served for ``t`` rows."""
+        return decode_step_cpu.available(x) and self._fused_weights_ok(x.dtype, t)
 
     def _stacks(self) -> list[list[LoRAStack | None]]:
         """Each layer's LoRA stacks in projection order (None where LoRA is not enabled)."""

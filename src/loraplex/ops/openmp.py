@@ -49,15 +49,11 @@ def release_thread_pool() -> bool:
     """Free the OpenMP worker threads the calling thread has started (they are started again by its next parallel
     region). True when every runtime did; False where a runtime lacks OpenMP 5.0's pause or refused (inside a
     parallel region)."""
-    done = False
-    for lib in runtimes():
-        try:
-            done = lib.omp_pause_resource_all(OMP_PAUSE_HARD) == 0
-        except AttributeError:
-            return False
-        if not done:
-            return False
-    return done
+    libs = runtimes()
+    try:
+        return bool(libs) and all(lib.omp_pause_resource_all(OMP_PAUSE_HARD) == 0 for lib in libs)
+    except AttributeError:
+        return False
 
 
 def set_thread_count(n: int) -> None:
