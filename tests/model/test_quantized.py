@@ -56,7 +56,41 @@ def test_int4_paths_match_the_reference(path, m, n_in):
     assert int(q.min()) >= 0 and int(q.max()) <= 15
     want = int4_linear_reference(x, q, so, group, None)
     assert (want - x @ w.T).abs().mean() < 0.2 * (x @ w.T).abs().mean()  # 4 bits keep the product roughly
-    close(int4_linear(x, pack_int4(q), so, group, None, path), want, path)
+    close(int4_linear(x, *pack_int4(q, so), group, None, path), want, path)
+
+
+class _Rows:
+    """A dense checkpoint tensor in memory (``quant_load.Source``)."""
+
+    qtype = "dense"
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w, self.shape = w, tuple(w.shape)
+
+    def float_rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.w[lo:hi].float()
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("sizes", [[64, 32, 32], [20, 12, 7], [16, 5]])
+def test_int4_stacks_pack_in_panels_whatever_their_parts(monkeypatch, sizes):
+    """A stacked projection's parts quantize into 16-row panels as they arrive: parts starting at a panel's first row
+    pack chunk by chunk (chunks of whole panels), parts starting inside one (20 + 12 + 7 rows) are gathered and packed
+    once complete; either way the module computes the stacked quantized weight."""
+    from loraplex.models import quant_load
+
+    monkeypatch.setattr(quant_load, "CHUNK", 96 * 17)  # chunks of 16 rows of 96: several per part
+    g = torch.Generator().manual_seed(len(sizes))
+    parts = [torch.randn(n, 96, generator=g) for n in sizes]
+    fill = quant_load.Fill(quant_load.Target("int4", 32), 96, sizes, False, torch.float32, "cpu")
+    for i, w in reversed(list(enumerate(parts))):
+        fill.put(f"part{i}", "weight", i, _Rows(w))
+    module = fill.build(lambda *a: [(1 << 30, "int4_c")])
+    q, so = quantize_int4(torch.cat(parts), 32)
+    x = torch.randn(3, 96, generator=g)
+    close(module(x), int4_linear_reference(x, q, so, 32, None), "int4_c")
 
 
 def _round_trip(w: torch.Tensor, method: str) -> torch.Tensor:
@@ -142,11 +176,10 @@ def test_measured_plan_stays_close_and_bad_method_is_refused(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("tiled_from", [None, 2])
+@pytest.mark.parametrize("method,tiled_from", [("int8", None), ("int8", 2), ("int4", None)])
 def test_fused_decode_step_on_quantized_bases_is_the_op_by_op_path(tiny_model_dir, monkeypatch, dtype, method,
                                                                    tiled_from):
-    """With the C GEMVs as the measured paths for small steps (the pass form, or the tiled form from 2 tokens on),
+    """With the C GEMVs as the measured paths for small steps (the pass form, or int8's tiled form from 2 tokens on),
     decode steps run the whole stack in one C call (``ops.decode_step_cpu``) on the quantized weights: the same
     tokens and log-probabilities as the op-by-op path, to the bit, on every family."""
     plan = [(8, f"{method}_c")] if tiled_from is None else [(tiled_from - 1, f"{method}_c"), (8, f"{method}_tiled")]

@@ -50,24 +50,24 @@ def test_gemv_tiled_steps_do_not_change_a_tokens_bits(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 11, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 4, 11, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k,group", [(576, 64), (1536, 128), (96, 32), (160, 32), (256, 128), (64, 64), (320, 64)])
-@pytest.mark.parametrize("tiled", [False, True])
-def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group, tiled):
-    """Every block shape of the nibble layout (128 / 64 / 32 weights) and group size, both activation dtypes (bf16:
-    the nibbles widened to bf16 in registers, or rows expanded for the register tiles), a bias, rows of a wider
-    tensor."""
-    torch.manual_seed(rows * 7 + k)
-    w = torch.randn(70, k) * 0.05 + 0.01
+@pytest.mark.parametrize("n", [70, 16, 5])
+def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group, n):
+    """Every group size, whole 16-row panels and a last one of fewer rows (70 = 4 x 16 + 6; 5), token counts around
+    the 4 a pass takes, both activation dtypes (bf16: the nibbles widened to bf16 in registers), a bias, rows of a
+    wider tensor; the large-batch path's rows from inside and across panels."""
+    torch.manual_seed(rows * 7 + k + n)
+    w = torch.randn(n, k) * 0.05 + 0.01
     q, so = quant.quantize_int4(w, group)
-    packed = quant.pack_int4(q)
-    assert torch.equal(quant.unpack_int4(packed), q)
+    packed, so_p = quant.pack_int4(q, so)
+    assert all(torch.equal(a, b) for a, b in zip(quant.unpack_int4(packed, so_p), (q, so)))
     x = torch.randn(rows, k + 3).to(dtype)[:, 1:k + 1]
-    b = torch.randn(70).to(dtype)
+    b = torch.randn(n).to(dtype)
     want = F.linear(x.double(), quant.dequantize_int4(q, so, group).double(), b.double())
-    _close(dense_cpu.gemv_int4(x, packed, so, group, b, tiled=tiled), want, dtype)
-    for at in ((0, 70), (3, 41)):  # the large-batch path's rows, each weight rounded once
-        got = dense_cpu.dequant_int4(packed, so, group, at, dtype)
+    _close(dense_cpu.gemv_int4(x, packed, so_p, group, b), want, dtype)
+    for at in ((0, n), (3, n - 1), (n - 2, n)):  # the large-batch path's rows, each weight rounded once
+        got = dense_cpu.dequant_int4(packed, so_p, group, at, dtype)
         assert torch.equal(got, quant.dequantize_int4(q, so, group)[at[0]:at[1]].to(dtype))
 
 
@@ -95,30 +95,38 @@ def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k, tiled):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tiled", [False, True])
 def test_quantized_gemv_steps_do_not_change_a_tokens_bits(dtype, tiled):
-    """In either form of the int8 / int4 GEMVs (passes of 8 tokens, or rows expanded once for register tiles of 4
-    tokens) a token's result is the same bits whatever its step's size and its place in it."""
+    """In either form of the int8 GEMV (passes of 8 tokens, or rows expanded once for register tiles of 4 tokens) and
+    in the int4 GEMV (panels, 4 tokens a pass) a token's result is the same bits whatever its step's size and its
+    place in it."""
     n, k, group = 101, 320, 64
     x = torch.randn(dense_cpu.GEMV_MAX_ROWS, k).to(dtype)
-    q, so = quant.quantize_int4(torch.randn(n, k), group)
-    packed = quant.pack_int4(q)
+    packed, so = quant.pack_int4(*quant.quantize_int4(torch.randn(n, k), group))
     wq, s = quant.quantize_int8(torch.randn(n, k))
-    int4 = dense_cpu.gemv_int4(x, packed, so, group, tiled=tiled)
+    int4 = dense_cpu.gemv_int4(x, packed, so, group)
     int8 = dense_cpu.gemv_int8(x, wq, s, tiled=tiled)
     for m in (1, 3, 5, 8, 9, 13):
-        assert torch.equal(dense_cpu.gemv_int4(x[-m:], packed, so, group, tiled=tiled), int4[-m:])
+        assert torch.equal(dense_cpu.gemv_int4(x[-m:], packed, so, group), int4[-m:])
         assert torch.equal(dense_cpu.gemv_int8(x[-m:], wq, s, tiled=tiled), int8[-m:])
 
 
 def test_int4_layout_is_the_documented_one():
-    """Lane j of a 128-block holds q[32 p + j] in bits 4p..4p+3; a 64-block's lanes q[16 p + j]; a 32-block's q[8 p + j]."""
-    q = torch.randint(0, 16, (2, 224), dtype=torch.uint8)  # 128 + 64 + 32
-    lanes = quant.pack_int4(q).view(2, -1, 2).to(torch.int32)
-    lanes = lanes[..., 0] | (lanes[..., 1] << 8)  # little-endian 16-bit lanes
-    for start, n_lanes, first_lane in ((0, 32, 0), (128, 16, 32), (192, 8, 48)):
-        for p in range(4):
-            for j in range(n_lanes):
-                got = (lanes[:, first_lane + j] >> (4 * p)) & 15
-                assert torch.equal(got, q[:, start + n_lanes * p + j].to(torch.int32))
+    """Per 16-row panel (the last: the rows left) and octet o of inputs, one little-endian 32-bit word per row, q[8o +
+    2j] in bits 4j.., q[8o + 2j + 1] in bits 16 + 4j..; per panel and group the rows' scales, then their offsets."""
+    n, k, group = 21, 64, 32  # a panel of 16 rows, then one of 5
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    so = torch.randn(n, k // group, 2)
+    packed, so_p = quant.pack_int4(q, so)
+    words = packed.view(-1).view(torch.int32).to(torch.int64) % (1 << 32)
+    flat_so = so_p.view(-1)
+    for row in range(n):
+        p0, rows = (0, 16) if row < 16 else (16, 5)
+        for o in range(k // 8):
+            word = int(words[p0 * k // 8 + o * rows + row - p0])
+            for j in range(8):
+                assert (word >> (4 * (j // 2) + 16 * (j % 2))) & 15 == int(q[row, 8 * o + j])
+        for g in range(k // group):
+            at = p0 * (k // group) * 2 + g * 2 * rows + row - p0
+            assert float(flat_so[at]) == float(so[row, g, 0]) and float(flat_so[at + rows]) == float(so[row, g, 1])
 
 
 def test_gemv_refuses_what_it_cannot_take():

@@ -49,9 +49,9 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights: ``packed [out, in / 2]`` uint8 in the
-    nibble-block layout of ``ops.quant.pack_int4`` and ``so [out, in / group, 2]`` fp32 scale/offset pairs (groups of
-    32 hold GGUF's Q4 blocks); CPU."""
+    """Drop-in for a frozen ``nn.Linear`` with group-wise int4 weights: ``packed [out, in / 2]`` uint8 and ``so [out,
+    in / group, 2]`` fp32 scale/offset pairs in the 16-row panel layout of ``ops.quant.pack_int4`` (groups of 32 hold
+    GGUF's Q4 blocks); CPU."""
 
     def __init__(self, packed: torch.Tensor, so: torch.Tensor, group: int, bias: torch.Tensor | None,
                  plan: list[tuple[int, str]]) -> None:

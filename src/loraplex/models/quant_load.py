@@ -20,7 +20,7 @@ from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import EXACT_INT4, FLOAT_TYPES
 from loraplex.ops import hugepages
-from loraplex.ops.quant import int4_group_size, pack_int4, quantize_int4, quantize_int8, scale_offset
+from loraplex.ops.quant import PANEL, int4_group_size, pack_int4, quantize_int4, quantize_int8, scale_offset
 
 log = logging.getLogger("loraplex.engine")
 
@@ -115,6 +115,8 @@ class Fill:
         elif target.kind == "int4":
             self.packed = torch.empty(n_out, n_in // 2, dtype=torch.uint8)
             self.so = torch.empty(n_out, n_in // target.group, 2)
+            # rows pack in 16-row panels: a stack whose parts start inside a panel gathers q and packs at build
+            self.q = torch.empty(n_out, n_in, dtype=torch.uint8) if any(o % PANEL for o in self.offsets) else None
         else:
             self.w = torch.empty(n_out, n_in, dtype=dtype, device=device)
 
@@ -128,20 +130,27 @@ class Fill:
             self.bias[off:off + rows] = src.float_rows(0, rows).to(self.dtype)
         elif self.target.kind == "int4" and self.target.group == 32 and src.qtype in EXACT_INT4:
             q, scale, offset = src.int4_exact()
-            self.packed[off:off + rows] = pack_int4(q)
-            self.so[off:off + rows] = scale_offset(scale, offset)
+            self._put_int4(off, q, scale_offset(scale, offset))
         else:
             step = max(1, CHUNK // self.n_in)
+            if self.target.kind == "int4":  # chunks of whole panels
+                step = max(PANEL, step // PANEL * PANEL)
             for lo in range(0, rows, step):
                 w, at = src.float_rows(lo, min(rows, lo + step)), slice(off + lo, off + min(rows, lo + step))
                 if self.target.kind == "int8":
                     self.wq[at], self.scales[at] = quantize_int8(w)
                 elif self.target.kind == "int4":
-                    q, self.so[at] = quantize_int4(w, self.target.group)
-                    self.packed[at] = pack_int4(q)
+                    self._put_int4(off + lo, *quantize_int4(w, self.target.group))
                 else:
                     self.w[at] = w
         src.release()
+
+    def _put_int4(self, at: int, q: torch.Tensor, so: torch.Tensor) -> None:
+        rows = slice(at, at + q.shape[0])
+        if self.q is not None:
+            self.q[rows], self.so[rows] = q, so
+        else:  # at a panel's first row (every part does), whole panels or the stack's last rows
+            self.packed[rows], self.so[rows] = pack_int4(q, so)
 
     @property
     def complete(self) -> bool:
@@ -151,6 +160,8 @@ class Fill:
         if self.target.kind == "int8":
             return Int8Linear(self.wq, self.scales, self.bias, plan_for("int8", self.n_in, self.wq.shape[0]))
         if self.target.kind == "int4":
+            if self.q is not None:
+                (self.packed, self.so), self.q = pack_int4(self.q, self.so), None
             return Int4Linear(self.packed, self.so, self.target.group, self.bias,
                               plan_for("int4", self.n_in, self.packed.shape[0]))
         linear = Linear(self.n_in, self.w.shape[0], self.bias is not None, self.w.dtype, "meta")

@@ -35,7 +35,7 @@ class DenseProj(ctypes.Structure):
 class Proj(NamedTuple):
     """A projection's base weight for the table: ``kind`` (``PROJ_KINDS``), the weight, bias (or None), and for int8
     the fp32 row scales / for int4 the fp32 scale-offset pairs and the group size; ``tiled_steps``: bit ``T - 1`` set
-    where a quantized GEMV of ``T`` tokens takes the tiled form (``ops.dense_cpu.gemv_int4``)."""
+    where an int8 GEMV of ``T`` tokens takes the tiled form (``ops.dense_cpu.gemv_int8``)."""
 
     kind: str
     weight: torch.Tensor

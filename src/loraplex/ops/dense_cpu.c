@@ -7,8 +7,7 @@
  *   gemv:          y[m, n] = r(sum_k W[n, k] * x[m, k] + b[n])                      (m < M, the dot in any order)
  *   gemv_int8:     y[m, n] = r(s[n] * sum_k Wq[n, k] * x[m, k] + b[n])      (Wq int8, s fp32: weight-only int8)
  *   gemv_int4:     y[m, n] = r(sum_k (q[n, k] * sc[n, k / g] + off[n, k / g]) * x[m, k] + b[n])
- *                  (q in 0..15 in nibble blocks, see INT4 LAYOUT; sc, off fp32 pairs; the dot in any order; the
- *                  tiled form rounds each weight to the compute dtype first, as dequant_int4 does)
+ *                  (q in 0..15 in 16-row panels, see INT4 PANEL LAYOUT; sc, off fp32 pairs; the dot in any order)
  *   dequant_int4:  W[n, k] = r(q[n, k] * sc[n, k / g] + off[n, k / g])                 (rows n0..n1 of the weight)
  *   dequant_int8:  W[n, k] = r(Wq[n, k] * s[n])                                         (rows n0..n1 of the weight)
  *   add_rms_norm:  h' = r(h + d) (h' = h when d is NULL);  y = r(w * r(h' * rsqrt(mean(h'^2) + eps)))
@@ -20,7 +19,8 @@
 #include "cpu_common.h"
 
 #define GEMV_TOKENS 8 /* tokens per pass of a quantized GEMV's pass form over its weights (more: NAME##_chunks) */
-#define INT4_ROWS 8   /* weight rows per scheduling chunk of the int4 GEMV */
+#define INT8_ROWS 8   /* weight rows per scheduling chunk of the int8 GEMV's pass form */
+#define INT4_PF 2048  /* the int4 GEMV fetches weight bytes this far ahead (the prefetchers alone leave it short) */
 
 /* ---- GEMV ---------------------------------------------------------------------------------------------------- */
 
@@ -194,272 +194,188 @@ DEFINE_GEMV_INT8(gemv_int8_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 #endif
 
 /* ---- int4 GEMV ------------------------------------------------------------------------------------------------
- * INT4 LAYOUT (ops/quant.py pack_int4): each row's K/2 bytes hold blocks of 4 L weights in 2 L bytes, read as L
- * little-endian 16-bit lanes: lane j of a block starting at weight k0 holds q[k0 + L p + j] in bits 4p..4p+3 (the
- * four "planes" p = 0..3). Blocks of 128 (L = 32) while 128 weights are left, then one of 64 (L = 16) if 64 are
- * left, then one of 32 (L = 8). Groups (g = 32, 64 or 128 weights) hold one (scale, offset) fp32 pair each:
- * W = q * scale + offset; blocks and planes never straddle a group.
- * With AVX512-BF16 and bf16 activations a plane widens to bf16 in one or two instructions: OR-ing the nibble into the
- * pattern of 128 (0x4300) gives exactly 128 + q, so vdpbf16ps sums D = sum (128 + q) x exactly per product, and
- * sum W x = scale * D + (offset - 128 scale) * S per group, S = sum x over the group (once per call). */
+ * INT4 PANEL LAYOUT (ops/quant.py pack_int4): the rows in panels of 16 (the last panel holds the R = N % 16 rows
+ * left, if any). A panel of R rows starting at row n0 holds, for each octet o of inputs (k = 8 o .. 8 o + 7) in
+ * turn, R little-endian 32-bit words, word r for row n0 + r: bits 4 j .. 4 j + 3 hold q[8 o + 2 j] and bits
+ * 16 + 4 j .. 16 + 4 j + 3 hold q[8 o + 2 j + 1] (j = 0..3, the word's four "planes"). The panel's bytes are rows
+ * n0 .. n0 + R of an [N, K / 2] view. Its fp32 (scale, offset) pairs likewise: per group of g inputs (g = 32, 64 or
+ * 128; octets never straddle a group) R scales, then R offsets: rows n0 .. n0 + R of an [N, K / g, 2] view.
+ * W = q * scale + offset. Lanes are rows: a panel's dots need no horizontal sums and its scales load as vectors.
+ * With AVX512-BF16 and bf16 activations a plane widens to bf16 pairs in one or two instructions: OR-ing the nibbles
+ * into the pattern of 128 (0x4300) gives exactly 128 + q, so vdpbf16ps against the broadcast pair (x[8 o + 2 j],
+ * x[8 o + 2 j + 1]) sums D = sum (128 + q) x exactly per product for 16 rows at once, and per group
+ * sum W x = scale * D + (offset - 128 scale) * S, S = sum x over the group (once per call).
+ * Tokens go through a panel INT4_TOKENS at a time (the panel re-read from cache), each token with its own four
+ * chains per group in one fixed order: a token's bits do not depend on the step's other tokens. */
+#define INT4_TOKENS 4  /* tokens per pass over a panel */
 
-/* The lanes L of the block holding weight k (a multiple of 32) of a K-wide row, and that block's first weight. */
-static inline int64_t int4_block(int64_t K, int64_t k, int64_t *base) {
-    int64_t f128 = K / 128 * 128;
-    if (k < f128) { *base = k / 128 * 128; return 32; }
-    if (K - f128 >= 64 && k < f128 + 64) { *base = f128; return 16; }
-    *base = K - 32;
-    return 8;
-}
-
-/* q[k0 .. k0 + 32) of a row (k0 a multiple of 32; always inside one block: 1, 2 or 4 planes of it) as floats. */
-static inline void int4_unpack32(const uint8_t *row, int64_t K, int64_t k0, float *w) {
-    int64_t base, L = int4_block(K, k0, &base);
-    const uint16_t *lanes = (const uint16_t *)(row + base / 2);           /* little-endian hosts only (x86, arm) */
-    int p0 = (int)((k0 - base) / L);
-    if (L == 32) {
-        _Pragma("omp simd")
-        for (int j = 0; j < 32; j++) w[j] = (float)((lanes[j] >> (4 * p0)) & 0xf);
-    } else {
-        for (int i = 0; i < 32 / L; i++)
-            for (int j = 0; j < L; j++) w[i * L + j] = (float)((lanes[j] >> (4 * (p0 + i))) & 0xf);
-    }
-}
-
-/* Per-group sums S_g of x (G groups of g) for M rows of stride xs as pairs (-128 S_g, S_g): SS [M, 2 G]. */
+/* Per-group sums S [M, G] of x (G = K / g groups of g; rows of stride xs). */
 #define DEFINE_GROUP_SUMS(NAME, T_, LOAD)                                                                          \
 static void NAME(const T_ *x, int64_t xs, int64_t M, int64_t K, int64_t g, float *S) {                           \
     for (int64_t m = 0; m < M; m++)                                                                                \
         for (int64_t G0 = 0; G0 < K / g; G0++) {                                                                   \
             float s = 0.0f;                                                                                        \
+            _Pragma("omp simd reduction(+:s)")                                                                     \
             for (int64_t k = G0 * g; k < (G0 + 1) * g; k++) s += LOAD(x[m * xs + k]);                              \
-            S[m * 2 * (K / g) + 2 * G0] = -128.0f * s;                                                             \
-            S[m * 2 * (K / g) + 2 * G0 + 1] = s;                                                                   \
+            S[m * (K / g) + G0] = s;                                                                               \
         }                                                                                                          \
 }
 DEFINE_GROUP_SUMS(group_sums_f32, float, id_f32)
 DEFINE_GROUP_SUMS(group_sums_bf16, uint16_t, bf16_to_f32)
 
-/* Portable form, one row: D[m, group] = sum q x over the row's groups, then scale * D + offset * S. */
-static void int4_row_f32(const uint8_t *row, const float *so, const float *xf, const float *S, int64_t M, int64_t K,
-                         int64_t g, float *out) {
-    float w[32];
-    for (int64_t m = 0; m < M; m++) out[m] = 0.0f;
-    for (int64_t G0 = 0; G0 < K / g; G0++) {
-        float sc = so[2 * G0], off = so[2 * G0 + 1];
-        for (int64_t k0 = G0 * g; k0 < (G0 + 1) * g; k0 += 32) {
-            int4_unpack32(row, K, k0, w);
-            for (int64_t m = 0; m < M; m++) {
-                const float *xm = xf + m * K + k0;
-                float d = 0.0f;
-                _Pragma("omp simd reduction(+:d)")
-                for (int64_t i = 0; i < 32; i++) d += w[i] * xm[i];
-                out[m] += sc * d;
-            }
+/* q of word w's input j (0..7 within its octet). */
+static inline uint32_t int4_nibble(uint32_t w, int j) { return (w >> (4 * (j >> 1) + 16 * (j & 1))) & 15u; }
+
+/* Portable form, one panel P of R rows (scale/offset pairs so), MT tokens of fp32 x (rows of stride xs), S their
+ * group sums [MT, G]: per group and token D = sum q x, then out[m][r] += scale D + offset S. */
+static void int4_panel_f32(const uint32_t *P, const float *so, int64_t R, const float *x, int64_t xs,
+                           const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+    int64_t G = K / g;
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < 16; r++) out[m][r] = 0.0f;
+    for (int64_t G0 = 0; G0 < G; G0++) {
+        const float *sc = so + G0 * 2 * R, *off = sc + R;
+        for (int m = 0; m < MT; m++) {
+            float d[16] = {0.0f};
+            for (int64_t o = G0 * g / 8; o < (G0 + 1) * g / 8; o++)
+                for (int j = 0; j < 8; j++) {
+                    float xv = x[m * xs + 8 * o + j];
+                    const uint32_t *w = P + o * R;
+                    _Pragma("omp simd")
+                    for (int64_t r = 0; r < R; r++) d[r] += (float)int4_nibble(w[r], j) * xv;
+                }
+            for (int64_t r = 0; r < R; r++) out[m][r] += sc[r] * d[r] + off[r] * S[m * G + G0];
         }
-        for (int64_t m = 0; m < M; m++) out[m] += off * S[m * 2 * (K / g) + 2 * G0 + 1];
     }
 }
 
 #ifdef __AVX512BF16__
-static inline __m512i int4_plane(__m512i v, int q) { /* plane q of a block's lanes as bf16 128 + nibble */
-    const __m512i nib = _mm512_set1_epi16(0x000f), b128 = _mm512_set1_epi16(0x4300);
-    if (q == 3) return _mm512_or_si512(_mm512_srli_epi16(v, 12), b128);
-    return _mm512_ternarylogic_epi32(q ? _mm512_srli_epi16(v, 4 * q) : v, nib, b128, 0xEA); /* (v & 0xf) | 0x4300 */
+/* The AVX512-BF16 form for bf16 x, one panel and MT tokens (a constant at each call site: the 4 MT chains and MT
+ * sums stay in registers). */
+static inline __attribute__((always_inline)) void int4_panel_bf16_avx(
+        const uint32_t *P, const float *so, int64_t R, const uint16_t *x, int64_t xs, const float *S, const int MT,
+        int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+    const __m512i nib = _mm512_set1_epi32(0x000f000f), b128 = _mm512_set1_epi32(0x43004300);
+    const __mmask16 lanes = R == 16 ? (__mmask16)0xffff : (__mmask16)((1u << R) - 1);
+    int64_t G = K / g, O = g / 8;
+    __m512 tot[INT4_TOKENS];
+    for (int m = 0; m < MT; m++) tot[m] = _mm512_setzero_ps();
+    for (int64_t G0 = 0; G0 < G; G0++) {
+        __m512 a[INT4_TOKENS][4];
+        for (int m = 0; m < MT; m++)
+            for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
+        for (int64_t o = G0 * O; o < (G0 + 1) * O; o++) {
+            const uint32_t *w = P + o * R;
+            _mm_prefetch((const char *)w + INT4_PF, _MM_HINT_T0);
+            __m512i v = _mm512_maskz_loadu_epi32(lanes, w);
+            for (int j = 0; j < 4; j++) {
+                __m512i pj = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(v, 4 * j) : v, nib, b128, 0xEA);
+                for (int m = 0; m < MT; m++) {
+                    int32_t pair;
+                    memcpy(&pair, x + m * xs + 8 * o + 2 * j, sizeof pair);
+                    a[m][j] = _mm512_dpbf16_ps(a[m][j], (__m512bh)pj, (__m512bh)_mm512_set1_epi32(pair));
+                }
+            }
+        }
+        __m512 sc = _mm512_maskz_loadu_ps(lanes, so + G0 * 2 * R);
+        __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sc, _mm512_maskz_loadu_ps(lanes, so + G0 * 2 * R + R));
+        for (int m = 0; m < MT; m++) {
+            __m512 d = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
+            tot[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(S[m * G + G0]), _mm512_fmadd_ps(d, sc, tot[m]));
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm512_storeu_ps(out[m], tot[m]);
 }
 
-/* The AVX512-BF16 form for bf16 x, one row, MT tokens and PER = g / 32 planes of a 128-block per group (constants
- * at each call site: the accumulators stay in registers). Per group and token one chain of vdpbf16ps from zero,
- * scaled into one of two running sums; the offsets' share sum_g (offset - 128 scale) S_g is one dot of the row's
- * (scale, offset) pairs with SS [MT, 2 G] = (-128 S_g, S_g) pairs, made once per call. */
-static inline __attribute__((always_inline)) void int4_row_bf16_avx(
-        const uint8_t *row, const float *so, const uint16_t *x, int64_t xs, const float *SS, const int MT,
-        const int PER, int64_t K, int64_t g, float *out) {
-    __m512 tot[GEMV_TOKENS][2];
-    for (int m = 0; m < MT; m++) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
-    int64_t f128 = K / 128 * 128, G0 = 0;
-    for (int64_t k = 0; k < f128; k += 128) {
-        __m512i v = _mm512_loadu_si512(row + k / 2), p[4];
-        for (int q = 0; q < 4; q++) p[q] = int4_plane(v, q);
-        for (int q0 = 0; q0 < 4; q0 += PER, G0++) {
-            __m512 sc = _mm512_set1_ps(so[2 * G0]);
-            for (int m = 0; m < MT; m++) {
-                __m512 a = _mm512_setzero_ps();
-                for (int q = q0; q < q0 + PER; q++)
-                    a = _mm512_dpbf16_ps(a, (__m512bh)p[q], (__m512bh)_mm512_loadu_si512(x + m * xs + k + 32 * q));
-                tot[m][G0 & 1] = _mm512_fmadd_ps(a, sc, tot[m][G0 & 1]);
-            }
-        }
+static const int int4_bf16_panel_direct = 1;
+static void int4_bf16_panel(const uint32_t *P, const float *so, int64_t R, const uint16_t *x, const float *xf,
+                            int64_t xs, const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+    (void)xf;
+    switch (MT) {                                                              /* constant token counts */
+    case 1: int4_panel_bf16_avx(P, so, R, x, xs, S, 1, K, g, out); break;
+    case 2: int4_panel_bf16_avx(P, so, R, x, xs, S, 2, K, g, out); break;
+    case 3: int4_panel_bf16_avx(P, so, R, x, xs, S, 3, K, g, out); break;
+    default: int4_panel_bf16_avx(P, so, R, x, xs, S, 4, K, g, out); break;
     }
-    for (int64_t k = f128; k < K;) {                                    /* a block of 64 (L = 16), then of 32 (L = 8) */
-        int64_t L = K - k >= 64 ? 16 : 8, done = 0;
-        __mmask32 lanes = ((__mmask32)1 << L) - 1;
-        __mmask16 sums = (__mmask16)((1u << (L / 2)) - 1);
-        __m512i v = _mm512_maskz_loadu_epi16(lanes, row + k / 2);
-        __m512 a[GEMV_TOKENS];
-        for (int m = 0; m < MT; m++) a[m] = _mm512_setzero_ps();
-        for (int q = 0; q < 4; q++) {
-            __m512i pq = int4_plane(v, q);
-            for (int m = 0; m < MT; m++)
-                a[m] = _mm512_mask_dpbf16_ps(a[m], sums, (__m512bh)pq,
-                                             (__m512bh)_mm512_maskz_loadu_epi16(lanes, x + m * xs + k + L * q));
-            if ((done += L) == g) {
-                __m512 sc = _mm512_set1_ps(so[2 * G0++]);
-                for (int m = 0; m < MT; m++) {
-                    tot[m][0] = _mm512_fmadd_ps(a[m], sc, tot[m][0]);
-                    a[m] = _mm512_setzero_ps();
-                }
-                done = 0;
-            }
-        }
-        k += 4 * L;
-    }
-    int64_t n2 = 2 * (K / g);
-    for (int m = 0; m < MT; m++) {
-        __m512 z = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n2; i += 16) {
-            __mmask16 km = n2 - i >= 16 ? 0xffff : (__mmask16)((1u << (n2 - i)) - 1);
-            z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, so + i),
-                                _mm512_maskz_loadu_ps(km, SS + m * n2 + i), z);
-        }
-        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]), z));
-    }
+}
+#else
+static const int int4_bf16_panel_direct = 0;
+static void int4_bf16_panel(const uint32_t *P, const float *so, int64_t R, const uint16_t *x, const float *xf,
+                            int64_t xs, const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+    (void)x; (void)xs;
+    int4_panel_f32(P, so, R, xf, K, S, MT, K, g, out);
 }
 #endif
+static const int int4_f32_panel_direct = 1;
+static void int4_f32_panel(const uint32_t *P, const float *so, int64_t R, const float *x, const float *xf,
+                           int64_t xs, const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+    (void)xf;
+    int4_panel_f32(P, so, R, x, xs, S, MT, K, g, out);
+}
 
-/* x [M, K] rows of stride xs; Wp [N, K / 2] packed; so [N, K / g, 2] fp32; b [N] or NULL; y [M, N] of stride ys. */
-#define DEFINE_GEMV_INT4(NAME, T_, LOAD, STORE, GROUP_SUMS, ROW)                                                  \
-static void NAME##_pass(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so, int64_t g, const T_ *b,      \
-          T_ *y, int64_t ys, int64_t N, int64_t K, int n_threads) {                                              \
-    float *S = (float *)malloc(sizeof(float) * (size_t)(M * 2 * (K / g)));                                       \
+/* x [M, K] rows of stride xs; W [N, K / 2] and so [N, K / g, 2] in panels; b [N] or NULL; y [M, N] of stride ys.
+ * OpenMP over panels; PANEL_direct: the panel kernel reads x itself (else xf, x in fp32). */
+#define DEFINE_GEMV_INT4(NAME, T_, LOAD, STORE, GROUP_SUMS, PANEL)                                                 \
+void NAME(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so, int64_t g, const T_ *b, T_ *y,  \
+          int64_t ys, int64_t N, int64_t K, int n_threads) {                                                      \
+    int64_t G = K / g;                                                                                           \
+    float *S = (float *)malloc(sizeof(float) * (size_t)(M * G));                                                 \
     GROUP_SUMS(x, xs, M, K, g, S);                                                                               \
     float *xf = NULL;                                                                                            \
-    if (!ROW##_direct) {                                                                                         \
+    if (!PANEL##_direct) {                                                                                       \
         xf = (float *)malloc(sizeof(float) * (size_t)(M * K));                                                   \
         for (int64_t m = 0; m < M; m++)                                                                          \
             for (int64_t k = 0; k < K; k++) xf[m * K + k] = LOAD(x[m * xs + k]);                                 \
     }                                                                                                            \
     _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")                                           \
-    for (int64_t n0 = 0; n0 < N; n0 += INT4_ROWS) {                                                              \
-        int64_t n1 = n0 + INT4_ROWS < N ? n0 + INT4_ROWS : N;                                                    \
-        float out[INT4_ROWS * GEMV_TOKENS];                                                                      \
-        ROW(W + n0 * (K / 2), so + n0 * (K / g) * 2, n1 - n0, x, xs, xf, S, M, K, g, out);                       \
-        for (int64_t n = n0; n < n1; n++) {                                                                      \
-            float bias = b ? LOAD(b[n]) : 0.0f;                                                                  \
-            for (int64_t m = 0; m < M; m++) y[m * ys + n] = STORE(out[(n - n0) * GEMV_TOKENS + m] + bias);       \
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {                                                                     \
+        int64_t R = N - n0 < 16 ? N - n0 : 16;                                                                   \
+        const uint32_t *P = (const uint32_t *)(W + n0 * (K / 2));                                                \
+        for (int64_t m0 = 0; m0 < M; m0 += INT4_TOKENS) {                                                        \
+            int mt = M - m0 < INT4_TOKENS ? (int)(M - m0) : INT4_TOKENS;                                         \
+            float out[INT4_TOKENS][16];                                                                          \
+            PANEL(P, so + n0 * G * 2, R, x + m0 * xs, xf ? xf + m0 * K : NULL, xs, S + m0 * G, mt, K, g, out);   \
+            for (int64_t r = 0; r < R; r++) {                                                                    \
+                float bias = b ? LOAD(b[n0 + r]) : 0.0f;                                                         \
+                for (int m = 0; m < mt; m++) y[(m0 + m) * ys + n0 + r] = STORE(out[m][r] + bias);               \
+            }                                                                                                    \
         }                                                                                                        \
     }                                                                                                            \
     free(xf);                                                                                                    \
     free(S);                                                                                                     \
 }
+DEFINE_GEMV_INT4(gemv_int4_f32, float, id_f32, id_f32, group_sums_f32, int4_f32_panel)
+DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_bf16, int4_bf16_panel)
 
-/* ROW(W, so, rows, x, xs, xf, S, M, K, g, out): rows consecutive rows into out [rows, GEMV_TOKENS]; ROW_direct:
- * whether it reads x itself (else xf, x in fp32). */
-static const int int4_f32_row_direct = 0;
-static inline void int4_f32_row(const uint8_t *W, const float *so, int64_t rows, const float *x, int64_t xs,
-                                const float *xf, const float *S, int64_t M, int64_t K, int64_t g, float *out) {
-    (void)x; (void)xs;
-    for (int64_t r = 0; r < rows; r++)
-        int4_row_f32(W + r * (K / 2), so + r * (K / g) * 2, xf, S, M, K, g, out + r * GEMV_TOKENS);
-}
-
-#ifdef __AVX512BF16__
-static const int int4_bf16_row_direct = 1;
-#define INT4_ROWS_PER(MT, PER)                                                                                     \
-    for (int64_t r = 0; r < rows; r++)                                                                             \
-        int4_row_bf16_avx(W + r * (K / 2), so + r * (K / g) * 2, x, xs, S, MT, PER, K, g, out + r * GEMV_TOKENS);
-#define INT4_ROW_CASE(MT)                                                                                          \
-    case MT:                                                                                                       \
-        if (g == 32) { INT4_ROWS_PER(MT, 1) }                                                                      \
-        else if (g == 64) { INT4_ROWS_PER(MT, 2) }                                                                 \
-        else { INT4_ROWS_PER(MT, 4) }                                                                              \
-        break;
-static void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows, const uint16_t *x, int64_t xs,
-                          const float *xf, const float *S, int64_t M, int64_t K, int64_t g, float *out) {
-    (void)xf;
-    switch (M) {                                                        /* constant token counts and group sizes */
-    INT4_ROW_CASE(1) INT4_ROW_CASE(2) INT4_ROW_CASE(3) INT4_ROW_CASE(4)
-    INT4_ROW_CASE(5) INT4_ROW_CASE(6) INT4_ROW_CASE(7) INT4_ROW_CASE(8)
-    }
-}
-#else
-static const int int4_bf16_row_direct = 0;
-static inline void int4_bf16_row(const uint8_t *W, const float *so, int64_t rows, const uint16_t *x, int64_t xs,
-                                 const float *xf, const float *S, int64_t M, int64_t K, int64_t g, float *out) {
-    (void)x; (void)xs;
-    for (int64_t r = 0; r < rows; r++)
-        int4_row_f32(W + r * (K / 2), so + r * (K / g) * 2, xf, S, M, K, g, out + r * GEMV_TOKENS);
-}
-#endif
-
-DEFINE_GEMV_INT4(gemv_int4_f32, float, id_f32, id_f32, group_sums_f32, int4_f32_row)
-DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_bf16, int4_bf16_row)
-
-/* One row of the weight in the compute dtype: out [K] (the large-batch path's GEMM, the tiled GEMV's scratch). FAST
- * takes the row's blocks and returns how many weights it wrote; the rest here, 32 at a time. */
-#define DEFINE_DEQUANT_INT4_ROW(NAME, T_, STORE, FAST)                                                            \
-static inline void NAME(const uint8_t *row, const float *s, int64_t g, int64_t K, T_ *o) {                       \
-    float w[32];                                                                                                 \
-    for (int64_t k0 = FAST(row, s, g, K, o); k0 < K; k0 += 32) {                                                 \
-        float sc = s[2 * (k0 / g)], off = s[2 * (k0 / g) + 1];                                                   \
-        int4_unpack32(row, K, k0, w);                                                                            \
-        for (int i = 0; i < 32; i++) o[k0 + i] = STORE(w[i] * sc + off);                                         \
+/* Rows n0..n1 of the N-row weight in the compute dtype, out [(n1 - n0), K] contiguous, W = r(q * scale + offset)
+ * (the large-batch path's GEMM): per row and group a table of the 16 values. */
+#define DEFINE_DEQUANT_INT4(NAME, T_, STORE)                                                                      \
+void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t N, int64_t K, T_ *out,  \
+          int n_threads) {                                                                                       \
+    int64_t G = K / g;                                                                                           \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
+    for (int64_t n = n0; n < n1; n++) {                                                                          \
+        int64_t p0 = n / 16 * 16, R = N - p0 < 16 ? N - p0 : 16, r = n - p0;                                     \
+        const uint32_t *P = (const uint32_t *)(W + p0 * (K / 2));                                                \
+        const float *sp = so + p0 * G * 2;                                                                       \
+        T_ *o = out + (n - n0) * K, lut[16];                                                                     \
+        for (int64_t G0 = 0; G0 < G; G0++) {                                                                     \
+            float sc = sp[G0 * 2 * R + r], off = sp[G0 * 2 * R + R + r];                                        \
+            for (int q = 0; q < 16; q++) lut[q] = STORE((float)q * sc + off);                                    \
+            for (int64_t oc = G0 * g / 8; oc < (G0 + 1) * g / 8; oc++) {                                        \
+                uint32_t w = P[oc * R + r];                                                                      \
+                for (int j = 0; j < 8; j++) o[8 * oc + j] = lut[int4_nibble(w, j)];                              \
+            }                                                                                                    \
+        }                                                                                                        \
     }                                                                                                            \
 }
-
-/* Rows n0..n1 of the weight in the compute dtype: out [(n1 - n0), K] contiguous. */
-#define DEFINE_DEQUANT_INT4(NAME, T_, ROW)                                                                        \
-void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t K, T_ *out,             \
-          int n_threads) {                                                                                       \
-    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
-    for (int64_t n = n0; n < n1; n++) ROW(W + n * (K / 2), so + n * (K / g) * 2, g, K, out + (n - n0) * K);     \
-}
-
-static inline int64_t dequant_none(const uint8_t *row, const float *s, int64_t g, int64_t K, void *o) {
-    (void)row; (void)s; (void)g; (void)K; (void)o;
-    return 0;
-}
+DEFINE_DEQUANT_INT4(dequant_int4_f32, float, id_f32)
+DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, f32_to_bf16)
 
 #ifdef __AVX512BF16__
-/* A row to bf16 by table: per group the 16 values r(r(q * scale) + offset), q = 0..15 (the reference's roundings),
- * then one vpermw per plane (of 32, 16 or 8 weights: masked to the block's lanes). */
-static inline int64_t dequant_bf16_blocks(const uint8_t *row, const float *s, int64_t g, int64_t K, void *out) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i nib = _mm512_set1_epi16(0x000f);
-    uint16_t *o = (uint16_t *)out;
-    int64_t G0 = -1;
-    __m512i lut = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K;) {
-        int64_t base, L = int4_block(K, k, &base);
-        __mmask32 lanes = L == 32 ? 0xffffffffu : ((__mmask32)1 << L) - 1;
-        __m512i v = _mm512_maskz_loadu_epi16(lanes, row + k / 2);
-        for (int q = 0; q < 4; q++) {
-            int64_t G = (k + L * q) / g;
-            if (G != G0) {
-                __m512 t = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(s[2 * G])), _mm512_set1_ps(s[2 * G + 1]));
-                lut = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
-                G0 = G;
-            }
-            __m512i idx = _mm512_and_si512(q ? _mm512_srli_epi16(v, 4 * q) : v, nib);
-            _mm512_mask_storeu_epi16(o + k + L * q, lanes, _mm512_permutexvar_epi16(idx, lut));
-        }
-        k += 4 * L;
-    }
-    return K;
-}
-#else
-#define dequant_bf16_blocks dequant_none
-#endif
-
-DEFINE_DEQUANT_INT4_ROW(int4_row_to_f32, float, id_f32, dequant_none)
-DEFINE_DEQUANT_INT4_ROW(int4_row_to_bf16, uint16_t, f32_to_bf16, dequant_bf16_blocks)
-DEFINE_DEQUANT_INT4(dequant_int4_f32, float, int4_row_to_f32)
-DEFINE_DEQUANT_INT4(dequant_int4_bf16, uint16_t, int4_row_to_bf16)
-
-#ifdef __AVX512BF16__
-/* ---- int8 GEMV for bf16 x: each int8 weight as two nibbles widened like int4's ------------------------------------
+/* ---- int8 GEMV for bf16 x: each int8 weight as two nibbles widened to bf16 -----------------------------------------
  * 64 int8 weights are 32 16-bit lanes; lane j holds weights 2j (low byte) and 2j+1 (high byte). Their four nibbles
- * widen to bf16 as int4's planes do, the high nibbles with bit 3 flipped (XOR 0x4308 instead of OR 0x4300: 128 +
+ * widen to bf16 as int4's planes do (OR 0x4300: exactly 128 + nibble), the high nibbles with bit 3 flipped (XOR 0x4308: 128 +
  * h + 8 for the signed high nibble h), so a weight b = 16 h + l contributes (128 + h + 8) * 16 x + (128 + l) * x and
  * sum b x = D - 2304 S, with D the vdpbf16ps sum against x's even / odd elements and 16 times them (exact in bf16),
  * laid out per 64-block once per call, and S = sum x. */
@@ -519,9 +435,9 @@ static void gemv_int8_bf16_pass(const uint16_t *x, int64_t xs, int64_t M, const 
         S[m] = sum;
     }
     _Pragma("omp parallel for num_threads(n_threads) schedule(guided)")
-    for (int64_t n0 = 0; n0 < N; n0 += INT4_ROWS) {
-        int64_t rows = n0 + INT4_ROWS < N ? INT4_ROWS : N - n0;
-        float out[INT4_ROWS * GEMV_TOKENS];
+    for (int64_t n0 = 0; n0 < N; n0 += INT8_ROWS) {
+        int64_t rows = n0 + INT8_ROWS < N ? INT8_ROWS : N - n0;
+        float out[INT8_ROWS * GEMV_TOKENS];
         const int8_t *Wr = W + n0 * K;
         {
             const int8_t *W = Wr;
@@ -557,8 +473,8 @@ void NAME(const int8_t *W, const float *s, int64_t n0, int64_t n1, int64_t K, T_
     for (int64_t n = n0; n < n1; n++) ROW(W + n * K, s[n], K, out + (n - n0) * K);                               \
 }
 static inline int64_t dequant_int8_none(const int8_t *row, float sc, int64_t K, void *o) {
-    (void)sc;
-    return dequant_none((const uint8_t *)row, NULL, 0, K, o);
+    (void)row; (void)sc; (void)K; (void)o;
+    return 0;
 }
 
 #ifdef __AVX512BF16__
@@ -581,14 +497,14 @@ DEFINE_DEQUANT_INT8_ROW(int8_row_to_bf16, uint16_t, f32_to_bf16, dequant_int8_bf
 DEFINE_DEQUANT_INT8(dequant_int8_f32, float, int8_row_to_f32)
 DEFINE_DEQUANT_INT8(dequant_int8_bf16, uint16_t, int8_row_to_bf16)
 
-/* ---- the quantized GEMVs' entry points ------------------------------------------------------------------------
+/* ---- the int8 GEMV's entry points ------------------------------------------------------------------------------
  * Two forms, the caller's choice (`tiled`; measured per machine, shape and step size by engine/quant_plan.py). The
  * pass form widens in registers as above, one pass over the weights per GEMV_TOKENS tokens (bandwidth-bound small
  * steps). The tiled form (with AVX-512; else the pass form) expands each GEMM_NR weight rows once into a per-thread
- * scratch in the compute dtype -- int4 as dequant_int4 writes them, r(r(q * scale) + offset); int8 as the exact q,
- * its row scale applied to the fp32 dot -- then runs the dense register tiles over them for every token, so a
- * weight is widened once per step, not once per GEMV_TOKENS tokens. Within a form a token's bits do not depend on
- * the step's other tokens. */
+ * scratch in the compute dtype -- the exact q, its row scale applied to the fp32 dot -- then runs the dense register
+ * tiles over them for every token, so a weight is widened once per step, not once per GEMV_TOKENS tokens. Within a
+ * form a token's bits do not depend on the step's other tokens. (int4 needs no tiled form: its panels serve every
+ * step size with one dot instruction per 32 products, see INT4 PANEL LAYOUT.) */
 
 /* EXPAND(n, out): weight row n into out [K] (W, the Q_PARAMS and K in scope); ROW_SCALE(n): the factor on row n's
  * dot, before the bias. */
@@ -620,15 +536,10 @@ static void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, cons
         free(scratch);                                                                                             \
     }                                                                                                              \
 }
-#define INT4_EXPAND_f32(n, o) int4_row_to_f32(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
-#define INT4_EXPAND_bf16(n, o) int4_row_to_bf16(W + (n) * (K / 2), so + (n) * (K / g) * 2, g, K, o)
-#define INT4_ROW_SCALE(n) 1.0f
 /* int8 rows expanded as their exact q (scale 1: |q| <= 127 fits bf16's 8-bit significand) */
 #define INT8_EXPAND_f32(n, o) int8_row_to_f32(W + (n) * K, 1.0f, K, o)
 #define INT8_EXPAND_bf16(n, o) int8_row_to_bf16(W + (n) * K, 1.0f, K, o)
 #define INT8_ROW_SCALE(n) s[n]
-#define INT4_Q_PARAMS const float *so, int64_t g
-#define INT4_Q_ARGS so, g
 #define INT8_Q_PARAMS const float *s
 #define INT8_Q_ARGS s
 
@@ -645,26 +556,20 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const WT *W, Q_PARAMS, const T_ *b
     (tiled ? LARGE : NAME##_chunks)(x, xs, M, W, Q_ARGS, b, y, ys, N, K, n_threads);                               \
 }
 
-/* Both formats' tiled forms for one compute dtype (SFX f32 / bf16: its tile, loads and stores). */
+/* The int8 tiled form for one compute dtype (SFX f32 / bf16: its tile, loads and stores). */
 #define DEFINE_QUANT_TILED_FORMS(SFX, T_, LOAD, STORE)                                                              \
-DEFINE_GEMV_QUANT_TILED(gemv_int4_##SFX##_tiled, T_, uint8_t, INT4_Q_PARAMS, gemm_tile_##SFX, INT4_EXPAND_##SFX,  \
-                        INT4_ROW_SCALE, LOAD, STORE)                                                               \
 DEFINE_GEMV_QUANT_TILED(gemv_int8_##SFX##_tiled, T_, int8_t, INT8_Q_PARAMS, gemm_tile_##SFX, INT8_EXPAND_##SFX,   \
                         INT8_ROW_SCALE, LOAD, STORE)
 #if defined(__AVX512F__)
 DEFINE_QUANT_TILED_FORMS(f32, float, id_f32, id_f32)
 #else
-#define gemv_int4_f32_tiled gemv_int4_f32_chunks
 #define gemv_int8_f32_tiled gemv_int8_f32_chunks
 #endif
 #if defined(__AVX512BF16__)
 DEFINE_QUANT_TILED_FORMS(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 #else
-#define gemv_int4_bf16_tiled gemv_int4_bf16_chunks
 #define gemv_int8_bf16_tiled gemv_int8_bf16_chunks
 #endif
-DEFINE_QUANT_GEMV(gemv_int4_f32, float, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS, gemv_int4_f32_tiled)
-DEFINE_QUANT_GEMV(gemv_int4_bf16, uint16_t, uint8_t, INT4_Q_PARAMS, INT4_Q_ARGS, gemv_int4_bf16_tiled)
 DEFINE_QUANT_GEMV(gemv_int8_f32, float, int8_t, INT8_Q_PARAMS, INT8_Q_ARGS, gemv_int8_f32_tiled)
 DEFINE_QUANT_GEMV(gemv_int8_bf16, uint16_t, int8_t, INT8_Q_PARAMS, INT8_Q_ARGS, gemv_int8_bf16_tiled)
 

@@ -2,11 +2,11 @@
 
 * ``gemv``: ``y = x @ W.T + b`` for steps of at most ``GEMV_MAX_ROWS`` tokens, each weight row read once for all of
   them (ATen and oneDNN run one token's GEMV at a fraction of the read bandwidth at a decoder's shapes);
-* ``gemv_int8``: the same with weight-only int8 weights and per-row scales; ``gemv_int4``: with group-wise int4
-  weights in our nibble-block layout (``ops.quant.pack_int4``). Two forms each: widened in registers, one pass over
-  the weights per 8 tokens (small steps), or ``tiled`` — a few rows at a time expanded into a per-thread scratch in
-  the compute dtype, then the dense register tiles over every token (larger steps); ``dequant_int4`` /
-  ``dequant_int8`` expand rows for the prefill-sized GEMM;
+* ``gemv_int8``: the same with weight-only int8 weights and per-row scales, in two forms: widened in registers, one
+  pass over the weights per 8 tokens (small steps), or ``tiled`` — a few rows at a time expanded into a per-thread
+  scratch in the compute dtype, then the dense register tiles over every token (larger steps); ``gemv_int4``: with
+  group-wise int4 weights in our 16-row panel layout (``ops.quant.pack_int4``), 16 rows a vector, every step size;
+  ``dequant_int4`` / ``dequant_int8`` expand rows for the prefill-sized GEMM;
 * ``add_rms_norm``: the residual add and the next RMSNorm in one pass, rounding where the reference does;
 * ``rope``: RoPE applied in place on the q|k heads, rounding where the reference does;
 * ``silu_mul``: SwiGLU's ``silu(gate) * up`` from the stacked gate|up output in one pass.
@@ -28,8 +28,8 @@ DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
                "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _N],
-               "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _N],
-               "dequant_int4": [_P, _P, _I, _I, _I, _I, _P, _N],
+               "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _N],
+               "dequant_int4": [_P, _P, _I, _I, _I, _I, _I, _P, _N],
                "dequant_int8": [_P, _P, _I, _I, _I, _P, _N],
                "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
                "rope": [_P, _I, _I, _I, _I, _P, _P, _N],
@@ -101,11 +101,11 @@ def gemv_int8(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor,
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int,
-              bias: torch.Tensor | None = None, tiled: bool = False) -> torch.Tensor:
+              bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``) → ``[M, out]``: ``x @ W.T + bias`` with ``W = q · scale + offset`` per
-    group of ``group`` inputs (``packed: [out, in / 2]`` uint8 from ``ops.quant.pack_int4``, ``so: [out, in / group,
-    2]`` fp32 scale/offset pairs), fp32 accumulation, one rounding (``tiled``: the tiled form, each weight rounded to
-    x's dtype first). Reference: ``ops.quant.int4_linear_reference``."""
+    group of ``group`` inputs (``packed: [out, in / 2]`` uint8 and ``so: [out, in / group, 2]`` fp32 scale/offset
+    pairs, both from ``ops.quant.pack_int4``), fp32 accumulation, one rounding. Reference:
+    ``ops.quant.int4_linear_reference``."""
     m, k = x.shape
     n = packed.shape[0]
     if m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not packed.is_contiguous() or packed.dtype != torch.uint8 \
@@ -115,8 +115,7 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: in
                          f"scale/offset pairs, got x {tuple(x.shape)}, weight {tuple(packed.shape)} {packed.dtype}")
     y = x.new_empty(m, n)
     _fn("gemv_int4", x.dtype)(x.data_ptr(), x.stride(0), m, packed.data_ptr(), so.data_ptr(), group,
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, int(tiled),
-                              torch.get_num_threads())
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
     return y
 
 
@@ -132,7 +131,9 @@ def dequant_int4(packed: torch.Tensor, so: torch.Tensor, group: int, rows: tuple
     elif not out.is_contiguous() or out.dtype != dtype or out.shape[1] != k or out.shape[0] < n1 - n0:
         raise ValueError("dequant_int4: out must be contiguous, of the dtype and wide enough")
     out = out[:n1 - n0]
-    _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), group, n0, n1, k, out.data_ptr(),
+    if not (0 <= n0 <= n1 <= packed.shape[0]) or not packed.is_contiguous() or not so.is_contiguous():
+        raise ValueError(f"dequant_int4: rows {rows} of a contiguous {packed.shape[0]}-row weight")
+    _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), group, n0, n1, packed.shape[0], k, out.data_ptr(),
                                torch.get_num_threads())
     return out
 

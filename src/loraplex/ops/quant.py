@@ -2,7 +2,7 @@
 
 int8, per output channel (the reference): ``y = x @ (Wq · s[:, None]).T + b`` with ``Wq: [out, in]`` int8, ``s: [out]``.
 int4, per group of ``g`` input columns: ``W[o, i] = q[o, i] · scale[o, i // g] + offset[o, i // g]`` with ``q`` in
-0..15 packed two to a byte in our nibble-block layout (``pack_int4``) and fp32 ``(scale, offset)`` pairs (CPU only;
+0..15 packed two to a byte in our 16-row panel layout (``pack_int4``) and fp32 ``(scale, offset)`` pairs (CPU only;
 fp32 keeps GGUF's Q4_K sub-block scales ``d · sc`` exact, which fp16 would not).
 Paths, chosen per batch size by measurement (``engine.quant_plan``): ``int8mm`` — PyTorch's weight-only kernel
 (``torch._weight_int8pack_mm``) with activations in their own dtype; ``int8mm_bf16`` — the same kernel fed bf16
@@ -10,8 +10,8 @@ activations (on CPUs where its fp32 variant is slow); ``dequant`` — the weight
 then one GEMM (the fast form for large batches: the int8 kernel is a GEMV at heart); ``int8_c`` — the C GEMV
 (``ops.dense_cpu.gemv_int8``, steps of at most ``GEMV_MAX_ROWS`` rows), the int8 weights widened in registers;
 ``int8_tiled`` — the same C GEMV's tiled form (rows expanded into a scratch once per step, register tiles over the
-tokens). int4's paths: ``int4_c``, ``int4_tiled`` (``ops.dense_cpu.gemv_int4``'s two forms) and ``dequant`` (see
-``int4_linear``).
+tokens). int4's paths: ``int4_c`` (``ops.dense_cpu.gemv_int4``, every step size up to ``GEMV_MAX_ROWS``) and
+``dequant`` (see ``int4_linear``).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from loraplex import ops
 from loraplex.ops import dense_cpu
 
 INT8_PATHS = ("int8mm", "int8mm_bf16", "dequant", "int8_c", "int8_tiled")
-INT4_PATHS = ("int4_c", "int4_tiled", "dequant")  # int4 keeps only the packed weights: "dequant" expands per call
-C_PATHS = ("int8_c", "int8_tiled", "int4_c", "int4_tiled")  # the C GEMVs: steps of at most GEMV_MAX_ROWS rows
+INT4_PATHS = ("int4_c", "dequant")  # int4 keeps only the packed weights: "dequant" expands per call
+C_PATHS = ("int8_c", "int8_tiled", "int4_c")  # the C GEMVs: steps of at most GEMV_MAX_ROWS rows
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,44 +81,59 @@ def scale_offset(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return torch.stack([scale, offset], dim=-1).float().contiguous()
 
 
-def _int4_blocks(n_in: int) -> list[tuple[int, int, int]]:
-    """The layout's runs of blocks: ``(first weight, blocks, lanes L)`` — blocks of 128 (L = 32) while 128 weights
-    are left, then one of 64 (L = 16), then one of 32 (L = 8)."""
-    f128 = n_in // 128 * 128
-    runs, k = [(0, f128 // 128, 32)], f128
-    if n_in - k >= 64:
-        runs.append((k, 1, 16))
-        k += 64
-    if n_in - k:
-        runs.append((k, 1, 8))
-    return runs
+PANEL = 16  # int4 rows per panel (ops/dense_cpu.c INT4 PANEL LAYOUT)
+PACK_ELEMENTS = 1 << 18  # weights packed at a time (bounds pack_int4's int64 temporaries to a few MB)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """``q: [out, in]`` in 0..15 → ``[out, in / 2]`` uint8 in the nibble-block layout of ``ops/dense_cpu.c``: blocks of
-    ``4 L`` weights as ``L`` little-endian 16-bit lanes, lane ``j`` holding ``q[k0 + L p + j]`` in bits ``4p..4p+3``
-    (see ``_int4_blocks`` for the block sizes)."""
+def pack_int4(q: torch.Tensor, so: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q: [out, in]`` in 0..15 and ``so: [out, in / g, 2]`` (row-major, as ``quantize_int4`` makes them) → the
+    kernels' ``(packed [out, in / 2] uint8, so [out, in / g, 2] fp32)`` in the 16-row panel layout of
+    ``ops/dense_cpu.c``: per panel, per octet of inputs, one little-endian 32-bit word per row with ``q[8o + 2j]`` in
+    bits ``4j..4j+3`` and ``q[8o + 2j + 1]`` in bits ``16 + 4j..``; per panel and group the rows' scales, then their
+    offsets. A panel's bytes are its rows' in the ``[out, …]`` views, so row ranges that start at a multiple of 16
+    pack apart (the last panel holds the ``out % 16`` rows left)."""
     n_out, n_in = q.shape
     if n_in % 32:
         raise ValueError(f"quantization: int4 needs an input width divisible by 32, got {n_in}")
-    q = q.to(torch.uint8)
-    packed = []
-    for k, blocks, lanes in _int4_blocks(n_in):
-        p = q[:, k:k + 4 * lanes * blocks].reshape(n_out, blocks, 4, lanes)
-        packed.append(torch.stack([p[:, :, 0] | (p[:, :, 1] << 4), p[:, :, 2] | (p[:, :, 3] << 4)], -1)
-                      .reshape(n_out, -1))
-    return torch.cat(packed, dim=1).contiguous()
+    if so.shape[0] != n_out or so.shape[-1] != 2 or n_in % so.shape[1]:
+        raise ValueError(f"quantization: scale/offset pairs {tuple(so.shape)} do not fit q {tuple(q.shape)}")
+    packed = torch.empty(n_out, n_in // 2, dtype=torch.uint8)
+    so_out = torch.empty(so.shape, dtype=torch.float32)
+    full, step = n_out // PANEL * PANEL, max(1, PACK_ELEMENTS // n_in // PANEL) * PANEL
+    for lo in range(0, n_out, step):
+        for a, b in ((lo, min(lo + step, full)), (max(lo, full), min(lo + step, n_out))):
+            if a < b:
+                packed[a:b], so_out[a:b] = _panels(q[a:b], so[a:b], min(PANEL, b - a))
+    return packed, so_out
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``pack_int4``: ``[out, in / 2]`` → ``q [out, in]`` uint8."""
+def _panels(q: torch.Tensor, so: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``q`` / ``so`` (a multiple of ``rows``) as panels of ``rows`` rows each."""
+    n, k = q.shape
+    w = q.to(torch.int64).view(n // rows, rows, k // 8, 4, 2)  # panel, row, octet, plane j, half
+    shift = 4 * torch.arange(4)
+    word = ((w[..., 0] << shift) | (w[..., 1] << (shift + 16))).sum(-1)  # disjoint bits: the sum is the OR
+    word = torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+    packed = word.permute(0, 2, 1).contiguous().view(torch.uint8).view(n, k // 2)
+    groups = so.shape[1]
+    so_p = so.float().reshape(n // rows, rows, groups, 2).permute(0, 2, 3, 1).reshape(n, groups, 2)
+    return packed, so_p
+
+
+def unpack_int4(packed: torch.Tensor, so: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_int4``: → (``q [out, in]`` uint8, ``so [out, in / g, 2]`` row-major)."""
     n_out, n_in = packed.shape[0], packed.shape[1] * 2
-    out = []
-    for k, blocks, lanes in _int4_blocks(n_in):
-        b = packed[:, k // 2:(k + 4 * lanes * blocks) // 2].reshape(n_out, blocks, lanes, 2)
-        planes = [b[..., 0] & 15, b[..., 0] >> 4, b[..., 1] & 15, b[..., 1] >> 4]
-        out.append(torch.stack(planes, dim=2).reshape(n_out, -1))
-    return torch.cat(out, dim=1)
+    q, so_rows = torch.empty(n_out, n_in, dtype=torch.uint8), torch.empty(so.shape, dtype=torch.float32)
+    full = n_out // PANEL * PANEL
+    for a, b in ((0, full), (full, n_out)):
+        if a < b:
+            rows, n, groups = min(PANEL, b - a), b - a, so.shape[1]
+            word = packed[a:b].contiguous().view(torch.int32).view(n // rows, n_in // 8, rows).permute(0, 2, 1)
+            shift = 4 * torch.arange(4)
+            planes = torch.stack([(word[..., None] >> shift) & 15, (word[..., None] >> (shift + 16)) & 15], -1)
+            q[a:b] = planes.reshape(n, n_in).to(torch.uint8)
+            so_rows[a:b] = so[a:b].reshape(n // rows, groups, 2, rows).permute(0, 3, 1, 2).reshape(n, groups, 2)
+    return q, so_rows
 
 
 def dequantize_int4(q: torch.Tensor, so: torch.Tensor, group: int) -> torch.Tensor:
@@ -130,14 +145,14 @@ def dequantize_int4(q: torch.Tensor, so: torch.Tensor, group: int) -> torch.Tens
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int, bias: torch.Tensor | None,
                 path: str) -> torch.Tensor:
-    """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path``: ``int4_c`` / ``int4_tiled`` the C GEMV's forms
-    (steps of at most ``GEMV_MAX_ROWS`` rows); ``dequant`` rows of the weight expanded to the activations' dtype (by
-    C where built, else torch), a GEMM per chunk of rows."""
+    """``x: [M, in]`` → ``[M, out]`` in ``x.dtype`` by ``path``: ``int4_c`` the C GEMV (steps of at most
+    ``GEMV_MAX_ROWS`` rows); ``dequant`` rows of the weight expanded to the activations' dtype (by C where built,
+    else torch), a GEMM per chunk of rows. ``packed``, ``so``: from ``pack_int4``."""
     if path in C_PATHS and x.shape[0] <= dense_cpu.GEMV_MAX_ROWS and dense_cpu.available(x):
-        return dense_cpu.gemv_int4(x, packed, so, group, bias, tiled=path == "int4_tiled")
+        return dense_cpu.gemv_int4(x, packed, so, group, bias)
     n_out = packed.shape[0]
     if not dense_cpu.available(x):  # elsewhere: the torch reference's weights
-        return F.linear(x, dequantize_int4(unpack_int4(packed), so, group).to(x.dtype), bias)
+        return F.linear(x, dequantize_int4(*unpack_int4(packed, so), group).to(x.dtype), bias)
     return _chunked(x, n_out, packed.shape[1] * 2, bias,
                     lambda at, buf: dense_cpu.dequant_int4(packed, so, group, at, x.dtype, buf))
 
