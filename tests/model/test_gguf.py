@@ -195,3 +195,21 @@ def test_embedded_smollm2_q4_1_is_kept_as_exact_int4(exact_plan):
             for tid in y:
                 assert abs(x[tid].logprob - y[tid].logprob) < 2e-3
     assert quant.llm_engine.memory()["weights"] < ref.llm_engine.memory()["weights"] / 4
+
+
+def test_gguf_cache_name_follows_the_content_not_the_mtime(tmp_path):
+    """A reinstalled weights package (the same file, a new mtime) reuses the converted copy; a changed file does not."""
+    import os
+
+    from loraplex.models.loader import KEY_SPAN, _gguf_key
+    from loraplex.models.registry import ModelSource
+
+    data = bytearray(os.urandom(3 * KEY_SPAN + 17))
+    (tmp_path / "m.gguf").write_bytes(data)
+    source = ModelSource("m", tmp_path, "m.gguf")
+    key = _gguf_key(source)
+    os.utime(tmp_path / "m.gguf", (1, 1))
+    assert _gguf_key(source) == key
+    data[len(data) // 2] ^= 1
+    (tmp_path / "m.gguf").write_bytes(data)
+    assert _gguf_key(source) != key and key.startswith(f"m-{len(data)}-")

@@ -1,6 +1,7 @@
 """Load a :class:`DecoderLM` with its tokenizer from an HF directory (safetensors, sharded or not) or a GGUF file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -102,9 +103,20 @@ def _cached(out: Path, marker: str, write) -> Path:
     return out
 
 
+KEY_SPAN = 1 << 20  # bytes of a GGUF file read at each of three places for its cache name
+
+
 def _gguf_key(source: ModelSource) -> str:
-    st = (source.path / source.gguf_file).stat()
-    return f"{Path(source.gguf_file).stem}-{st.st_size}-{int(st.st_mtime)}"
+    """The GGUF file's cache name: its stem, size and a digest of its first, middle and last MB (not its mtime: every
+    reinstall of a weights package would leave another ~0.5 GB copy of the same file behind)."""
+    path = source.path / source.gguf_file
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=8)
+    with open(path, "rb") as f:
+        for at in (0, max(0, size // 2 - KEY_SPAN // 2), max(0, size - KEY_SPAN)):
+            f.seek(at)
+            digest.update(f.read(KEY_SPAN))
+    return f"{Path(source.gguf_file).stem}-{size}-{digest.hexdigest()}"
 
 
 def gguf_metadata(source: ModelSource) -> Path:
