@@ -31,15 +31,16 @@ def _buffers(ranks: list[int], n_in: int, sizes: list[int], dtype, width: int):
 @pytest.mark.parametrize("kind", ["distinct", "identical", "zipf", "uniform"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ranks", [[1, 1, 1, 1, 0], [8, 16, 8, 16, 0], [64, 3, 128, 32, 0]])
-def test_kernel_matches_the_torch_gather(kind, dtype, ranks):
+@pytest.mark.parametrize("sizes", [[40, 24, 8], [136, 64, 8]])  # slices under 64 outputs; blocks of 64 and a tail
+def test_kernel_matches_the_torch_gather(kind, dtype, ranks, sizes):
     torch.manual_seed(sum(ranks))
-    t, n_in, sizes = 19, 72, [40, 24, 8]
+    t, n_in = 19, 72
     width = max(ranks)
     a, bs, bts, rank_t = _buffers(ranks, n_in, sizes, dtype, width)
-    slices = [(0, 40), (40, 24), (64, 8)]
+    slices = [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
     x = torch.randn(t, n_in).to(dtype)
     slots = _slot_pattern(kind, t, len(ranks)).unsqueeze(1)
-    y = torch.randn(t, 72).to(dtype)
+    y = torch.randn(t, sum(sizes)).to(dtype)
     expected, got = y.clone(), y.clone()
     ops.add_lora_bgmv(expected, x, a, bs, slices, slots, None)
     lora_cpu.add_lora_bgmv_cpu(got, x, a, bts, slices, slots, None, rank_t)
