@@ -53,14 +53,19 @@ def test_gemv_tiled_steps_do_not_change_a_tokens_bits(dtype, shape):
 @pytest.mark.parametrize("rows", [1, 3, 4, 11, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k,group", [(576, 64), (1536, 128), (96, 32), (160, 32), (256, 128), (64, 64), (320, 64)])
 @pytest.mark.parametrize("n", [70, 16, 5])
-def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group, n):
+@pytest.mark.parametrize("so_dtype", [torch.float16, torch.float32])
+def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group, n, so_dtype):
     """Every group size, whole 16-row panels and a last one of fewer rows (70 = 4 x 16 + 6; 5), token counts around
-    the 4 a pass takes, both activation dtypes (bf16: the nibbles widened to bf16 in registers), a bias, rows of a
-    wider tensor; the large-batch path's rows from inside and across panels."""
+    the 4 a pass takes, both activation dtypes (bf16: the nibbles widened to bf16 in registers), scale/offset pairs
+    in fp16 (our quantizer's) and fp32 (values fp16 cannot hold), a bias, rows of a wider tensor; the large-batch
+    path's rows from inside and across panels."""
     torch.manual_seed(rows * 7 + k + n)
     w = torch.randn(n, k) * 0.05 + 0.01
     q, so = quant.quantize_int4(w, group)
+    if so_dtype == torch.float32:
+        so = so * (1 + 2 ** -20)  # no longer exact in fp16
     packed, so_p = quant.pack_int4(q, so)
+    assert so_p.dtype == so_dtype
     assert all(torch.equal(a, b) for a, b in zip(quant.unpack_int4(packed, so_p), (q, so)))
     x = torch.randn(rows, k + 3).to(dtype)[:, 1:k + 1]
     b = torch.randn(n).to(dtype)

@@ -35,7 +35,8 @@ def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str
         group = int4_group_size(n_in, 128)
         one = n_out * n_in // 2
         copies = [pack_int4(torch.randint(0, 16, (n_out, n_in), dtype=torch.uint8),
-                            torch.rand(n_out, n_in // group, 2) / 8) for _ in range(_copies(one))]
+                            (torch.rand(n_out, n_in // group, 2) / 8).half().float())  # fp16 pairs, as stored
+                  for _ in range(_copies(one))]
         paths = _available(INT4_PATHS, dtype, device)
         return paths, lambda x, path: [int4_linear(x, p, so, group, None, path) for p, so in _stream(x, copies)]
     copies = [(torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device),

@@ -20,7 +20,15 @@ from loraplex.layers.projections import PROJECTION_OF, PROJECTIONS
 from loraplex.layers.quant_linear import Int4Linear, Int8Linear
 from loraplex.models.gguf_tensors import EXACT_INT4, FLOAT_TYPES
 from loraplex.ops import hugepages
-from loraplex.ops.quant import PANEL, int4_group_size, pack_int4, quantize_int4, quantize_int8, scale_offset
+from loraplex.ops.quant import (
+    PANEL,
+    half_if_exact,
+    int4_group_size,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    scale_offset,
+)
 
 log = logging.getLogger("loraplex.engine")
 
@@ -150,7 +158,7 @@ class Fill:
         if self.q is not None:
             self.q[rows], self.so[rows] = q, so
         else:  # at a panel's first row (every part does), whole panels or the stack's last rows
-            self.packed[rows], self.so[rows] = pack_int4(q, so)
+            self.packed[rows], self.so[rows] = pack_int4(q, so, compact=False)
 
     @property
     def complete(self) -> bool:
@@ -162,6 +170,8 @@ class Fill:
         if self.target.kind == "int4":
             if self.q is not None:
                 (self.packed, self.so), self.q = pack_int4(self.q, self.so), None
+            else:
+                self.so = half_if_exact(self.so)
             return Int4Linear(self.packed, self.so, self.target.group, self.bias,
                               plan_for("int4", self.n_in, self.packed.shape[0]))
         linear = Linear(self.n_in, self.w.shape[0], self.bias is not None, self.w.dtype, "meta")

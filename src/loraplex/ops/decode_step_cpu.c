@@ -20,12 +20,12 @@ typedef struct {
 } lora_proj;
 
 /* One projection's base weight: kind PROJ_DENSE (w of the compute dtype), PROJ_INT8 (w int8, q fp32 row scales) or
- * PROJ_INT4 (w nibble panels, q fp32 scale/offset pairs per group of `group`); b its bias or NULL; bit T - 1 of
- * tiled_steps: an int8 GEMV of T tokens takes the tiled form. */
+ * PROJ_INT4 (w nibble panels, q scale/offset pairs per group of `group`, fp16 when q_half else fp32); b its bias or
+ * NULL; bit T - 1 of tiled_steps: an int8 GEMV of T tokens takes the tiled form. */
 enum { PROJ_DENSE = 0, PROJ_INT8 = 1, PROJ_INT4 = 2 };
 typedef struct {
     const void *w, *b, *q;
-    int64_t kind, group;
+    int64_t kind, group, q_half;
     uint64_t tiled_steps;
 } dense_proj;
 
@@ -46,8 +46,8 @@ static void project_##SFX(const dense_proj *p, const T_ *x, int64_t xs, int64_t 
         gemv_int8_##SFX(x, xs, T, (const int8_t *)p->w, (const float *)p->q, (const T_ *)p->b, y, ys, N, K,     \
                         tiled, n_threads);                                                                       \
     else if (p->kind == PROJ_INT4)                                                                               \
-        gemv_int4_##SFX(x, xs, T, (const uint8_t *)p->w, (const float *)p->q, p->group, (const T_ *)p->b, y,  \
-                        ys, N, K, n_threads);                                                                    \
+        gemv_int4_##SFX(x, xs, T, (const uint8_t *)p->w, p->q, p->q_half, p->group, (const T_ *)p->b, y, ys, \
+                        N, K, n_threads);                                                                        \
     else                                                                                                         \
         gemv_##SFX(x, xs, T, (const T_ *)p->w, (const T_ *)p->b, y, ys, N, K, n_threads);                        \
 }

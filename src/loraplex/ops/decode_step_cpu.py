@@ -29,12 +29,13 @@ class LoRAProj(ctypes.Structure):
 class DenseProj(ctypes.Structure):
     """One projection's base weight as the kernel reads it (``dense_proj`` in the C source)."""
 
-    _fields_ = [("w", _P), ("b", _P), ("q", _P), ("kind", _I), ("group", _I), ("tiled_steps", ctypes.c_uint64)]
+    _fields_ = [("w", _P), ("b", _P), ("q", _P), ("kind", _I), ("group", _I), ("q_half", _I),
+                ("tiled_steps", ctypes.c_uint64)]
 
 
 class Proj(NamedTuple):
     """A projection's base weight for the table: ``kind`` (``PROJ_KINDS``), the weight, bias (or None), and for int8
-    the fp32 row scales / for int4 the fp32 scale-offset pairs and the group size; ``tiled_steps``: bit ``T - 1`` set
+    the fp32 row scales / for int4 the fp32 or fp16 scale-offset pairs and the group size; ``tiled_steps``: bit ``T - 1`` set
     where an int8 GEMV of ``T`` tokens takes the tiled form (``ops.dense_cpu.gemv_int8``)."""
 
     kind: str
@@ -99,18 +100,19 @@ def layer_table(layers: list[dict], loras: list[list | None], dtype: torch.dtype
     return table
 
 
-_PROJ_DTYPES = {"int8": (torch.int8, torch.float32), "int4": (torch.uint8, torch.float32)}
+_PROJ_DTYPES = {"int8": (torch.int8, (torch.float32,)), "int4": (torch.uint8, (torch.float32, torch.float16))}
 
 
 def _set_proj(slot: DenseProj, proj: Proj, dtype: torch.dtype) -> None:
     weight_dtype, scales_dtype = _PROJ_DTYPES.get(proj.kind, (dtype, None))
     ok = proj.weight.is_contiguous() and proj.weight.dtype == weight_dtype \
         and (proj.bias is None or (proj.bias.is_contiguous() and proj.bias.dtype == dtype)) \
-        and (scales_dtype is None or (proj.scales.is_contiguous() and proj.scales.dtype == scales_dtype))
+        and (scales_dtype is None or (proj.scales.is_contiguous() and proj.scales.dtype in scales_dtype))
     if not ok:
         raise ValueError(f"decode step: a {proj.kind} projection's tensors are not contiguous of the kernel's dtypes")
     slot.kind, slot.group, slot.w = PROJ_KINDS[proj.kind], proj.group, proj.weight.data_ptr()
     slot.tiled_steps = proj.tiled_steps
+    slot.q_half = int(proj.scales is not None and proj.scales.dtype == torch.float16)
     slot.b = None if proj.bias is None else proj.bias.data_ptr()
     slot.q = None if proj.scales is None else proj.scales.data_ptr()
 

@@ -198,8 +198,9 @@ DEFINE_GEMV_INT8(gemv_int8_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
  * left, if any). A panel of R rows starting at row n0 holds, for each octet o of inputs (k = 8 o .. 8 o + 7) in
  * turn, R little-endian 32-bit words, word r for row n0 + r: bits 4 j .. 4 j + 3 hold q[8 o + 2 j] and bits
  * 16 + 4 j .. 16 + 4 j + 3 hold q[8 o + 2 j + 1] (j = 0..3, the word's four "planes"). The panel's bytes are rows
- * n0 .. n0 + R of an [N, K / 2] view. Its fp32 (scale, offset) pairs likewise: per group of g inputs (g = 32, 64 or
- * 128; octets never straddle a group) R scales, then R offsets: rows n0 .. n0 + R of an [N, K / g, 2] view.
+ * n0 .. n0 + R of an [N, K / 2] view. Its (scale, offset) pairs likewise: per group of g inputs (g = 32, 64 or 128;
+ * octets never straddle a group) R scales, then R offsets: rows n0 .. n0 + R of an [N, K / g, 2] view, fp32, or fp16
+ * (`half`) where every pair is exact in it (GGUF's Q4_0 / Q4_1, our own quantizer): 4 bytes a group, not 8.
  * W = q * scale + offset. Lanes are rows: a panel's dots need no horizontal sums and its scales load as vectors.
  * With AVX512-BF16 and bf16 activations a plane widens to bf16 pairs in one or two instructions: OR-ing the nibbles
  * into the pattern of 128 (0x4300) gives exactly 128 + q, so vdpbf16ps against the broadcast pair (x[8 o + 2 j],
@@ -226,15 +227,37 @@ DEFINE_GROUP_SUMS(group_sums_bf16, uint16_t, bf16_to_f32)
 /* q of word w's input j (0..7 within its octet). */
 static inline uint32_t int4_nibble(uint32_t w, int j) { return (w >> (4 * (j >> 1) + 16 * (j & 1))) & 15u; }
 
+static inline float f16_to_f32(uint16_t h) { /* IEEE half -> float, exactly */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    if (e == 0) {                                                          /* zero, subnormal: m * 2^-24 */
+        float f = (float)m * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    u = sign | (e == 31 ? 0x7f800000u : (e + 112u) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Element i of the scale/offset array (fp32, or fp16 when half). */
+static inline const void *so_at(const void *so, int half, int64_t i) { return (const char *)so + i * (half ? 2 : 4); }
+static inline float so_get(const void *so, int half, int64_t i) {
+    return half ? f16_to_f32(((const uint16_t *)so)[i]) : ((const float *)so)[i];
+}
+
 /* Portable form, one panel P of R rows (scale/offset pairs so), MT tokens of fp32 x (rows of stride xs), S their
  * group sums [MT, G]: per group and token D = sum q x, then out[m][r] += scale D + offset S. */
-static void int4_panel_f32(const uint32_t *P, const float *so, int64_t R, const float *x, int64_t xs,
+static void int4_panel_f32(const uint32_t *P, const void *so, int half, int64_t R, const float *x, int64_t xs,
                            const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
     int64_t G = K / g;
     for (int m = 0; m < MT; m++)
         for (int r = 0; r < 16; r++) out[m][r] = 0.0f;
     for (int64_t G0 = 0; G0 < G; G0++) {
-        const float *sc = so + G0 * 2 * R, *off = sc + R;
+        float sc[16], off[16];
+        for (int64_t r = 0; r < R; r++) {
+            sc[r] = so_get(so, half, G0 * 2 * R + r);
+            off[r] = so_get(so, half, G0 * 2 * R + R + r);
+        }
         for (int m = 0; m < MT; m++) {
             float d[16] = {0.0f};
             for (int64_t o = G0 * g / 8; o < (G0 + 1) * g / 8; o++)
@@ -250,11 +273,16 @@ static void int4_panel_f32(const uint32_t *P, const float *so, int64_t R, const 
 }
 
 #ifdef __AVX512BF16__
+static inline __m512 so_load(const void *so, int half, int64_t i, __mmask16 lanes) { /* 16 lanes from element i */
+    return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)so + i))
+                : _mm512_maskz_loadu_ps(lanes, (const float *)so + i);
+}
+
 /* The AVX512-BF16 form for bf16 x, one panel and MT tokens (a constant at each call site: the 4 MT chains and MT
  * sums stay in registers). */
 static inline __attribute__((always_inline)) void int4_panel_bf16_avx(
-        const uint32_t *P, const float *so, int64_t R, const uint16_t *x, int64_t xs, const float *S, const int MT,
-        int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+        const uint32_t *P, const void *so, int half, int64_t R, const uint16_t *x, int64_t xs, const float *S,
+        const int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
     const __m512i nib = _mm512_set1_epi32(0x000f000f), b128 = _mm512_set1_epi32(0x43004300);
     const __mmask16 lanes = R == 16 ? (__mmask16)0xffff : (__mmask16)((1u << R) - 1);
     int64_t G = K / g, O = g / 8;
@@ -277,8 +305,8 @@ static inline __attribute__((always_inline)) void int4_panel_bf16_avx(
                 }
             }
         }
-        __m512 sc = _mm512_maskz_loadu_ps(lanes, so + G0 * 2 * R);
-        __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sc, _mm512_maskz_loadu_ps(lanes, so + G0 * 2 * R + R));
+        __m512 sc = so_load(so, half, G0 * 2 * R, lanes);
+        __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sc, so_load(so, half, G0 * 2 * R + R, lanes));
         for (int m = 0; m < MT; m++) {
             __m512 d = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
             tot[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(S[m * G + G0]), _mm512_fmadd_ps(d, sc, tot[m]));
@@ -288,36 +316,38 @@ static inline __attribute__((always_inline)) void int4_panel_bf16_avx(
 }
 
 static const int int4_bf16_panel_direct = 1;
-static void int4_bf16_panel(const uint32_t *P, const float *so, int64_t R, const uint16_t *x, const float *xf,
-                            int64_t xs, const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+static void int4_bf16_panel(const uint32_t *P, const void *so, int half, int64_t R, const uint16_t *x,
+                            const float *xf, int64_t xs, const float *S, int MT, int64_t K, int64_t g,
+                            float out[INT4_TOKENS][16]) {
     (void)xf;
     switch (MT) {                                                              /* constant token counts */
-    case 1: int4_panel_bf16_avx(P, so, R, x, xs, S, 1, K, g, out); break;
-    case 2: int4_panel_bf16_avx(P, so, R, x, xs, S, 2, K, g, out); break;
-    case 3: int4_panel_bf16_avx(P, so, R, x, xs, S, 3, K, g, out); break;
-    default: int4_panel_bf16_avx(P, so, R, x, xs, S, 4, K, g, out); break;
+    case 1: int4_panel_bf16_avx(P, so, half, R, x, xs, S, 1, K, g, out); break;
+    case 2: int4_panel_bf16_avx(P, so, half, R, x, xs, S, 2, K, g, out); break;
+    case 3: int4_panel_bf16_avx(P, so, half, R, x, xs, S, 3, K, g, out); break;
+    default: int4_panel_bf16_avx(P, so, half, R, x, xs, S, 4, K, g, out); break;
     }
 }
 #else
 static const int int4_bf16_panel_direct = 0;
-static void int4_bf16_panel(const uint32_t *P, const float *so, int64_t R, const uint16_t *x, const float *xf,
-                            int64_t xs, const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
+static void int4_bf16_panel(const uint32_t *P, const void *so, int half, int64_t R, const uint16_t *x,
+                            const float *xf, int64_t xs, const float *S, int MT, int64_t K, int64_t g,
+                            float out[INT4_TOKENS][16]) {
     (void)x; (void)xs;
-    int4_panel_f32(P, so, R, xf, K, S, MT, K, g, out);
+    int4_panel_f32(P, so, half, R, xf, K, S, MT, K, g, out);
 }
 #endif
 static const int int4_f32_panel_direct = 1;
-static void int4_f32_panel(const uint32_t *P, const float *so, int64_t R, const float *x, const float *xf,
+static void int4_f32_panel(const uint32_t *P, const void *so, int half, int64_t R, const float *x, const float *xf,
                            int64_t xs, const float *S, int MT, int64_t K, int64_t g, float out[INT4_TOKENS][16]) {
     (void)xf;
-    int4_panel_f32(P, so, R, x, xs, S, MT, K, g, out);
+    int4_panel_f32(P, so, half, R, x, xs, S, MT, K, g, out);
 }
 
-/* x [M, K] rows of stride xs; W [N, K / 2] and so [N, K / g, 2] in panels; b [N] or NULL; y [M, N] of stride ys.
- * OpenMP over panels; PANEL_direct: the panel kernel reads x itself (else xf, x in fp32). */
+/* x [M, K] rows of stride xs; W [N, K / 2] and so [N, K / g, 2] (fp16 when half) in panels; b [N] or NULL; y [M, N]
+ * of stride ys. OpenMP over panels; PANEL_direct: the panel kernel reads x itself (else xf, x in fp32). */
 #define DEFINE_GEMV_INT4(NAME, T_, LOAD, STORE, GROUP_SUMS, PANEL)                                                 \
-void NAME(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so, int64_t g, const T_ *b, T_ *y,  \
-          int64_t ys, int64_t N, int64_t K, int n_threads) {                                                      \
+void NAME(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const void *so, int64_t half, int64_t g,          \
+          const T_ *b, T_ *y, int64_t ys, int64_t N, int64_t K, int n_threads) {                                  \
     int64_t G = K / g;                                                                                           \
     float *S = (float *)malloc(sizeof(float) * (size_t)(M * G));                                                 \
     GROUP_SUMS(x, xs, M, K, g, S);                                                                               \
@@ -334,7 +364,8 @@ void NAME(const T_ *x, int64_t xs, int64_t M, const uint8_t *W, const float *so,
         for (int64_t m0 = 0; m0 < M; m0 += INT4_TOKENS) {                                                        \
             int mt = M - m0 < INT4_TOKENS ? (int)(M - m0) : INT4_TOKENS;                                         \
             float out[INT4_TOKENS][16];                                                                          \
-            PANEL(P, so + n0 * G * 2, R, x + m0 * xs, xf ? xf + m0 * K : NULL, xs, S + m0 * G, mt, K, g, out);   \
+            PANEL(P, so_at(so, (int)half, n0 * G * 2), (int)half, R, x + m0 * xs, xf ? xf + m0 * K : NULL, xs,  \
+                  S + m0 * G, mt, K, g, out);                                                                    \
             for (int64_t r = 0; r < R; r++) {                                                                    \
                 float bias = b ? LOAD(b[n0 + r]) : 0.0f;                                                         \
                 for (int m = 0; m < mt; m++) y[(m0 + m) * ys + n0 + r] = STORE(out[m][r] + bias);               \
@@ -350,17 +381,18 @@ DEFINE_GEMV_INT4(gemv_int4_bf16, uint16_t, bf16_to_f32, f32_to_bf16, group_sums_
 /* Rows n0..n1 of the N-row weight in the compute dtype, out [(n1 - n0), K] contiguous, W = r(q * scale + offset)
  * (the large-batch path's GEMM): per row and group a table of the 16 values. */
 #define DEFINE_DEQUANT_INT4(NAME, T_, STORE)                                                                      \
-void NAME(const uint8_t *W, const float *so, int64_t g, int64_t n0, int64_t n1, int64_t N, int64_t K, T_ *out,  \
-          int n_threads) {                                                                                       \
+void NAME(const uint8_t *W, const void *so, int64_t half, int64_t g, int64_t n0, int64_t n1, int64_t N,         \
+          int64_t K, T_ *out, int n_threads) {                                                                   \
     int64_t G = K / g;                                                                                           \
     _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                           \
     for (int64_t n = n0; n < n1; n++) {                                                                          \
         int64_t p0 = n / 16 * 16, R = N - p0 < 16 ? N - p0 : 16, r = n - p0;                                     \
         const uint32_t *P = (const uint32_t *)(W + p0 * (K / 2));                                                \
-        const float *sp = so + p0 * G * 2;                                                                       \
+        int64_t at = p0 * G * 2;                                                                                 \
         T_ *o = out + (n - n0) * K, lut[16];                                                                     \
         for (int64_t G0 = 0; G0 < G; G0++) {                                                                     \
-            float sc = sp[G0 * 2 * R + r], off = sp[G0 * 2 * R + R + r];                                        \
+            float sc = so_get(so, (int)half, at + G0 * 2 * R + r);                                               \
+            float off = so_get(so, (int)half, at + G0 * 2 * R + R + r);                                          \
             for (int q = 0; q < 16; q++) lut[q] = STORE((float)q * sc + off);                                    \
             for (int64_t oc = G0 * g / 8; oc < (G0 + 1) * g / 8; oc++) {                                        \
                 uint32_t w = P[oc * R + r];                                                                      \

@@ -25,11 +25,12 @@ from loraplex.ops import cpu_ext
 
 GEMV_MAX_ROWS = 64  # the most tokens one C GEMV call takes (more: prefill-sized GEMMs, oneDNN's job)
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+SO_DTYPES = {torch.float32: 0, torch.float16: 1}  # int4 scale/offset pairs: the C kernels' `half` flag
 _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {"gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _N],
                "gemv_int8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _N],
-               "gemv_int4": [_P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _N],
-               "dequant_int4": [_P, _P, _I, _I, _I, _I, _I, _P, _N],
+               "gemv_int4": [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _N],
+               "dequant_int4": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _N],
                "dequant_int8": [_P, _P, _I, _I, _I, _P, _N],
                "add_rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _N],
                "rope": [_P, _I, _I, _I, _I, _P, _P, _N],
@@ -103,18 +104,18 @@ def gemv_int8(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor,
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, so: torch.Tensor, group: int,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x: [M, in]`` (M ≤ ``GEMV_MAX_ROWS``) → ``[M, out]``: ``x @ W.T + bias`` with ``W = q · scale + offset`` per
-    group of ``group`` inputs (``packed: [out, in / 2]`` uint8 and ``so: [out, in / group, 2]`` fp32 scale/offset
-    pairs, both from ``ops.quant.pack_int4``), fp32 accumulation, one rounding. Reference:
+    group of ``group`` inputs (``packed: [out, in / 2]`` uint8 and ``so: [out, in / group, 2]`` fp32 or fp16
+    scale/offset pairs, both from ``ops.quant.pack_int4``), fp32 accumulation, one rounding. Reference:
     ``ops.quant.int4_linear_reference``."""
     m, k = x.shape
     n = packed.shape[0]
     if m > GEMV_MAX_ROWS or x.stride(-1) != 1 or not packed.is_contiguous() or packed.dtype != torch.uint8 \
-            or packed.shape[1] * 2 != k or so.dtype != torch.float32 or not so.is_contiguous() \
+            or packed.shape[1] * 2 != k or so.dtype not in SO_DTYPES or not so.is_contiguous() \
             or so.shape != (n, k // group, 2) or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
         raise ValueError(f"gemv_int4: needs <= {GEMV_MAX_ROWS} rows of unit stride, packed uint8 weights and fp32 "
                          f"scale/offset pairs, got x {tuple(x.shape)}, weight {tuple(packed.shape)} {packed.dtype}")
     y = x.new_empty(m, n)
-    _fn("gemv_int4", x.dtype)(x.data_ptr(), x.stride(0), m, packed.data_ptr(), so.data_ptr(), group,
+    _fn("gemv_int4", x.dtype)(x.data_ptr(), x.stride(0), m, packed.data_ptr(), so.data_ptr(), SO_DTYPES[so.dtype], group,
                               None if bias is None else bias.data_ptr(), y.data_ptr(), n, n, k, torch.get_num_threads())
     return y
 
@@ -131,10 +132,11 @@ def dequant_int4(packed: torch.Tensor, so: torch.Tensor, group: int, rows: tuple
     elif not out.is_contiguous() or out.dtype != dtype or out.shape[1] != k or out.shape[0] < n1 - n0:
         raise ValueError("dequant_int4: out must be contiguous, of the dtype and wide enough")
     out = out[:n1 - n0]
-    if not (0 <= n0 <= n1 <= packed.shape[0]) or not packed.is_contiguous() or not so.is_contiguous():
-        raise ValueError(f"dequant_int4: rows {rows} of a contiguous {packed.shape[0]}-row weight")
-    _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), group, n0, n1, packed.shape[0], k, out.data_ptr(),
-                               torch.get_num_threads())
+    if not (0 <= n0 <= n1 <= packed.shape[0]) or not packed.is_contiguous() or not so.is_contiguous() \
+            or so.dtype not in SO_DTYPES:
+        raise ValueError(f"dequant_int4: rows {rows} of a contiguous {packed.shape[0]}-row weight, fp32/fp16 pairs")
+    _fn("dequant_int4", dtype)(packed.data_ptr(), so.data_ptr(), SO_DTYPES[so.dtype], group, n0, n1, packed.shape[0],
+                               k, out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -2,8 +2,9 @@
 
 int8, per output channel (the reference): ``y = x @ (Wq · s[:, None]).T + b`` with ``Wq: [out, in]`` int8, ``s: [out]``.
 int4, per group of ``g`` input columns: ``W[o, i] = q[o, i] · scale[o, i // g] + offset[o, i // g]`` with ``q`` in
-0..15 packed two to a byte in our 16-row panel layout (``pack_int4``) and fp32 ``(scale, offset)`` pairs (CPU only;
-fp32 keeps GGUF's Q4_K sub-block scales ``d · sc`` exact, which fp16 would not).
+0..15 packed two to a byte in our 16-row panel layout (``pack_int4``) and ``(scale, offset)`` pairs, fp16 where all
+are exact in it (our quantizer rounds them so; GGUF's Q4_0 / Q4_1), else fp32 (GGUF's Q4_K sub-block scales
+``d · sc``, which fp16 would not keep exactly) (CPU only).
 Paths, chosen per batch size by measurement (``engine.quant_plan``): ``int8mm`` — PyTorch's weight-only kernel
 (``torch._weight_int8pack_mm``) with activations in their own dtype; ``int8mm_bf16`` — the same kernel fed bf16
 activations (on CPUs where its fp32 variant is slow); ``dequant`` — the weights expanded to the activations' dtype,
@@ -67,11 +68,15 @@ def int4_group_size(n_in: int, wanted: int) -> int:
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``w: [out, in]`` → (``q`` uint8 ``[out, in]`` in 0..15, ``so`` fp32 ``[out, in / group, 2]``): asymmetric per
-    group, ``scale = (max - min) / 15`` and ``offset = min``, ``W ≈ q · scale + offset``."""
+    group, ``scale = (max - min) / 15`` and ``offset = min``, ``W ≈ q · scale + offset``. Where they fit fp16's normal
+    range, scale and offset are rounded to fp16 values first (and q taken against them), so that ``pack_int4`` keeps
+    them in 4 bytes a group, as GGUF's Q4_1 does."""
     n_out, n_in = w.shape
     wg = w.float().view(n_out, n_in // group, group)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
+    if lo.numel() and max(float(lo.abs().max()), float(scale.max())) < F16_MAX:
+        lo, scale = lo.half().float(), scale.clamp(min=F16_TINY).half().float()
     q = torch.clamp(torch.round((wg - lo[..., None]) / scale[..., None]), 0, 15).to(torch.uint8).view(n_out, n_in)
     return q, scale_offset(scale, lo)
 
@@ -82,16 +87,18 @@ def scale_offset(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
 
 
 PANEL = 16  # int4 rows per panel (ops/dense_cpu.c INT4 PANEL LAYOUT)
+F16_MAX, F16_TINY = 65504.0, 2.0 ** -14  # fp16's largest and smallest normal values
 PACK_ELEMENTS = 1 << 18  # weights packed at a time (bounds pack_int4's int64 temporaries to a few MB)
 
 
-def pack_int4(q: torch.Tensor, so: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int4(q: torch.Tensor, so: torch.Tensor, compact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``q: [out, in]`` in 0..15 and ``so: [out, in / g, 2]`` (row-major, as ``quantize_int4`` makes them) → the
-    kernels' ``(packed [out, in / 2] uint8, so [out, in / g, 2] fp32)`` in the 16-row panel layout of
+    kernels' ``(packed [out, in / 2] uint8, so [out, in / g, 2])`` in the 16-row panel layout of
     ``ops/dense_cpu.c``: per panel, per octet of inputs, one little-endian 32-bit word per row with ``q[8o + 2j]`` in
     bits ``4j..4j+3`` and ``q[8o + 2j + 1]`` in bits ``16 + 4j..``; per panel and group the rows' scales, then their
     offsets. A panel's bytes are its rows' in the ``[out, …]`` views, so row ranges that start at a multiple of 16
-    pack apart (the last panel holds the ``out % 16`` rows left)."""
+    pack apart (the last panel holds the ``out % 16`` rows left). ``so`` comes back in fp16 where every pair is
+    exact in it and ``compact`` (``half_if_exact``), else in fp32."""
     n_out, n_in = q.shape
     if n_in % 32:
         raise ValueError(f"quantization: int4 needs an input width divisible by 32, got {n_in}")
@@ -104,7 +111,13 @@ def pack_int4(q: torch.Tensor, so: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         for a, b in ((lo, min(lo + step, full)), (max(lo, full), min(lo + step, n_out))):
             if a < b:
                 packed[a:b], so_out[a:b] = _panels(q[a:b], so[a:b], min(PANEL, b - a))
-    return packed, so_out
+    return packed, half_if_exact(so_out) if compact else so_out
+
+
+def half_if_exact(so: torch.Tensor) -> torch.Tensor:
+    """Scale/offset pairs in fp16 when every value is exact in it (4 bytes a group instead of 8), else in fp32."""
+    half = so.half()
+    return half if torch.equal(half.float(), so.float()) else so.float()
 
 
 def _panels(q: torch.Tensor, so: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +136,7 @@ def _panels(q: torch.Tensor, so: torch.Tensor, rows: int) -> tuple[torch.Tensor,
 def unpack_int4(packed: torch.Tensor, so: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``pack_int4``: → (``q [out, in]`` uint8, ``so [out, in / g, 2]`` row-major)."""
     n_out, n_in = packed.shape[0], packed.shape[1] * 2
-    q, so_rows = torch.empty(n_out, n_in, dtype=torch.uint8), torch.empty(so.shape, dtype=torch.float32)
+    q, so_rows = torch.empty(n_out, n_in, dtype=torch.uint8), torch.empty(so.shape, dtype=so.dtype)
     full = n_out // PANEL * PANEL
     for a, b in ((0, full), (full, n_out)):
         if a < b:
