@@ -457,12 +457,15 @@ static void gemv_int8_bf16_pass(const uint16_t *x, int64_t xs, int64_t M, const 
         const uint16_t *xm = x + m * xs;
         uint16_t *Xm = X + m * 2 * K64;           /* planes: even, 16 even, odd, 16 odd elements, half each */
         float sum = 0.0f;
-        for (int64_t k = 0; k < K64; k++) {
-            float f = bf16_to_f32(xm[k]);
-            sum += f;
-            int64_t at = (k & 1) * 2 * half + k / 2;
-            Xm[at] = xm[k];
-            Xm[at + half] = f32_to_bf16(16.0f * f);   /* exact: a power of two */
+        _Pragma("omp simd reduction(+:sum)")
+        for (int64_t k = 0; k < K64; k++) sum += bf16_to_f32(xm[k]);
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < half; j++) {                    /* 16 x is exact: a power of two */
+            uint16_t e = xm[2 * j], o = xm[2 * j + 1];
+            Xm[j] = e;
+            Xm[half + j] = f32_to_bf16(16.0f * bf16_to_f32(e));
+            Xm[2 * half + j] = o;
+            Xm[3 * half + j] = f32_to_bf16(16.0f * bf16_to_f32(o));
         }
         S[m] = sum;
     }
