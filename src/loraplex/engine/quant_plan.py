@@ -23,6 +23,7 @@ from loraplex.ops.quant import (
 log = logging.getLogger("loraplex.engine")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)  # rows per step measured; larger batches take the last choice
 MAX_COPIES = 64  # weight copies for a small layer's measurement (up to kernel_choice.STREAM_BYTES)
+BUDGET, ROUNDS = 0.05, 3  # seconds of timing per path and batch size, spread over rounds of every path in turn
 
 
 def _kernels(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: str):
@@ -70,18 +71,20 @@ def measure_plan(n_in: int, n_out: int, dtype: torch.dtype, device: str,
     with torch.inference_mode():
         for m in BATCHES:
             x = torch.randn(m, n_in, device=device).to(dtype)
-            times = {}
             if m > dense_cpu.GEMV_MAX_ROWS:
                 # the C GEMVs take small steps only
                 alive = [p for p in alive if p not in C_PATHS] or [p for p in paths if p not in C_PATHS]
-            for path in alive:
-                try:
-                    # steps the C GEMV serves: the dequant path's GEMM is the C GEMV too at run time (ops.linear inside
-                    # the runner's ops.cpu_gemv, where kernel_choice measured it to serve), so it is timed that way
-                    with ops.cpu_gemv(m if path == "dequant" and m <= dense_cpu.GEMV_MAX_ROWS else 0):
-                        times[path] = best_time(lambda: run(x, path), budget=0.05, min_runs=1)
-                except RuntimeError:  # a kernel this build lacks for this device / dtype
-                    times[path] = float("inf")
+            times = dict.fromkeys(alive, float("inf"))
+            for _ in range(ROUNDS):  # the paths in turn, so that a slow spell of the machine hits them all
+                for path in alive:
+                    try:
+                        # steps the C GEMV serves: the dequant path's GEMM is the C GEMV too at run time (ops.linear
+                        # inside the runner's ops.cpu_gemv, where kernel_choice measured it to serve), timed so
+                        with ops.cpu_gemv(m if path == "dequant" and m <= dense_cpu.GEMV_MAX_ROWS else 0):
+                            t = best_time(lambda: run(x, path), budget=BUDGET / ROUNDS, min_runs=1)
+                        times[path] = min(times[path], t)
+                    except RuntimeError:  # a kernel this build lacks for this device / dtype
+                        pass
             best = min(times, key=times.get)
             # "dequant" stays: its cost is mostly the expansion, which larger batches share
             alive = [p for p in alive if times[p] <= 3 * times[best] or p == "dequant"]
