@@ -102,7 +102,7 @@ def quant_plan(method: str, n_in: int, n_out: int, dtype: torch.dtype, device: s
     """The cached plan for this machine, method, dtype and shape (measured on first use, ~2–3 s)."""
     paths = ",".join(INT4_PATHS if method == "int4" else INT8_PATHS)  # a new path: measured again
     key = (f"{machine_key()} | {device} | {dtype} | {method} {n_in}x{n_out} | {paths} {cpu_ext.sources_key()} "
-           f"streamed, C slack {C_GEMV_SLACK}, dequant kept, its GEMV as run")
+           f"streamed, C slack {C_GEMV_SLACK}, dequant kept, its GEMV as run, {ROUNDS} rounds in turn")
     plan = cached_measurement("quant_plan.json", key, lambda: measure_plan(n_in, n_out, dtype, device, method))
     plan = [(int(m), p) for m, p in plan]
     log.info("%s weights %dx%d: %s", method, n_in, n_out, ", ".join(f"batch <= {m}: {p}" for m, p in plan))
