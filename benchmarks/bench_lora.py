@@ -163,7 +163,7 @@ def main() -> None:
 def sweep(args) -> None:
     """Throughput vs number of distinct adapters; counts above max_loras make the store swap slots."""
     llm = LLM(dtype="bfloat16", max_model_len=1024, enable_lora=True, max_loras=args.adapters,
-              max_lora_rank=args.rank, max_cpu_loras=max(args.sweep), max_num_seqs=max(32, max(args.sweep)))
+              max_lora_rank=args.rank, max_cpu_loras=max(args.adapters, *args.sweep), max_num_seqs=max(32, max(args.sweep)))
     tok = llm.get_tokenizer()
     spec = llm.llm_engine.loaded.spec
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-sweep-"))
