@@ -50,13 +50,13 @@ def test_gemv_tiled_steps_do_not_change_a_tokens_bits(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 4, 11, dense_cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, dense_cpu.GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k,group", [(576, 64), (1536, 128), (96, 32), (160, 32), (256, 128), (64, 64), (320, 64)])
 @pytest.mark.parametrize("n", [70, 16, 5])
 @pytest.mark.parametrize("so_dtype", [torch.float16, torch.float32])
 def test_gemv_int4_matches_the_dequantized_product(dtype, rows, k, group, n, so_dtype):
     """Every group size, whole 16-row panels and a last one of fewer rows (70 = 4 x 16 + 6; 5), token counts around
-    the 4 a pass takes, both activation dtypes (bf16: the nibbles widened to bf16 in registers), scale/offset pairs
+    the 8 a pass takes, both activation dtypes (bf16: the nibbles widened to bf16 in registers), scale/offset pairs
     in fp16 (our quantizer's) and fp32 (values fp16 cannot hold), a bias, rows of a wider tensor; the large-batch
     path's rows from inside and across panels."""
     torch.manual_seed(rows * 7 + k + n)
@@ -101,7 +101,7 @@ def test_gemv_int8_matches_the_dequantized_product(dtype, rows, k, tiled):
 @pytest.mark.parametrize("tiled", [False, True])
 def test_quantized_gemv_steps_do_not_change_a_tokens_bits(dtype, tiled):
     """In either form of the int8 GEMV (passes of 8 tokens, or rows expanded once for register tiles of 4 tokens) and
-    in the int4 GEMV (panels, 4 tokens a pass) a token's result is the same bits whatever its step's size and its
+    in the int4 GEMV (panels, 8 tokens a pass) a token's result is the same bits whatever its step's size and its
     place in it."""
     n, k, group = 101, 320, 64
     x = torch.randn(dense_cpu.GEMV_MAX_ROWS, k).to(dtype)
