@@ -220,7 +220,9 @@ class ModelRunner:
         self.sampler.drop(sched.finished_req_ids)  # preempted requests keep their RNG
         for rid in sched.finished_req_ids + sched.preempted_req_ids:  # preempted X-LoRAs recompute their scores
             self._xlora_scores.pop(rid, None)
-        rows = sorted(sched.scheduled, key=lambda r: r.num_tokens > 1)  # stable: decodes first
+        # stable: decodes first, in order; prefill chunks grouped by adapter (one SGMV segment per adapter, not per
+        # prompt when prompts alternate adapters)
+        rows = sorted(sched.scheduled, key=lambda r: (r.num_tokens > 1, r.loras if r.num_tokens > 1 else ()))
         if not rows:
             return ModelRunnerOutput()
         if self.threads is None:
